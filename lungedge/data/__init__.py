@@ -1,0 +1,1 @@
+"""Data sets on disk: layouts, image scanning, near-duplicate groups and split manifests."""

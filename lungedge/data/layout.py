@@ -1,0 +1,171 @@
+"""Recognise a data set's folder layout and list its labelled images.
+
+Three layouts are known:
+
+* IQ-OTH/NCCD as published: ``Bengin cases`` / ``Malignant cases`` / ``Normal cases``
+  (the publisher's spelling), under up to two wrapping folders;
+* LC25000: ``lung_colon_image_set/lung_image_sets/{lung_aca,lung_n,lung_scc}``; the colon
+  part is a separate task and is left out (with a note);
+* generic: one folder per class, under up to two wrapping folders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LungedgeError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+IQ_OTH_FOLDERS = {
+    "bengin cases": "Benign",  # the publisher's spelling
+    "benign cases": "Benign",
+    "malignant cases": "Malignant",
+    "normal cases": "Normal",
+}
+LC25000_FOLDERS = {
+    "lung_aca": "Adenocarcinoma",
+    "lung_n": "Benign",
+    "lung_scc": "Squamous cell carcinoma",
+}
+LC25000_COLON = ("colon_image_sets", "colon_aca", "colon_n")
+MAX_WRAPPING = 2
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: str  # relative to the data set's root, POSIX separators
+    label: str
+
+
+@dataclass
+class DatasetLayout:
+    root: Path
+    kind: str  # "iq-oth-nccd" | "lc25000-lung" | "generic"
+    classes: list[str]
+    class_dirs: dict[str, list[str]]
+    files: list[ImageFile]
+    other_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out = {c: 0 for c in self.classes}
+        for f in self.files:
+            out[f.label] += 1
+        return out
+
+
+def natural_key(text: str):
+    """'case (2)' sorts before 'case (10)'."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        entries = sorted(path.iterdir(), key=lambda p: natural_key(p.name))
+    except OSError:
+        return []
+    return [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+
+
+def _candidates(root: Path):
+    """root, then its sub-folders breadth-first, at most MAX_WRAPPING levels down."""
+    level = [root]
+    for _ in range(MAX_WRAPPING + 1):
+        yield from level
+        level = [sub for d in level for sub in _subdirs(d)]
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
+        out += [Path(dirpath) / n for n in sorted(filenames, key=natural_key) if not n.startswith(".")]
+    return out
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _from_class_dirs(root: Path, kind: str, class_dirs: dict[str, list[Path]], notes: list[str]) -> DatasetLayout:
+    classes = sorted(class_dirs, key=natural_key) if kind == "generic" else list(class_dirs)
+    files, other = [], []
+    for label in classes:
+        for folder in class_dirs[label]:
+            for f in _walk_files(folder):
+                rel = f.relative_to(root).as_posix()
+                if is_image_name(f):
+                    files.append(ImageFile(rel, label))
+                else:
+                    other.append(rel)
+    rel_dirs = {c: [d.relative_to(root).as_posix() or "." for d in ds] for c, ds in class_dirs.items()}
+    return DatasetLayout(root, kind, classes, rel_dirs, files, other, notes)
+
+
+def _match_named(folder: Path, names: dict[str, str]) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for sub in _subdirs(folder):
+        label = names.get(sub.name.lower())
+        if label:
+            found.setdefault(label, []).append(sub)
+    # keep the canonical class order of the table
+    order = list(dict.fromkeys(names.values()))
+    return {c: found[c] for c in order if c in found}
+
+
+def _has_images(folder: Path) -> bool:
+    return any(is_image_name(f) for f in _walk_files(folder))
+
+
+def detect_layout(root: str | os.PathLike) -> DatasetLayout:
+    """Find the data set under ``root``; raise :class:`LungedgeError` if there is none."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise LungedgeError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise LungedgeError(f"not a folder: {root}")
+    root = root.resolve()
+
+    for folder in _candidates(root):
+        found = _match_named(folder, IQ_OTH_FOLDERS)
+        if len(found) >= 2:
+            return _checked(_from_class_dirs(root, "iq-oth-nccd", found, []))
+
+    for folder in _candidates(root):
+        found = _match_named(folder, LC25000_FOLDERS)
+        if len(found) >= 2:
+            notes = []
+            colon = [d for d in _candidates(root) if d.name.lower() in LC25000_COLON]
+            if colon:
+                rel = colon[0].relative_to(root).as_posix()
+                notes.append(f"the colon part ({rel}) is a separate task and is not included")
+            return _checked(_from_class_dirs(root, "lc25000-lung", found, notes))
+
+    folder = root
+    for _ in range(MAX_WRAPPING + 1):
+        subs = _subdirs(folder)
+        with_images = [s for s in subs if _has_images(s)]
+        direct_images = [f for f in folder.iterdir() if f.is_file() and is_image_name(f)]
+        if len(with_images) >= 2 or (with_images and direct_images):
+            break
+        if len(subs) == 1 and not direct_images:
+            folder = subs[0]
+            continue
+        break
+    class_dirs = {s.name: [s] for s in _subdirs(folder) if _has_images(s)}
+    return _checked(_from_class_dirs(root, "generic", class_dirs, []))
+
+
+def _checked(layout: DatasetLayout) -> DatasetLayout:
+    if not layout.files:
+        raise LungedgeError(f"no images found in {layout.root} (expected one folder per class)")
+    if len(layout.classes) < 2:
+        only = layout.classes[0] if layout.classes else "?"
+        raise LungedgeError(
+            f"only one class ({only}) found in {layout.root}; a classifier needs at least 2 class folders"
+        )
+    return layout
