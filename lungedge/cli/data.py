@@ -20,7 +20,7 @@ def _table(title: str, columns: list[str], rows) -> None:
 
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         table.add_row(*[str(v) for v in row])
     Console().print(table)
@@ -118,8 +118,9 @@ def audit_cmd(
              ident["train-test"], ident["val-test"], "")]
     for near in result["near_duplicates"]:
         c = near["cross_split"]
-        rows.append((f"near >= {near['threshold']:.2f}", near["pairs"], c["total"], c["train-val"],
+        rows.append((f"near>={near['threshold']:.2f}", near["pairs"], c["total"], c["train-val"],
                      c["train-test"], c["val-test"],
                      f"{near['test_images_with_train_near_duplicate']} / {result['test_images']}"))
-    _table(f"{manifest} (group-by {result['group_by']})",
-           ["pairs", "all", "crossing", "train-val", "train-test", "val-test", "test w/ dup in train"], rows)
+    typer.echo(f"{manifest}: group-by {result['group_by']}, {result['images']} images")
+    _table("pairs of images that cross splits ('test leaked': test images with a near-duplicate in train)",
+           ["pairs", "all", "crossing", "train-val", "train-test", "val-test", "test leaked"], rows)

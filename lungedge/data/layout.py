@@ -152,8 +152,8 @@ def detect_layout(root: str | os.PathLike) -> DatasetLayout:
         direct_images = [f for f in folder.iterdir() if f.is_file() and is_image_name(f)]
         if len(with_images) >= 2 or (with_images and direct_images):
             break
-        if len(subs) == 1 and not direct_images:
-            folder = subs[0]
+        if len(subs) == 1 and not direct_images and not any(is_image_name(f) for f in subs[0].iterdir()):
+            folder = subs[0]  # a wrapping folder, not a class folder
             continue
         break
     class_dirs = {s.name: [s] for s in _subdirs(folder) if _has_images(s)}

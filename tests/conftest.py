@@ -1,0 +1,74 @@
+"""Shared fixtures. Torch is never imported here (and tensorflow never before torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def smooth_image(rng: np.random.Generator, size: int = 64, colour: bool = False):
+    """A random smooth picture: distinct per draw, so unrelated images are not near-duplicates."""
+    from PIL import Image
+
+    channels = 3 if colour else 1
+    coarse = rng.integers(0, 256, size=(6, 6, channels), dtype=np.uint8)
+    img = Image.fromarray(coarse.squeeze(-1) if channels == 1 else coarse, mode="L" if channels == 1 else "RGB")
+    return img.resize((size, size), Image.BICUBIC)
+
+
+def augmented_rotation(img, degrees: float):
+    """Rotate, then crop the blank corners away and resize back, as LC25000's augmentation did."""
+    import math
+
+    from PIL import Image
+
+    w, h = img.size
+    rot = img.rotate(degrees, Image.BILINEAR)
+    zoom = math.cos(math.radians(abs(degrees))) + math.sin(math.radians(abs(degrees)))
+    cw, ch = w / zoom, h / zoom
+    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+    return rot.crop(tuple(round(v) for v in box)).resize((w, h), Image.BILINEAR)
+
+
+def write_dataset(root: Path, classes, per_class: int = 6, copies: int = 1, size: int = 64, seed: int = 0,
+                  colour: bool = False) -> Path:
+    """One folder per class; each base image plus ``copies - 1`` rotated/flipped near-copies."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    transforms = [lambda im: im.transpose(Image.FLIP_LEFT_RIGHT), lambda im: im.rotate(90),
+                  lambda im: augmented_rotation(im, 12)]
+    for folder in classes:
+        d = root / folder
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = smooth_image(rng, size, colour)
+            base.save(d / f"img{i:03d}_0.png")
+            for c in range(1, copies):
+                transforms[(c - 1) % len(transforms)](base).save(d / f"img{i:03d}_{c}.png")
+    return root
+
+
+@pytest.fixture
+def generic_dataset(tmp_path):
+    return write_dataset(tmp_path / "data", ["cat_a", "cat_b", "cat_c"], per_class=8, copies=3)
+
+
+def run_cli(args, capsys):
+    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    from lungedge.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def require_real(name: str) -> Path:
+    path = REAL_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data set {path} is not present")
+    return path

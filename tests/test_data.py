@@ -1,0 +1,266 @@
+"""Data layer: layouts, inspect, grouped split, audit, and every bad input the issue names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import augmented_rotation, require_real, run_cli, smooth_image, write_dataset
+from lungedge.data import dedup
+from lungedge.data.layout import detect_layout
+from lungedge.errors import LungedgeError
+
+IQ_FOLDERS = ["Bengin cases", "Malignant cases", "Normal cases"]
+
+
+# -- layouts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrapping", [[], ["The IQ-OTHNCCD lung cancer dataset"], ["outer", "inner dataset"]])
+def test_iq_oth_layout_under_wrapping_folders(tmp_path, wrapping):
+    base = tmp_path.joinpath("iq", *wrapping)
+    write_dataset(base, IQ_FOLDERS, per_class=2)
+    (base / "IQ-OTH_NCCD lung cancer dataset.txt").write_text("readme")
+    layout = detect_layout(tmp_path / "iq")
+    assert layout.kind == "iq-oth-nccd"
+    assert layout.classes == ["Benign", "Malignant", "Normal"]
+    assert layout.counts() == {"Benign": 2, "Malignant": 2, "Normal": 2}
+    assert all(f.path.startswith("/".join(wrapping)) for f in layout.files)
+
+
+def test_lc25000_layout_leaves_out_the_colon_part(tmp_path):
+    root = tmp_path / "lc"
+    sets = root / "lung_colon_image_set"
+    write_dataset(sets / "lung_image_sets", ["lung_aca", "lung_n", "lung_scc"], per_class=2, colour=True)
+    write_dataset(sets / "colon_image_sets", ["colon_aca", "colon_n"], per_class=2, colour=True)
+    layout = detect_layout(root)
+    assert layout.kind == "lc25000-lung"
+    assert layout.classes == ["Adenocarcinoma", "Benign", "Squamous cell carcinoma"]
+    assert len(layout.files) == 6
+    assert not any("colon_image_sets" in f.path for f in layout.files)
+    assert any("colon" in n for n in layout.notes)
+
+
+def test_generic_layout_under_one_wrapping_folder(tmp_path):
+    write_dataset(tmp_path / "wrap" / "inner", ["b_class", "a_class"], per_class=3)
+    (tmp_path / "wrap" / "inner" / "a_class" / "notes.txt").write_text("not an image")
+    layout = detect_layout(tmp_path / "wrap")
+    assert layout.kind == "generic"
+    assert layout.classes == ["a_class", "b_class"]
+    assert layout.counts() == {"a_class": 3, "b_class": 3}
+    assert layout.other_files == ["inner/a_class/notes.txt"]
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+def test_missing_folder(tmp_path, capsys):
+    code, out, err = run_cli(["data", "inspect", tmp_path / "nope"], capsys)
+    assert code == 2
+    assert err.strip() == f"error: data folder not found: {tmp_path / 'nope'}"
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["data", "split", tmp_path / "empty", "--out", tmp_path / "m.json"], capsys)
+    assert code == 2
+    assert err.startswith("error: no images found") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_only_one_class(tmp_path, capsys):
+    write_dataset(tmp_path / "one", ["only"], per_class=3)
+    code, _, err = run_cli(["data", "inspect", tmp_path / "one"], capsys)
+    assert code == 2
+    assert "only one class (only)" in err and len(err.strip().splitlines()) == 1
+
+
+def _corrupt_files(root: Path):
+    """A truncated JPEG and a non-image with an image extension, inside a class folder."""
+    img = smooth_image(np.random.default_rng(7), 64).convert("RGB")
+    good = root / "cat_a" / "good.jpg"
+    img.save(good, quality=90)
+    data = good.read_bytes()
+    (root / "cat_a" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "cat_b" / "fake.png").write_text("this is not a picture")
+
+
+def test_inspect_lists_unreadable_files_and_identical_files(generic_dataset, capsys):
+    _corrupt_files(generic_dataset)
+    (generic_dataset / "cat_c" / "copy.png").write_bytes((generic_dataset / "cat_c" / "img000_0.png").read_bytes())
+    code, out, err = run_cli(["data", "inspect", generic_dataset, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["counts"] == {"cat_a": 26, "cat_b": 25, "cat_c": 25}
+    reasons = {u["path"]: u["reason"] for u in info["unreadable"]}
+    assert set(reasons) == {"cat_a/truncated.jpg", "cat_b/fake.png"}
+    assert reasons["cat_b/fake.png"] == "not an image file"
+    assert "truncated" in reasons["cat_a/truncated.jpg"]
+    assert info["readable_counts"] == {"cat_a": 25, "cat_b": 24, "cat_c": 25}
+    assert sorted(map(sorted, info["identical"])) == [["cat_c/copy.png", "cat_c/img000_0.png"]]
+
+
+def test_split_skips_unreadable_files_and_says_so(generic_dataset, tmp_path, capsys):
+    _corrupt_files(generic_dataset)
+    out_file = tmp_path / "m.json"
+    code, out, err = run_cli(["data", "split", generic_dataset, "--out", out_file], capsys)
+    assert code == 0, err
+    manifest = json.loads(out_file.read_text())
+    assert {s["path"] for s in manifest["skipped"]} == {"cat_a/truncated.jpg", "cat_b/fake.png"}
+    assert "cat_a/truncated.jpg" not in {it["path"] for it in manifest["items"]}
+    assert "skipped cat_a/truncated.jpg" in out
+
+
+def test_manifest_whose_files_changed_is_refused(generic_dataset, tmp_path, capsys):
+    out_file = tmp_path / "m.json"
+    assert run_cli(["data", "split", generic_dataset, "--out", out_file], capsys)[0] == 0
+    smooth_image(np.random.default_rng(99)).save(generic_dataset / "cat_b" / "img001_0.png")
+    code, _, err = run_cli(["data", "audit", out_file], capsys)
+    assert code == 2
+    assert "changed since the split" in err and "cat_b/img001_0.png" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_manifest_that_is_not_a_manifest(tmp_path, capsys):
+    bad = tmp_path / "m.json"
+    bad.write_text("{not json")
+    code, _, err = run_cli(["data", "audit", bad], capsys)
+    assert code == 2 and "not a split manifest" in err
+
+
+@pytest.mark.parametrize("args,message", [(["--val", "0.6", "--test", "0.5"], "must leave images"),
+                                          (["--test", "1.5"], "--test must be a fraction"),
+                                          (["--group-by", "patient"], "unknown --group-by")])
+def test_bad_split_parameters(generic_dataset, tmp_path, capsys, args, message):
+    code, _, err = run_cli(["data", "split", generic_dataset, "--out", tmp_path / "m.json", *args], capsys)
+    assert code == 2 and message in err
+
+
+def test_existing_manifest_survives_a_failed_split(generic_dataset, tmp_path, capsys):
+    out_file = tmp_path / "m.json"
+    out_file.write_text("precious")
+    code, _, _ = run_cli(["data", "split", generic_dataset, "--out", out_file, "--test", "2"], capsys)
+    assert code == 2
+    assert out_file.read_text() == "precious"
+
+
+# -- near-duplicates and the split -------------------------------------------------------------
+
+def test_rotated_and_flipped_copies_are_near_duplicates_and_strangers_are_not():
+    rng = np.random.default_rng(3)
+    a = smooth_image(rng, 96)
+    strangers = [smooth_image(rng, 96) for _ in range(30)]
+    copies = [a, a.transpose(Image.FLIP_TOP_BOTTOM), a.rotate(270), augmented_rotation(a, -15)]
+    thumbs = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in copies + strangers])
+    sim = dedup.similarity(dedup.features(thumbs))
+    among_copies = sim[:4, :4][~np.eye(4, dtype=bool)]
+    assert among_copies.min() >= dedup.DEFAULT_THRESHOLD
+    assert sim[:4, 4:].max() < dedup.DEFAULT_THRESHOLD
+
+
+def test_components_chain_pairs():
+    assert dedup.components(6, [(0, 1), (1, 2), (4, 5)]) == [0, 0, 0, 1, 2, 2]
+    assert dedup.identical_pairs(["x", "y", "x", "x"]) == [(0, 2), (0, 3), (2, 3)]
+
+
+def _groups_by_base(manifest):
+    by_base = {}
+    for it in manifest["items"]:
+        base = it["path"].rsplit("_", 1)[0]
+        by_base.setdefault(base, set()).add(it["split"])
+    return by_base
+
+
+def test_grouped_split_keeps_copies_together_and_is_stratified(tmp_path, capsys):
+    root = write_dataset(tmp_path / "d", ["a", "b", "c"], per_class=10, copies=4)
+    out_file = tmp_path / "m.json"
+    code, out, err = run_cli(["data", "split", root, "--out", out_file, "--json"], capsys)
+    assert code == 0, err
+    manifest = json.loads(out_file.read_text())
+    assert manifest["classes"] == ["a", "b", "c"]
+    assert {"path", "label", "split", "group", "sha256"} <= set(manifest["items"][0])
+    assert manifest["groups"] == 30
+    assert all(len(splits) == 1 for splits in _groups_by_base(manifest).values())
+    for cls in "abc":
+        counts = {s: manifest["counts"][s][cls] for s in ("train", "val", "test")}
+        assert counts["test"] > 0 and counts["val"] > 0 and counts["train"] >= counts["test"]
+    summary = json.loads(out)
+    assert summary["counts"] == manifest["counts"]
+
+
+def test_split_is_byte_identical_when_repeated_and_seed_matters(generic_dataset, tmp_path, capsys):
+    files = []
+    for name, seed in (("a.json", 0), ("b.json", 0), ("c.json", 5)):
+        assert run_cli(["data", "split", generic_dataset, "--out", tmp_path / name, "--seed", seed], capsys)[0] == 0
+        files.append((tmp_path / name).read_bytes())
+    assert files[0] == files[1]
+    assert files[0] != files[2]
+
+
+def test_audit_shows_the_leak_of_an_image_level_split(tmp_path, capsys):
+    root = write_dataset(tmp_path / "d", ["a", "b", "c"], per_class=10, copies=4)
+    for i in range(3):  # byte-identical copies too
+        (root / "a" / f"dup{i}.png").write_bytes((root / "a" / f"img00{i}_0.png").read_bytes())
+    results = {}
+    for mode in ("near-duplicate", "none"):
+        m = tmp_path / f"{mode}.json"
+        assert run_cli(["data", "split", root, "--out", m, "--group-by", mode], capsys)[0] == 0
+        code, out, err = run_cli(["data", "audit", m, "--json"], capsys)
+        assert code == 0, err
+        results[mode] = json.loads(out)
+    grouped, naive = results["near-duplicate"], results["none"]
+    assert grouped["identical_cross_split"]["total"] == 0
+    assert [n["threshold"] for n in grouped["near_duplicates"]] == [dedup.DEFAULT_THRESHOLD, dedup.LOOSE_THRESHOLD]
+    assert grouped["near_duplicates"][0]["cross_split"]["total"] == 0
+    assert naive["near_duplicates"][0]["cross_split"]["total"] > 10
+    assert naive["near_duplicates"][0]["test_images_with_train_near_duplicate"] > 0
+    code, out, _ = run_cli(["data", "audit", tmp_path / "none.json"], capsys)
+    assert code == 0 and "identical" in out and "near>=0.88" in out
+
+
+def test_cli_default_threshold_matches_the_library():
+    from lungedge.cli import data as data_cli
+
+    assert data_cli.DEFAULT_THRESHOLD == dedup.DEFAULT_THRESHOLD
+
+
+# -- the real data sets (skipped where ../shared/data is absent) ---------------------------------
+
+@pytest.mark.realdata
+def test_real_iq_oth_nccd_inspect(capsys):
+    root = require_real("iq-oth-nccd")
+    code, out, _ = run_cli(["data", "inspect", root, "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0
+    assert info["layout"] == "iq-oth-nccd"
+    assert info["counts"] == {"Benign": 120, "Malignant": 561, "Normal": 416}
+    assert info["unreadable"] == []
+    assert info["non_square"]["Malignant"] >= 50
+
+
+@pytest.mark.realdata
+def test_real_lc25000_inspect(capsys):
+    root = require_real("lc25000-lung-subset")
+    code, out, _ = run_cli(["data", "inspect", root, "--json"], capsys)
+    info = json.loads(out)
+    assert code == 0
+    assert info["layout"] == "lc25000-lung" and len(info["classes"]) == 3 and info["total"] == 3719
+
+
+@pytest.mark.realdata
+def test_real_iq_oth_grouped_split_removes_the_leak(tmp_path, capsys):
+    root = require_real("iq-oth-nccd")
+    audits = {}
+    for mode in ("near-duplicate", "none"):
+        m = tmp_path / f"{mode}.json"
+        assert run_cli(["data", "split", root, "--out", m, "--group-by", mode], capsys)[0] == 0
+        code, out, _ = run_cli(["data", "audit", m, "--json"], capsys)
+        audits[mode] = json.loads(out)
+    assert audits["near-duplicate"]["identical_cross_split"]["total"] == 0
+    assert audits["none"]["identical_cross_split"]["total"] > 0
+    for level in range(2):  # at the grouping threshold and at the looser one
+        grouped = audits["near-duplicate"]["near_duplicates"][level]["cross_split"]["total"]
+        naive = audits["none"]["near_duplicates"][level]["cross_split"]["total"]
+        assert grouped * 4 < naive
