@@ -37,7 +37,8 @@ YS = np.array([1.0, -1.0, -1.0, 1.0])
 
 # Full-batch SGD on the summed loss. From seed 0: L = 1.899 at the start, below 0.01
 # from step 92, 0.0027 after 300 steps. 46 of seeds 0-49 get below 0.01 this way; the
-# other four (5, 8, 37, 40) stall on a plateau (L ≈ 1.33 or higher) where ReLUs have died.
+# other four stall where ReLUs are dead: seed 5 at L ≈ 1.333, seeds 8, 37 and 40 at
+# L = 2 (no second-layer unit is ever active, so only b3 learns and ŷ → 0).
 DEFAULT_STEPS = 300
 DEFAULT_LR = 0.1
 
@@ -195,6 +196,7 @@ def gradients(p: Params, X, y, per_sample: bool = False) -> tuple[float, Params]
 
 def sgd_step(p: Params, g: Params, lr: float) -> Params:
     """θ ← θ − lr · ∂L/∂θ (returns new arrays; ``p`` is left alone)."""
+    lr = float(lr)  # a Python float never promotes float32 weights to float64
     return {k: p[k] - lr * g[k] for k in NAMES}
 
 
@@ -306,7 +308,7 @@ def load_params(path: str | os.PathLike, dtype=None) -> Params:
     except (OSError, UnicodeDecodeError) as exc:
         raise LungedgeError(f"cannot read weights file {path}: {exc}") from None
     try:
-        obj = json.loads(text or '{}')
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LungedgeError(f"weights file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     p = params_from_json(obj, f"weights file {path}")

@@ -119,6 +119,19 @@ def test_batch_gradient_is_the_sum_of_per_sample_gradients(prob):
     assert _max_diff({k: per[k].sum(axis=0) for k in mlp.NAMES}, batch) <= 1e-12
 
 
+def test_relu_derivative_at_the_kink_is_zero_in_every_backend():
+    # z exactly 0 (a zero row and bias): relu'(0) = 0 is the convention of torch and micrograd too.
+    p = mlp.init_params(0)
+    p["W1"][1], p["b1"][1] = 0.0, 0.0
+    p["W2"][2], p["b2"][2] = 0.0, 0.0
+    _, cache = mlp.forward(p, mlp.XS)
+    assert np.all(cache.z1[:, 1] == 0) and np.all(cache.z2[:, 2] == 0)
+    _, g = mlp.gradients(p, mlp.XS, mlp.YS)
+    assert np.all(g["W1"][1] == 0) and np.all(g["W2"][2] == 0)
+    assert _max_diff(g, backends.torch_gradients(p, mlp.XS, mlp.YS)[1]) <= 1e-12
+    assert _max_diff(g, backends.micrograd_gradients(p, mlp.XS, mlp.YS)[1]) <= 1e-12
+
+
 def test_gradients_are_not_trivially_zero():
     # The comparisons above would pass for a kernel that returns zeros if torch did too;
     # make sure the example problem has real, non-zero gradients in every parameter.
@@ -239,7 +252,7 @@ def test_float32_on_request_really_computes_in_float32():
     _, gt32 = backends.torch_gradients(p32, mlp.XS, mlp.YS)
     assert all(gt32[k].dtype == np.float32 for k in mlp.NAMES)
     assert _max_diff(g, gt32) < 1e-6
-    p_trained, losses = mlp.train(p32, steps=10)
+    p_trained, losses = mlp.train(p32, steps=10, lr=np.float64(0.1))
     assert all(p_trained[k].dtype == np.float32 for k in mlp.NAMES)
 
 

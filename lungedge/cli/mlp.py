@@ -11,9 +11,9 @@ from .common import print_json
 
 app = typer.Typer(help="The research group's hand-worked MLP (3 -> 4 ReLU -> 4 ReLU -> 1 tanh) as a NumPy kernel.", no_args_is_help=True)
 
-SEED_HELP = "seed for numpy's default_rng; weights ~ U(+-1/sqrt(fan_in)) [default: 0]"
-WEIGHTS_HELP = "start from this weights JSON file (as written by --save-weights) instead of a seed"
-DTYPE_HELP = "float64 or float32 [default: float64, or the weights file's]"
+SEED_HELP = "Seed for numpy's default_rng; weights ~ U(+-1/sqrt(fan_in)) [default: 0]."
+WEIGHTS_HELP = "Start from this weights JSON file (as written by --save-weights) instead of a seed."
+DTYPE_HELP = "float64 or float32 [default: float64, or the weights file's]."
 
 
 def _params(seed: Optional[int], weights: Optional[str], dtype: Optional[str]):
@@ -58,10 +58,10 @@ def _print_layers(console, p: dict, heading: str, prefix: str = "") -> None:
 def demo(
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
-    save_weights: Optional[str] = typer.Option(None, "--save-weights", help="also write the weights used to this JSON file"),
-    input_no: int = typer.Option(1, "--input", help="which of the four inputs (1-4) gets its own gradients"),
+    save_weights: Optional[str] = typer.Option(None, "--save-weights", help="Also write the weights used to this JSON file."),
+    input_no: int = typer.Option(1, "--input", help="Which of the four inputs (1-4) gets its own gradients."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Replay the hand-worked example: weights, forward table, loss and every gradient."""
     from .. import mlp
@@ -97,15 +97,15 @@ def demo(
 
 @app.command("train")
 def train(
-    steps: Optional[int] = typer.Option(None, "--steps", help="SGD steps on the four examples [default: 300]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate [default: 0.1]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="SGD steps on the four examples [default: 300]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate [default: 0.1]."),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
-    backend: str = typer.Option("numpy", "--backend", help="numpy, torch or micrograd (all start from the same NumPy weights)"),
+    backend: str = typer.Option("numpy", "--backend", help="numpy, torch or micrograd (all start from the same NumPy weights)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=DTYPE_HELP),
-    every: int = typer.Option(0, "--every", help="print the loss every N steps [default: steps/10]"),
-    save_weights: Optional[str] = typer.Option(None, "--save-weights", help="write the trained weights to this JSON file"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    every: int = typer.Option(0, "--every", help="Print the loss every N steps [default: steps/10].", show_default=False),
+    save_weights: Optional[str] = typer.Option(None, "--save-weights", help="Write the trained weights to this JSON file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Train on the four hand-worked examples with full-batch SGD and print the loss curve."""
     from .. import mlp, mlp_backends
@@ -151,10 +151,10 @@ def train(
 
 @app.command("export")
 def export(
-    out: str = typer.Option(..., "--out", help="the .onnx file to write"),
+    out: str = typer.Option(..., "--out", help="The .onnx file to write."),
     seed: Optional[int] = typer.Option(None, "--seed", help=SEED_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", help=WEIGHTS_HELP),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a line"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a line."),
 ):
     """Write the network as ONNX (Gemm/Relu/Tanh, float32, dynamic batch) and check it with ONNX Runtime."""
     from pathlib import Path
