@@ -1,0 +1,92 @@
+"""Training: ``train(config)`` for any registry model, ``resume``, and ``finetune(checkpoint)``.
+
+The torch trainer (:mod:`.torch_trainer`) also runs under ``torchrun`` with
+DistributedDataParallel; the Keras trainer (:mod:`.keras_trainer`) accepts a
+``tf.distribute`` strategy. Heavy libraries are imported inside the functions,
+torch always before tensorflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import LungedgeError
+from .common import TrainConfig
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: bool | None = None,
+          stop_after: int | None = None, strategy=None) -> dict:
+    """Train ``cfg.model`` (or, with ``resume``, continue its newest interrupted run); return the
+    run summary that is also written to ``<out>/<model>/<run>/metrics.json``."""
+    from ..models.registry import get_spec, import_torch_first
+
+    spec = get_spec(cfg.model)
+    import_torch_first()
+    resume_dir = None
+    if resume:
+        from .common import find_resumable, load_config
+
+        resume_dir = find_resumable(cfg)
+        stored = load_config(resume_dir)
+        stored.device, stored.threads = cfg.device, cfg.threads or stored.threads
+        cfg = stored
+    cfg = cfg.resolved(spec)
+    if cfg.weights not in ("none", "imagenet") and not Path(cfg.weights).is_file():
+        raise LungedgeError(f"--weights: {cfg.weights} is neither 'imagenet', 'none' nor an existing file")
+    if spec.framework == "torch":
+        if strategy is not None:
+            raise LungedgeError("a tf.distribute strategy only applies to Keras models; use torchrun for torch models")
+        from .torch_trainer import train_torch
+
+        return train_torch(cfg, on_epoch=on_epoch, show_progress=show_progress, stop_after=stop_after,
+                           resume_dir=resume_dir)
+    from .keras_trainer import train_keras
+
+    return train_keras(cfg, on_epoch=on_epoch, show_progress=show_progress, stop_after=stop_after,
+                       resume_dir=resume_dir, strategy=strategy)
+
+
+def finetune_config(checkpoint, unfreeze: str | None = None, epochs: int | None = None, lr: float | None = None,
+                    **overrides) -> TrainConfig:
+    """The run configuration that continues ``checkpoint`` with more layers trainable and a lower rate."""
+    from ..models.checkpoint import read_meta
+    from ..models.registry import get_spec
+
+    meta = read_meta(checkpoint)
+    spec = get_spec(meta["architecture"])
+    base = dict(meta.get("config") or {})
+    unfreeze = unfreeze if unfreeze is not None else str(spec.defaults.finetune_unfreeze)
+    if unfreeze != "all":
+        try:
+            if int(unfreeze) < 0:
+                raise ValueError
+        except ValueError:
+            raise LungedgeError(f"--unfreeze must be a number of blocks or 'all', got {unfreeze!r}") from None
+    cfg = TrainConfig.from_dict({
+        **base,
+        "model": spec.name, "mode": "full" if unfreeze == "all" else "finetune", "unfreeze": unfreeze,
+        "epochs": epochs if epochs is not None else 10,
+        "lr": lr if lr is not None else min(spec.defaults.finetune_lr, float(base.get("lr") or 1.0) / 10),
+        "image_size": meta["input_size"], "init_checkpoint": str(checkpoint), "weights": "none",
+        "run_name": None, "split": overrides.pop("split", None) or meta.get("split_manifest"),
+        "data": overrides.pop("data", None) or base.get("data") or meta.get("data_root"),
+    })
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if cfg.split:
+        from ..data.split import read_manifest
+
+        manifest = read_manifest(cfg.split)
+        if meta.get("split_fingerprint") and manifest["dataset"]["fingerprint"] != meta["split_fingerprint"]:
+            raise LungedgeError(f"split manifest {cfg.split} is of another data set than the one {checkpoint} was trained on")
+    return cfg
+
+
+def finetune(checkpoint, unfreeze: str | None = None, epochs: int | None = None, lr: float | None = None,
+             on_epoch=None, show_progress: bool | None = None, **overrides) -> dict:
+    cfg = finetune_config(checkpoint, unfreeze, epochs, lr, **overrides)
+    return train(cfg, on_epoch=on_epoch, show_progress=show_progress)
+
+
+__all__ = ["TrainConfig", "train", "finetune", "finetune_config"]

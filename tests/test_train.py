@@ -1,0 +1,144 @@
+"""Training each architecture for one epoch on tiny images, reloading, resume, finetune, bad splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch  # torch and torchvision before anything imports tensorflow
+import torchvision  # noqa: F401
+import numpy as np
+import pytest
+
+from conftest import run_cli, write_dataset
+from lungedge.models.checkpoint import load_checkpoint, read_meta
+from lungedge.preprocess import Preprocessing
+
+# keras.fit on NumPy arrays, numpy 2: noise, not our code
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+CLASSES = ["benign", "malignant", "normal"]
+SIZES = {"googlenet": 64, "densenet121": 64, "inception_v3": 75, "resnet50": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("tiny") / "data", CLASSES, per_class=12, size=64, colour=True)
+
+
+def _logits(model, meta, x):
+    if meta["framework"] == "keras":
+        return np.asarray(model.predict(x, verbose=0))
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def _cross_entropy(logits, y):
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["googlenet", "densenet121", "inception_v3", "resnet50"])
+def test_one_epoch_then_reload(name, tiny, tmp_path, capsys):
+    code, out, err = run_cli(["train", name, "--data", tiny, "--epochs", 1, "--batch-size", 4, "--image-size",
+                              SIZES[name], "--weights", "none", "--out", tmp_path, "--run-name", "r", "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    run = tmp_path / name / "r"
+    ext = ".h5" if name == "resnet50" else ".pth"
+    for f in (f"best{ext}", f"last{ext}", "metrics.json", "split.json", "config.json"):
+        assert (run / f).is_file(), f
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and len(metrics["history"]) == 1
+    assert np.asarray(metrics["test"]["confusion_matrix"]).shape == (3, 3)
+    assert "epoch 1:" in err  # one line per epoch on stderr
+
+    model, meta = load_checkpoint(run / f"best{ext}")
+    assert meta["architecture"] == name and meta["classes"] == CLASSES and meta["epoch"] == 1
+    assert meta["input_size"] == SIZES[name] and meta["split_fingerprint"] == summary["split"]["fingerprint"]
+    assert len(meta["history"]) == 1 and meta["versions"]["lungedge"]
+    # the checkpoint plus its own preprocessing metadata reproduce the training-time validation outputs
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    split = json.loads((run / "split.json").read_text())
+    root = Path(split["dataset"]["root"])
+    val = [it for it in split["items"] if it["split"] == "val"]
+    x = prep.load_batch([root / it["path"] for it in val])
+    y = np.array([CLASSES.index(it["label"]) for it in val])
+    logits = _logits(model, meta, x)
+    again, _ = load_checkpoint(run / f"best{ext}")
+    assert np.array_equal(logits, _logits(again, meta, x))
+    assert _cross_entropy(logits, y) == pytest.approx(metrics["history"][0]["val_loss"], rel=1e-4, abs=1e-5)
+    if name == "resnet50":
+        assert prep.layout == "NHWC" and prep.channel_order == "BGR"
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tiny, tmp_path):
+    from lungedge.train import TrainConfig, train
+
+    base = dict(model="smallcnn", data=str(tiny), epochs=3, batch_size=8, image_size=32, weights="none",
+                out=str(tmp_path), seed=3, threads=2)
+    full = train(TrainConfig(**base, run_name="a"))
+    part = train(TrainConfig(**base, run_name="b"), stop_after=1)
+    assert part["status"] == "interrupted" and len(part["history"]) == 1
+    resumed = train(TrainConfig(**base, run_name="b"), resume=True)
+    assert resumed["status"] == "finished" and len(resumed["history"]) == 3
+    a = torch.load(tmp_path / "smallcnn" / "a" / "last.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "smallcnn" / "b" / "last.pth", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6)
+    assert [h["val_loss"] for h in full["history"]] == pytest.approx([h["val_loss"] for h in resumed["history"]], rel=1e-5)
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    code, _, err = run_cli(["train", "smallcnn", "--resume", "--out", tmp_path], capsys)
+    assert code == 2 and "no interrupted run of smallcnn" in err
+
+
+def test_finetune_unfreezes_more_at_a_lower_rate(tiny, tmp_path, capsys):
+    code, out, err = run_cli(["train", "smallcnn", "--data", tiny, "--epochs", 1, "--batch-size", 8, "--image-size", 32,
+                              "--weights", "none", "--mode", "transfer", "--out", tmp_path, "--run-name", "t", "--lr", 0.01,
+                              "--json"], capsys)
+    assert code == 0, err
+    best = tmp_path / "smallcnn" / "t" / "best.pth"
+    code, out, err = run_cli(["finetune", best, "--unfreeze", 1, "--epochs", 1, "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["config"]["mode"] == "finetune" and summary["config"]["lr"] == pytest.approx(1e-4)
+    assert Path(summary["run_dir"]) != best.parent
+    meta = read_meta(Path(summary["run_dir"]) / "best.pth")
+    assert meta["mode"] == "finetune" and meta["config"]["init_checkpoint"] == str(best)
+    code, _, err = run_cli(["finetune", best, "--unfreeze", "some"], capsys)
+    assert code == 2 and "--unfreeze" in err
+
+
+def test_early_stopping(tiny, tmp_path):
+    from lungedge.train import TrainConfig, train
+
+    s = train(TrainConfig(model="smallcnn", data=str(tiny), epochs=5, batch_size=8, image_size=32, weights="none",
+                          mode="transfer", lr=1e-12, patience=1, out=str(tmp_path), augment=False))
+    assert len(s["history"]) == 2 and s["status"] == "finished" and s["early_stopped"]
+
+
+def test_split_of_another_data_set_is_refused(tiny, tmp_path, capsys):
+    other = write_dataset(tmp_path / "other", CLASSES, per_class=5, size=48, seed=7)
+    code, _, err = run_cli(["data", "split", other, "--out", tmp_path / "other.json"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["train", "smallcnn", "--data", tiny, "--split", tmp_path / "other.json", "--weights", "none",
+                            "--out", tmp_path / "runs"], capsys)
+    assert code == 2 and "another data set" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_keras_accepts_a_distribute_strategy(tiny, tmp_path):
+    from lungedge.models.registry import import_keras
+
+    import_keras()
+    import tensorflow as tf
+
+    from lungedge.train import TrainConfig, train
+
+    s = train(TrainConfig(model="resnet50", data=str(tiny), epochs=1, batch_size=8, image_size=32, weights="none",
+                          out=str(tmp_path)), strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
+    assert s["status"] == "finished" and (Path(s["run_dir"]) / "best.h5").is_file()
