@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -108,9 +109,13 @@ def to_fp16(onnx_in: str | Path, onnx_out: str | Path) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
     model = onnx.load(str(onnx_in))
-    fp16 = convert_float_to_float16(model, keep_io_types=True)
-    return _save_model(fp16, Path(onnx_out))
+    fp16 = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
+    fp16.topological_sort()  # the converter appends the input casts at the end of the graph
+    onnx.checker.check_model(fp16.model)
+    return _save_model(fp16.model, Path(onnx_out))
 
 
 def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str, ranges_cache: str | Path,
@@ -118,6 +123,7 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
     """Q/DQ INT8 ONNX for ``target``; ranges come from ``ranges_cache`` if present, else from ``batches``."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if target not in INT8_TARGETS:
         raise LungedgeError(f"unknown INT8 target {target!r} (choose from {', '.join(INT8_TARGETS)})")
@@ -135,10 +141,17 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.onnx", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)
     ranges_cache.parent.mkdir(parents=True, exist_ok=True)
+    pre = tmp + ".pre.onnx"
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # ORT's quantizer logs a warning per tensor on the root logger
     try:
+        # shape inference and graph optimisation first, as ONNX Runtime recommends for quantisation
+        quant_pre_process(str(onnx_in), pre, skip_symbolic_shape=True)
         quantize_static(
-            str(onnx_in), tmp, reader,
+            pre, tmp, reader,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
@@ -148,6 +161,9 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
             calibration_cache_path=str(ranges_cache),
         )
         os.replace(tmp, out)
+        ranges_cache.chmod(0o644)
     finally:
+        root_logger.setLevel(level)
         Path(tmp).unlink(missing_ok=True)
+        Path(pre).unlink(missing_ok=True)
     return out

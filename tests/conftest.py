@@ -72,3 +72,44 @@ def require_real(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data set {path} is not present")
     return path
+
+
+TRAIN_SIZES = {"googlenet": 64, "densenet121": 64, "inception_v3": 75, "resnet50": 64}
+TRAIN_CLASSES = ["benign", "malignant", "normal"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """trained_run(name) -> run folder of a one-epoch training on tiny images, made once per session.
+
+    ``trained_run.output(name)`` gives that training's (stdout, stderr); it ran with ``--json``.
+    """
+    import contextlib
+    import io
+
+    import torch  # noqa: F401  (torch before keras/tensorflow)
+
+    base = tmp_path_factory.mktemp("trained")
+    data = write_dataset(base / "data", TRAIN_CLASSES, per_class=12, size=64, colour=True)
+    runs: dict[str, tuple[Path, str, str]] = {}
+
+    def train(name: str) -> tuple[Path, str, str]:
+        if name not in runs:
+            from lungedge.cli import main
+
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(["train", name, "--data", str(data), "--epochs", "1", "--batch-size", "4",
+                             "--image-size", str(TRAIN_SIZES[name]), "--weights", "none", "--out", str(base / "runs"),
+                             "--run-name", "r", "--json"])
+            assert code == 0, f"training {name} failed: {err.getvalue()[-2000:]}"
+            runs[name] = (base / "runs" / name / "r", out.getvalue(), err.getvalue())
+        return runs[name]
+
+    def get(name: str) -> Path:
+        return train(name)[0]
+
+    get.output = lambda name: train(name)[1:]
+    get.data = data
+    get.runs = base / "runs"
+    return get

@@ -10,15 +10,13 @@ import torchvision  # noqa: F401
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_dataset
+from conftest import TRAIN_CLASSES as CLASSES, TRAIN_SIZES as SIZES, run_cli, write_dataset
 from lungedge.models.checkpoint import load_checkpoint, read_meta
 from lungedge.preprocess import Preprocessing
 
 # keras.fit on NumPy arrays, numpy 2: noise, not our code
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-CLASSES = ["benign", "malignant", "normal"]
-SIZES = {"googlenet": 64, "densenet121": 64, "inception_v3": 75, "resnet50": 64}
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +39,10 @@ def _cross_entropy(logits, y):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["googlenet", "densenet121", "inception_v3", "resnet50"])
-def test_one_epoch_then_reload(name, tiny, tmp_path, capsys):
-    code, out, err = run_cli(["train", name, "--data", tiny, "--epochs", 1, "--batch-size", 4, "--image-size",
-                              SIZES[name], "--weights", "none", "--out", tmp_path, "--run-name", "r", "--json"], capsys)
-    assert code == 0, err
+def test_one_epoch_then_reload(name, trained_run):
+    run = trained_run(name)  # lungedge train NAME --epochs 1 --json on tiny images (shared with the export tests)
+    out, err = trained_run.output(name)
     summary = json.loads(out)
-    run = tmp_path / name / "r"
     ext = ".h5" if name == "resnet50" else ".pth"
     for f in (f"best{ext}", f"last{ext}", "metrics.json", "split.json", "config.json"):
         assert (run / f).is_file(), f

@@ -13,71 +13,40 @@ import typer
 
 from ..errors import LungedgeError
 from . import data as _data
+from . import export as _export
 from . import mlp as _mlp
+from . import train as _train
 from .common import app, not_built
 
 app.add_typer(_data.app, name="data")
 app.add_typer(_mlp.app, name="mlp")
 
 
-@app.command("models")
-def models_cmd():
-    """List the model registry: framework, input size, total and trainable parameters."""
-    not_built("models", 4)
+_train.register(app)  # models, train, finetune (issue #4)
+_export.register(app)  # export (issue #5)
 
 
-@app.command("train", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def train_cmd():
-    """Train one of the four classifiers on an image folder (transfer, finetune or full)."""
-    not_built("train", 4)
+# Commands of later issues: real --help text now, a one-line "not built yet" and exit 2 when run.
+PLANNED = {
+    "bench": (6, "Benchmark latency and throughput of models on CPU, a CUDA GPU or a Jetson."),
+    "eval": (6, "Evaluate accuracy, balanced accuracy, sensitivity and specificity of a model or artifact."),
+    "report": (6, "Write the accuracy-vs-latency report (Markdown, HTML, PNG) from results files."),
+    "predict": (6, "Classify images with a model, checkpoint, ONNX file or TensorRT engine."),
+    "bundle": (7, "Pack the ONNX files, calibration manifest and checksums a Jetson needs into one archive."),
+    "demo": (8, "Run the whole job (split, train, export, eval, bench, report) on a small default set."),
+}
 
 
-@app.command("finetune", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def finetune_cmd():
-    """Continue training a checkpoint with more layers unfrozen and a lower learning rate."""
-    not_built("finetune", 4)
+def _planned(name: str, issue: int, help_text: str) -> None:
+    def command():
+        not_built(name, issue)
+
+    command.__doc__ = help_text
+    app.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
 
 
-@app.command("export", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def export_cmd():
-    """Export a checkpoint to ONNX (FP32, FP16, calibrated INT8) and build TensorRT engines."""
-    not_built("export", 5)
-
-
-@app.command("bench", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bench_cmd():
-    """Benchmark latency and throughput of models on CPU, a CUDA GPU or a Jetson."""
-    not_built("bench", 6)
-
-
-@app.command("eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def eval_cmd():
-    """Evaluate accuracy, balanced accuracy, sensitivity and specificity of a model or artifact."""
-    not_built("eval", 6)
-
-
-@app.command("report", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def report_cmd():
-    """Write the accuracy-vs-latency report (Markdown, HTML, PNG) from results files."""
-    not_built("report", 6)
-
-
-@app.command("predict", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def predict_cmd():
-    """Classify images with a model, checkpoint, ONNX file or TensorRT engine."""
-    not_built("predict", 6)
-
-
-@app.command("bundle", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def bundle_cmd():
-    """Pack the ONNX files, calibration manifest and checksums a Jetson needs into one archive."""
-    not_built("bundle", 7)
-
-
-@app.command("demo", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def demo_cmd():
-    """Run the whole job (split, train, export, eval, bench, report) on a small default set."""
-    not_built("demo", 8)
+for _name, (_issue, _help) in PLANNED.items():
+    _planned(_name, _issue, _help)
 
 
 def main(argv: list[str] | None = None) -> int:
