@@ -12,7 +12,6 @@ from PIL import Image
 from conftest import augmented_rotation, require_real, run_cli, smooth_image, write_dataset
 from lungedge.data import dedup
 from lungedge.data.layout import detect_layout
-from lungedge.errors import LungedgeError
 
 IQ_FOLDERS = ["Bengin cases", "Malignant cases", "Normal cases"]
 

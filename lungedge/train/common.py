@@ -229,3 +229,19 @@ def env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         return default
+
+
+def initial_model(cfg: TrainConfig, spec, classes: list[str]):
+    """The model a run starts from: the checkpoint being fine-tuned, or a fresh one; mode applied."""
+    from ..models import checkpoint as ckpt
+    from ..models.registry import apply_mode, create
+
+    if cfg.init_checkpoint:
+        model, init_meta = ckpt.load_checkpoint(cfg.init_checkpoint, mode=cfg.mode, unfreeze=cfg.unfreeze)
+        if init_meta["classes"] != classes:
+            raise LungedgeError(f"{cfg.init_checkpoint} has classes {init_meta['classes']}, the split has {classes}")
+    else:
+        model = create(cfg.model, num_classes=len(classes), weights=cfg.weights, mode=cfg.mode,
+                       image_size=cfg.image_size, unfreeze=cfg.unfreeze)
+    apply_mode(spec, model, cfg.mode, cfg.unfreeze)
+    return model

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import LungedgeError
 from ..io import atomic_write_bytes
 from ..models import checkpoint as ckpt
-from ..models.registry import apply_mode, create, get_spec, import_keras
+from ..models.registry import apply_mode, get_spec, import_keras
 from . import common
 from .metrics import class_weights, summarize
 from .torch_trainer import _clean, _write_metrics
@@ -79,14 +79,9 @@ def train_keras(cfg: common.TrainConfig, on_epoch=None, show_progress: bool | No
     with scope:
         if resume_dir is not None:
             model, _ = ckpt.load_checkpoint(run_dir / "last.h5", mode=cfg.mode, unfreeze=cfg.unfreeze)
-        elif cfg.init_checkpoint:
-            model, init_meta = ckpt.load_checkpoint(cfg.init_checkpoint, mode=cfg.mode, unfreeze=cfg.unfreeze)
-            if init_meta["classes"] != classes:
-                raise LungedgeError(f"{cfg.init_checkpoint} has classes {init_meta['classes']}, the split has {classes}")
+            apply_mode(spec, model, cfg.mode, cfg.unfreeze)
         else:
-            model = create(cfg.model, num_classes=len(classes), weights=cfg.weights, mode=cfg.mode,
-                           image_size=cfg.image_size, unfreeze=cfg.unfreeze)
-        apply_mode(spec, model, cfg.mode, cfg.unfreeze)
+            model = common.initial_model(cfg, spec, classes)
         schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * steps)
         optimizer = keras.optimizers.Adam(learning_rate=schedule)
         model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import LungedgeError
 from ..io import sha256_bytes, write_json
 from ..models import checkpoint as ckpt
-from ..models.registry import apply_mode, create, get_spec
+from ..models.registry import get_spec
 from . import common
 from .metrics import class_weights, summarize
 
@@ -213,14 +213,7 @@ def _run(cfg, spec, dist: Dist, on_epoch, show_progress, stop_after, resume_dir)
 
     # model: fresh, or the checkpoint being fine-tuned
     torch.manual_seed(cfg.seed)
-    if cfg.init_checkpoint:
-        model, init_meta = ckpt.load_checkpoint(cfg.init_checkpoint, mode=cfg.mode, unfreeze=cfg.unfreeze)
-        if init_meta["classes"] != classes:
-            raise LungedgeError(f"{cfg.init_checkpoint} has classes {init_meta['classes']}, the split has {classes}")
-    else:
-        model = create(cfg.model, num_classes=len(classes), weights=cfg.weights, mode=cfg.mode,
-                       image_size=cfg.image_size, unfreeze=cfg.unfreeze)
-    apply_mode(spec, model, cfg.mode, cfg.unfreeze)
+    model = common.initial_model(cfg, spec, classes)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
