@@ -277,13 +277,11 @@ def parity(reference: np.ndarray, other: np.ndarray, tie: float = PARITY_MAX_REL
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, recall_score
+    from .metrics import classification_metrics
 
-    pred = logits.argmax(1)
-    ks = list(range(len(classes)))
-    sens = recall_score(labels, pred, labels=ks, average=None, zero_division=0)
-    return {"images": int(len(labels)), "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-            "sensitivity": {c: float(s) for c, s in zip(classes, sens)}}
+    m = classification_metrics(labels, logits.argmax(1), classes)
+    return {"images": m["n"], "balanced_accuracy": m["balanced_accuracy"],
+            "sensitivity": {c: (s or 0.0) for c, s in m["sensitivity"].items()}}
 
 
 @dataclass

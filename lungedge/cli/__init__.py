@@ -12,41 +12,25 @@ import sys
 import typer
 
 from ..errors import LungedgeError
+from . import bundle as _bundle
 from . import data as _data
+from . import demo as _demo
+from . import engine as _engine
 from . import export as _export
 from . import mlp as _mlp
+from . import runtime as _runtime
 from . import train as _train
-from .common import app, not_built
+from .common import app
 
 app.add_typer(_data.app, name="data")
 app.add_typer(_mlp.app, name="mlp")
 
-
 _train.register(app)  # models, train, finetune (issue #4)
 _export.register(app)  # export (issue #5)
-
-
-# Commands of later issues: real --help text now, a one-line "not built yet" and exit 2 when run.
-PLANNED = {
-    "bench": (6, "Benchmark latency and throughput of models on CPU, a CUDA GPU or a Jetson."),
-    "eval": (6, "Evaluate accuracy, balanced accuracy, sensitivity and specificity of a model or artifact."),
-    "report": (6, "Write the accuracy-vs-latency report (Markdown, HTML, PNG) from results files."),
-    "predict": (6, "Classify images with a model, checkpoint, ONNX file or TensorRT engine."),
-    "bundle": (7, "Pack the ONNX files, calibration manifest and checksums a Jetson needs into one archive."),
-    "demo": (8, "Run the whole job (split, train, export, eval, bench, report) on a small default set."),
-}
-
-
-def _planned(name: str, issue: int, help_text: str) -> None:
-    def command():
-        not_built(name, issue)
-
-    command.__doc__ = help_text
-    app.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
-
-
-for _name, (_issue, _help) in PLANNED.items():
-    _planned(_name, _issue, _help)
+_runtime.register(app)  # bench, eval, report, predict (issue #6)
+_bundle.register(app)  # bundle create / verify / extract (issue #7)
+_engine.register(app)  # engine build, on the target (issue #7)
+_demo.register(app)  # demo (issue #8)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""What every command module shares: the root app, output helpers and the not-built notice."""
+"""What every command module shares: the root app and output helpers."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 import sys
 
 import typer
-
-from ..errors import LungedgeError
 
 app = typer.Typer(
     name="lungedge",
@@ -20,20 +18,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-ISSUES = {
-    3: "the MLP reference kernel",
-    4: "training and the model registry",
-    5: "export, INT8/FP16 and TensorRT engines",
-    6: "runners, bench, eval, predict and report",
-    7: "Jetson deployment",
-    8: "the end-to-end demo",
-}
-
-
-def not_built(command: str, issue: int) -> None:
-    """One line saying the command is not built yet, and a non-zero exit."""
-    raise LungedgeError(f"'lungedge {command}' is not built yet (planned with {ISSUES[issue]}, issue #{issue})")
 
 
 def print_json(obj) -> None:

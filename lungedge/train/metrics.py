@@ -1,4 +1,4 @@
-"""Classification metrics from a confusion matrix (NumPy only)."""
+"""Training-time metrics (summarize delegates to the scikit-learn based lungedge.metrics) and class weights."""
 
 from __future__ import annotations
 
@@ -13,29 +13,15 @@ def confusion(y_true, y_pred, k: int) -> np.ndarray:
 
 def summarize(y_true, y_pred, classes) -> dict:
     """Accuracy, balanced accuracy (mean sensitivity over classes present), per-class sensitivity and
-    specificity, macro-F1 and the confusion matrix (rows: true class, columns: predicted)."""
-    k = len(classes)
-    cm = confusion(y_true, y_pred, k)
-    support = cm.sum(axis=1)
-    tp = np.diag(cm).astype(float)
-    pred = cm.sum(axis=0)
-    total = cm.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sens = np.where(support > 0, tp / np.maximum(support, 1), np.nan)
-        spec = np.where(total - support > 0, (total - support - (pred - tp)) / np.maximum(total - support, 1), np.nan)
-        prec = np.where(pred > 0, tp / np.maximum(pred, 1), 0.0)
-        f1 = np.where(prec + np.nan_to_num(sens) > 0, 2 * prec * np.nan_to_num(sens) / (prec + np.nan_to_num(sens)), 0.0)
-    present = support > 0
-    return {
-        "n": int(total),
-        "accuracy": float(tp.sum() / total) if total else 0.0,
-        "balanced_accuracy": float(np.mean(sens[present])) if present.any() else 0.0,
-        "macro_f1": float(np.mean(f1[present])) if present.any() else 0.0,
-        "sensitivity": {c: (None if np.isnan(s) else float(s)) for c, s in zip(classes, sens)},
-        "specificity": {c: (None if np.isnan(s) else float(s)) for c, s in zip(classes, spec)},
-        "support": {c: int(n) for c, n in zip(classes, support)},
-        "confusion_matrix": cm.tolist(),
-    }
+    specificity, macro-F1 and the confusion matrix (rows: true class, columns: predicted).
+
+    Computed by scikit-learn through :func:`lungedge.metrics.classification_metrics`."""
+    from ..metrics import classification_metrics
+
+    m = classification_metrics(y_true, y_pred, classes)
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity", "support",
+            "confusion_matrix")
+    return {k: m[k] for k in keys}
 
 
 def class_weights(labels, k: int) -> np.ndarray:

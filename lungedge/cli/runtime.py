@@ -1,0 +1,159 @@
+"""`lungedge bench / eval / report / predict`: parse, call the library, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import LungedgeError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_cmd)
+    app.command("eval")(eval_cmd)
+    app.command("report")(report_cmd)
+    app.command("predict")(predict_cmd)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise LungedgeError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise LungedgeError(f"{what} must be positive integers, got {text!r}")
+    return vals
+
+
+def _targets(specs, all_models, device, backend, precision, runs, engines, include_trt_int8=False):
+    from ..runners.base import BACKENDS, PRECISIONS, check_device
+    from ..runners.discover import parse_list, resolve
+
+    check_device(device)
+    if device == "cuda":
+        from ..bench import check_cuda
+
+        check_cuda()
+    return resolve(specs, all_models, device, parse_list(backend, BACKENDS, "backend"),
+                   parse_list(precision, PRECISIONS, "precision"), runs, engines, include_trt_int8)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=200)
+
+
+def bench_cmd(
+    models: Optional[List[str]] = typer.Argument(None, help="Model names and/or artifact files (.pth, .h5, .onnx, .engine)."),
+    all_models: bool = typer.Option(False, "--all", help="Every model with a checkpoint or ONNX files."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    backend: Optional[str] = typer.Option(None, help="Comma list of torch, keras, onnxruntime, onnxruntime-trt, "
+                                          "tensorrt (default: source framework + onnxruntime, + tensorrt on cuda)."),
+    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, int8 (default: every file present)."),
+    batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
+    warmup: int = typer.Option(3, help="Untimed calls before timing."),
+    iters: Optional[int] = typer.Option(None, help="Timed calls per measurement (default: run for --seconds)."),
+    seconds: float = typer.Option(1.0, help="Time each measurement for at least this long (at least 3 calls)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of the backend (default: the library's)."),
+    no_preprocessing: bool = typer.Option(False, "--no-preprocessing", help="Skip the timing that includes "
+                                          "decoding and preprocessing image files."),
+    trt_int8: bool = typer.Option(False, "--trt-int8", help="On cpu also run the S8S8 int8 ONNX meant for TensorRT."),
+    data: Optional[Path] = typer.Option(None, help="Image folder for the +preprocessing timing (default: synthetic "
+                                        "512x512 PNGs)."),
+    runs: Path = typer.Option(Path("runs"), help="Training runs folder."),
+    engines: Path = typer.Option(Path("engines"), help="Exported ONNX / engine folder."),
+    out: Path = typer.Option(Path("results"), help="Where the JSON-lines results go."),
+):
+    """Benchmark latency (p50/p90/p99, mean, std) and throughput per backend, precision and batch size."""
+    from ..bench import run_bench, table
+
+    if iters is not None and iters < 1:
+        raise LungedgeError(f"--iters must be at least 1, got {iters}")
+    sizes = _ints(batch_sizes, "--batch-sizes")
+    targets = _targets(models, all_models, device, backend, precision, runs, engines, trt_int8)
+    rows, path = run_bench(targets, sizes, warmup, iters, seconds, threads, data, out,
+                           not no_preprocessing, log=lambda s: typer.echo(s, err=True))
+    con = _console()
+    con.print(table(rows))
+    includes = sorted({r["includes"] for r in rows if not r["preprocessing"]})
+    con.print("times include: " + "; ".join(includes))
+    typer.echo(f"wrote {path}")
+
+
+def eval_cmd(
+    model: str = typer.Argument(..., help="A model name or an artifact file (.pth, .h5, .onnx, .engine)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    backend: Optional[str] = typer.Option(None, help="Comma list of backends (default: as bench)."),
+    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, int8 (default: every file present)."),
+    data: Optional[Path] = typer.Option(None, help="Data folder (with --split: the manifest's root; alone: every "
+                                        "image in it)."),
+    split: Optional[Path] = typer.Option(None, help="Split manifest; its test part is evaluated "
+                                         "(default: the training run's split)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads of the backend."),
+    runs: Path = typer.Option(Path("runs"), help="Training runs folder."),
+    engines: Path = typer.Option(Path("engines"), help="Exported ONNX / engine folder."),
+    out: Path = typer.Option(Path("results"), help="Where the JSON-lines results go."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
+):
+    """Evaluate accuracy, balanced accuracy, sensitivity, specificity, F1, AUROC and FP16/INT8 drift."""
+    from ..bench import write_rows
+    from ..evaluate import confusion_text, run_eval, table
+    from .common import print_json
+
+    targets = _targets([model], False, device, backend, precision, runs, engines)
+    rows = run_eval(targets, data, split, runs, threads, log=lambda s: typer.echo(s, err=True))
+    path = write_rows(rows, out, "eval")
+    if as_json:
+        print_json(rows)
+        return
+    con = _console()
+    con.print(table(rows))
+    for r in rows:
+        con.print(f"\n{r['model']} {r['backend']} {r['variant']}: confusion matrix (rows true, columns predicted)")
+        con.print(confusion_text(r), highlight=False)
+    typer.echo(f"wrote {path}")
+
+
+def report_cmd(
+    results: Optional[List[Path]] = typer.Option(None, "--results", help="Results files or folders (repeatable; "
+                                                 "default: results/)."),
+    out: Path = typer.Option(Path("reports"), help="Output folder for report.md, report.html and the PNG."),
+):
+    """Write the accuracy-vs-latency report (Markdown, self-contained HTML, PNG) from results files."""
+    from ..report import build_report
+
+    summary = build_report(list(results) if results else [Path("results")], out)
+    for mid, label in summary["machines"].items():
+        typer.echo(f"{mid}: {label}")
+    typer.echo(f"wrote {summary['markdown']}, {summary['html']}" + (f", {summary['png']}" if summary["png"] else "")
+               + f" ({summary['rows']} rows)")
+
+
+def predict_cmd(
+    model: str = typer.Argument(..., help="A model name or an artifact file (.pth, .h5, .onnx, .engine)."),
+    images: List[Path] = typer.Argument(..., help="Image files."),
+    backend: Optional[str] = typer.Option(None, help="torch, keras, onnxruntime, onnxruntime-trt or tensorrt."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (for a MODEL name: which file)."),
+    runs: Path = typer.Option(Path("runs"), help="Training runs folder."),
+    engines: Path = typer.Option(Path("engines"), help="Exported ONNX / engine folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Classify images with a model, checkpoint, ONNX file or TensorRT engine: class and probabilities."""
+    from ..predict import predict
+    from .common import print_json
+
+    targets = _targets([model], False, device, backend, precision, runs, engines)
+    t = targets[0]
+    result = predict(t.artifact, images, t.backend, t.device, t.precision)
+    if as_json:
+        print_json(result)
+        return
+    typer.echo(f"{result['model']} via {result['backend']} {result['device']} {result['precision']} "
+               f"({result['artifact']})")
+    for p in result["predictions"]:
+        probs = "  ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
+        typer.echo(f"{p['image']}: {p['class']}  ({probs})")

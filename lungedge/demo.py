@@ -1,0 +1,107 @@
+"""`lungedge demo`: the whole job, each stage one lungedge command, resumable.
+
+inspect -> grouped split -> train (short schedule) -> export FP32/FP16/INT8 -> eval on every
+CPU backend -> bench -> report. Every stage runs the same command a user would type, in this
+process, with its outputs under one folder; a stage that finished leaves a marker in
+``<out>/.done/``, so an interrupted demo re-run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LungedgeError
+from .io import atomic_write_text
+
+DEFAULT_MODELS = ("smallcnn", "googlenet")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    image_size: int
+    batch_size: int
+
+
+# short schedules that fit the 2-core CPU; the real-data ones train longer
+SYNTHETIC = {"smallcnn": Schedule(15, 64, 16), "googlenet": Schedule(4, 64, 16), "densenet121": Schedule(2, 64, 16),
+             "inception_v3": Schedule(2, 75, 16), "resnet50": Schedule(2, 64, 16)}
+REAL = {"smallcnn": Schedule(20, 96, 32), "googlenet": Schedule(12, 96, 32), "densenet121": Schedule(6, 96, 32),
+        "inception_v3": Schedule(6, 96, 32), "resnet50": Schedule(6, 96, 32)}
+
+
+def _run(argv: list[str]) -> None:
+    from .cli import main
+
+    code = main([str(a) for a in argv])
+    if code != 0:
+        raise LungedgeError(f"demo stopped: 'lungedge {' '.join(str(a) for a in argv[:2])} ...' failed (exit {code})")
+
+
+class Stages:
+    def __init__(self, out: Path, log):
+        self.done_dir = out / ".done"
+        self.log = log
+        self.timings: dict[str, float] = {}
+
+    def run(self, name: str, argv_list: list[list[str]]) -> None:
+        marker = self.done_dir / name
+        if marker.is_file():
+            self.log(f"[demo] {name}: already done, reused")
+            return
+        self.log(f"[demo] {name} ...")
+        t0 = time.perf_counter()
+        for argv in argv_list:
+            self.log("[demo] $ lungedge " + " ".join(str(a) for a in argv))
+            _run(argv)
+        self.timings[name] = time.perf_counter() - t0
+        atomic_write_text(marker, f"{self.timings[name]:.1f} s\n")
+
+
+def demo(data: str | Path | None = None, out: str | Path = "demo", models: list[str] | None = None,
+         per_class: int = 40, log=print) -> Path:
+    """Run the chain; return the path of report.html."""
+    from .models.registry import names
+
+    models = list(models or DEFAULT_MODELS)
+    unknown = [m for m in models if m not in names()]
+    if unknown:
+        raise LungedgeError(f"unknown model {unknown[0]!r} (choose from {', '.join(names())})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        from .synthetic import generate
+
+        data = generate(out / "data-synthetic", per_class=per_class)
+        log(f"[demo] data: SYNTHETIC CT-like drawings in {data} (not patient images; pass --data DIR for real data)")
+        schedules = SYNTHETIC
+    else:
+        schedules = REAL
+    data = Path(data)
+    split = out / "split.json"
+    runs, engines, calib, results = out / "runs", out / "engines", out / "calibration", out / "results"
+    st = Stages(out, log)
+    st.run("inspect", [["data", "inspect", data]])
+    st.run("split", [["data", "split", data, "--out", split]])
+    for m in models:
+        s = schedules[m]
+        train = ["train", m, "--data", data, "--split", split, "--weights", "none", "--epochs", s.epochs,
+                 "--image-size", s.image_size, "--batch-size", s.batch_size, "--out", runs, "--run-name", "demo"]
+        if (runs / m / "demo" / "config.json").is_file():
+            train = ["train", m, "--out", runs, "--run-name", "demo", "--resume"]  # interrupted earlier
+        st.run(f"train-{m}", [train])
+        st.run(f"export-{m}", [["export", m, "--runs", runs, "--out", engines, "--calibration", calib, "--fp16",
+                                "--int8", "--calib-size", 60, "--no-engine"]])
+        st.run(f"eval-{m}", [["eval", m, "--data", data, "--split", split, "--runs", runs, "--engines", engines,
+                              "--out", results]])
+    st.run("bench", [["bench", *models, "--device", "cpu", "--batch-sizes", "1,8", "--seconds", "0.5",
+                      "--runs", runs, "--engines", engines, "--out", results]])
+    st.run("report", [["report", "--results", results, "--out", out / "reports"]])
+    report = out / "reports" / "report.html"
+    if not report.is_file():
+        raise LungedgeError(f"the report stage wrote no {report}")
+    (out / "demo.json").write_text(json.dumps({"models": models, "data": str(data), "timings": st.timings}, indent=1))
+    return report

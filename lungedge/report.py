@@ -1,0 +1,357 @@
+"""The accuracy-vs-latency report: report.md, a self-contained report.html and the scatter PNG.
+
+Result rows (JSON lines written by ``bench`` and ``eval``, from any number of machines) are read
+as they are: rows from different machines, settings (threads) or runs stay separate rows,
+labelled with their machine (M1, M2, ...) and results file, and are never averaged.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from .errors import LungedgeError
+from .io import atomic_write_bytes, atomic_write_text
+from .provenance import machine_label
+
+GROUP_COLUMNS = ("model", "total parameters", "layers (conv+dense)", "trainable parameters", "epochs",
+                 "accuracy", "balanced accuracy", "batch size", "method", "library")
+
+
+# -- reading and merging ---------------------------------------------------------------------------
+
+def _rows_of(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    else:
+        obj = json.loads(text)
+        rows = obj.get("rows", []) if isinstance(obj, dict) else obj
+    return [r for r in rows if isinstance(r, dict) and r.get("kind") in ("bench", "eval")]
+
+
+def load_results(paths) -> list[dict]:
+    """Every bench/eval row under the given files or folders, each tagged with its results file."""
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            files += sorted(list(p.rglob("*.jsonl")) + list(p.rglob("*.json")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise LungedgeError(f"results not found: {p}")
+    rows = []
+    for f in files:
+        try:
+            got = _rows_of(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LungedgeError(f"{f} is not a results file ({exc})") from None
+        for r in got:
+            r["_file"] = f.name
+        rows += got
+    if not rows:
+        raise LungedgeError(f"no bench or eval results in {', '.join(map(str, paths))}; run 'lungedge bench' / 'lungedge eval' first")
+    return rows
+
+
+def label_machines(rows: list[dict]) -> dict[str, dict]:
+    """Give every distinct machine an id (M1, M2, ...) in first-seen order; sets row['machine']."""
+    machines: dict[str, dict] = {}
+    ids: dict[str, str] = {}
+    for r in rows:
+        label = machine_label(r.get("provenance") or {})
+        if label not in ids:
+            ids[label] = f"M{len(ids) + 1}"
+            machines[ids[label]] = {"label": label, "provenance": r.get("provenance") or {}}
+        r["machine"] = ids[label]
+    return machines
+
+
+def _threads(r) -> str:
+    t = (r.get("provenance") or {}).get("threads")
+    return "default" if t is None or str(t).startswith("onnxruntime default") else str(t)
+
+
+def latency_rows(rows: list[dict]) -> list[dict]:
+    """One line per (machine, results file, model, backend, device, precision file, artifact, threads):
+    latency at batch 1 and throughput at the largest batch, plus the matching eval metrics."""
+    groups: dict = {}
+    for r in rows:
+        if r["kind"] != "bench":
+            continue
+        key = (r["machine"], r["_file"], r["model"], r["backend"], r["device"], r["variant"], r["artifact_sha256"],
+               _threads(r))
+        groups.setdefault(key, []).append(r)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    out = []
+    used_evals = set()
+    for key, rs in groups.items():
+        machine, file, model, backend, device, variant, sha, threads = key
+        plain = sorted((r for r in rs if not r["preprocessing"]), key=lambda r: r["batch_size"])
+        prep = sorted((r for r in rs if r["preprocessing"]), key=lambda r: r["batch_size"])
+        b1 = plain[0] if plain else None
+        big = plain[-1] if plain else None
+        same = [e for e in evals if (e["model"], e["backend"], e["variant"], e["artifact_sha256"]) ==
+                (model, backend, variant, sha)]
+        ev = next((e for e in same if e["machine"] == machine and e["device"] == device), None) or \
+            (same[-1] if same else None)
+        if ev is not None:
+            used_evals.add(id(ev))
+        out.append({"machine": machine, "file": file, "model": model, "backend": backend, "device": device,
+                    "precision": variant, "threads": threads, "sha": sha,
+                    "p50_b1": b1["latency_ms"]["p50"] if b1 else None, "b1": b1["batch_size"] if b1 else None,
+                    "p99_b1": b1["latency_ms"]["p99"] if b1 else None,
+                    "ips": big["throughput_ips"] if big else None, "big": big["batch_size"] if big else None,
+                    "vs_source": b1.get("vs_source") if b1 else None,
+                    "prep_p50_b1": prep[0]["latency_ms"]["p50"] if prep else None,
+                    "includes": b1["includes"] if b1 else "", "eval": ev,
+                    "eval_elsewhere": ev is not None and ev["machine"] != machine,
+                    "date": (b1 or rs[0]).get("provenance", {}).get("date")})
+    for e in evals:  # evaluated but not benchmarked
+        if id(e) not in used_evals:
+            out.append({"machine": e["machine"], "file": e["_file"], "model": e["model"], "backend": e["backend"],
+                        "device": e["device"], "precision": e["variant"], "threads": _threads(e),
+                        "sha": e["artifact_sha256"], "p50_b1": None, "b1": None, "p99_b1": None, "ips": None,
+                        "big": None, "vs_source": None, "prep_p50_b1": None, "includes": "", "eval": e,
+                        "eval_elsewhere": False, "date": e.get("provenance", {}).get("date")})
+    out.sort(key=lambda x: (x["machine"], x["model"], x["backend"], x["precision"], x["file"]))
+    return out
+
+
+def group_table(rows: list[dict]) -> list[list[str]]:
+    """The research group's comparison table, regenerated from our eval rows (source checkpoints)."""
+    out = []
+    seen = set()
+    for r in rows:
+        info = r.get("model_info")
+        if r["kind"] != "eval" or not info:
+            continue
+        key = (r["model"], r["artifact_sha256"], r["machine"])
+        if key in seen:
+            continue
+        seen.add(key)
+        m = r["metrics"]
+        out.append([f"{r['model']} ({r['artifact_sha256'][:8]}, {r['machine']})", _int(info.get("total_params")),
+                    _int(info.get("weight_layers")), _int(info.get("trainable_params")),
+                    _s(info.get("epochs")), f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}",
+                    _s(info.get("batch_size")), _s(info.get("method")), _s(info.get("library"))])
+    return out
+
+
+def _int(v) -> str:
+    return f"{int(v):,}" if v is not None else "–"
+
+
+def _s(v) -> str:
+    return "–" if v is None else str(v)
+
+
+def _f(v, fmt=".2f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+LAT_COLUMNS = ("machine", "model", "backend", "device", "precision", "threads", "balanced acc", "accuracy",
+               "macro-F1", "sensitivity per class", "specificity per class", "≠ FP32", "p50 b1 ms", "p99 b1 ms", "+prep p50 b1 ms", "img/s (largest batch)",
+               "× source (b1)", "run")
+
+
+def _per_class(m, key) -> str:
+    if not m or not m.get(key):
+        return "–"
+    return " ".join(f"{c}={v:.2f}" if v is not None else f"{c}=–" for c, v in m[key].items())
+
+
+def latency_table(lat: list[dict]) -> list[list[str]]:
+    out = []
+    for x in lat:
+        m = x["eval"]["metrics"] if x["eval"] else None
+        d = x["eval"].get("differs_from_fp32") if x["eval"] else None
+        note = f" (eval on {x['eval']['machine']})" if x["eval_elsewhere"] else ""
+        out.append([x["machine"], x["model"], x["backend"], x["device"], x["precision"], x["threads"],
+                    (_f(m["balanced_accuracy"], ".3f") + note) if m else "–", _f(m["accuracy"], ".3f") if m else "–",
+                    _f(m["macro_f1"], ".3f") if m else "–", _per_class(m, "sensitivity"), _per_class(m, "specificity"),
+                    f"{d:.1%}" if d is not None else "–",
+                    _f(x["p50_b1"]), _f(x["p99_b1"]), _f(x["prep_p50_b1"]),
+                    f"{x['ips']:.1f} (b{x['big']})" if x["ips"] else "–",
+                    f"{x['vs_source']:.2f}×" if x["vs_source"] else "–", x["file"]])
+    return out
+
+
+# -- the plot ---------------------------------------------------------------------------------------
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both lower latency and higher accuracy."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def scatter_png(lat: list[dict], path: Path) -> Path | None:
+    pts = [x for x in lat if x["p50_b1"] and x["eval"]]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    markers = "osD^v<>PX*"
+    machines = sorted({x["machine"] for x in pts})
+    backends = sorted({x["backend"] for x in pts})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, x in enumerate(pts):
+        ax.scatter(x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"],
+                   marker=markers[machines.index(x["machine"]) % len(markers)],
+                   color=colours[backends.index(x["backend"]) % len(colours)], s=60, zorder=3)
+        short = {"onnxruntime": "ort", "onnxruntime-trt": "ort-trt", "tensorrt": "trt"}.get(x["backend"], x["backend"])
+        ax.annotate(f"{x['model']} {short} {x['precision']}", (x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"]),
+                    textcoords="offset points", xytext=(5, 4 - 10 * (i % 3)), fontsize=7)
+    for mach in machines:
+        mine = [x for x in pts if x["machine"] == mach]
+        xy = [(x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"]) for x in mine]
+        front = [xy[i] for i in pareto(xy)]
+        if front:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", linestyle="--", color="grey",
+                    linewidth=1, zorder=2, label=f"Pareto front {mach}")
+    for b in backends:
+        ax.scatter([], [], color=colours[backends.index(b) % len(colours)], label=b)
+    for m in machines:
+        ax.scatter([], [], marker=markers[machines.index(m) % len(markers)], color="black", label=m)
+    ys = [x["eval"]["metrics"]["balanced_accuracy"] for x in pts]
+    if max(ys) - min(ys) < 0.05:  # do not blow tiny differences up to the full height
+        mid = (max(ys) + min(ys)) / 2
+        ax.set_ylim(mid - 0.03, mid + 0.03)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency p50 at batch 1, model only (ms, log scale)")
+    ax.set_ylabel("balanced accuracy (test set)")
+    ax.set_title("Accuracy vs latency per model, backend and precision")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+def _md_table(header, rows) -> str:
+    def cell(v):
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header, rows) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<div class='wrap'><table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def _confusions(rows):
+    out = []
+    for r in rows:
+        if r["kind"] != "eval":
+            continue
+        classes = r["classes"]
+        header = ["true \\ predicted", *classes]
+        table = [[c, *counts] for c, counts in zip(classes, r["metrics"]["confusion_matrix"])]
+        title = f"{r['model']} · {r['backend']} · {r['device']} · {r['variant']} · {r['machine']} · {r['test_set']}"
+        out.append((title, header, table))
+    return out
+
+
+PROV_COLUMNS = ("kind", "model", "backend", "device", "precision", "batch", "+prep", "machine", "threads", "date",
+                "artifact sha256", "what the time includes", "results file")
+
+
+def provenance_rows(rows):
+    out = []
+    for r in rows:
+        p = r.get("provenance") or {}
+        out.append([r["kind"], r["model"], r["backend"], r["device"], r["variant"], _s(r.get("batch_size")),
+                    _s(r.get("preprocessing")) if r["kind"] == "bench" else "–", r["machine"], _s(p.get("threads")),
+                    _s(p.get("date")), r["artifact_sha256"][:16], r.get("includes", "–") if r["kind"] == "bench" else
+                    r.get("test_set", ""), r["_file"]])
+    return out
+
+
+def machine_rows(machines):
+    out = []
+    for mid, m in machines.items():
+        p = m["provenance"]
+        libs = ", ".join(f"{k} {v}" for k, v in sorted((p.get("libraries") or {}).items()))
+        out.append([mid, _s(p.get("host")), _s(p.get("cpu")),
+                    f"{_s(p.get('cpu_logical_cores'))} logical / {_s(p.get('cpu_physical_cores'))} physical",
+                    _s(p.get("gpu")), _s(p.get("gpu_driver")), _s(p.get("os")), _s(p.get("python")), libs,
+                    json.dumps(p.get("jetson")) if p.get("jetson") else "–"])
+    return out
+
+
+MACHINE_COLUMNS = ("id", "host", "CPU", "cores", "GPU", "driver", "OS", "Python", "libraries", "Jetson")
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1600px}
+table{border-collapse:collapse;margin:8px 0 20px;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:left}
+th{background:#f0f0f0}h1{font-size:22px}h2{font-size:18px;margin-top:28px}h3{font-size:14px}
+img{max-width:100%;border:1px solid #ddd}.wrap{overflow-x:auto;max-width:100%}p.note{color:#555;font-size:13px}"""
+
+
+def build_report(results, out="reports", title="lungedge accuracy vs latency") -> dict:
+    rows = load_results(results if isinstance(results, (list, tuple)) else [results])
+    machines = label_machines(rows)
+    lat = latency_rows(rows)
+    out = Path(out)
+    png = scatter_png(lat, out / "accuracy_latency.png")
+    group = group_table(rows)
+    lat_t = latency_table(lat)
+    conf = _confusions(rows)
+    prov = provenance_rows(rows)
+    mach = machine_rows(machines)
+    n_b, n_e = sum(r["kind"] == "bench" for r in rows), sum(r["kind"] == "eval" for r in rows)
+    intro = (f"{n_b} bench rows and {n_e} eval rows from {len(machines)} machine(s). Rows from different machines, "
+             "thread settings or runs are separate rows labelled by machine id and results file, never averaged. "
+             "Latency is measured after warm-up; 'model only' times one infer call on a preprocessed batch "
+             "(on a GPU including host<->device copies), '+prep' adds decoding and preprocessing the image files.")
+    # markdown
+    md = [f"# {title}", "", intro, "", "## Machines", "", _md_table(MACHINE_COLUMNS, mach), "",
+          "## The research group's comparison table (regenerated from our runs)", "",
+          _md_table(GROUP_COLUMNS, group) if group else "_no eval rows of source checkpoints_", "",
+          "## Accuracy and latency per backend and precision", "", _md_table(LAT_COLUMNS, lat_t), ""]
+    if png:
+        md += ["## Accuracy vs latency (Pareto front dashed)", "", f"![accuracy vs latency]({png.name})", ""]
+    md += ["## Confusion matrices (rows: true class, columns: predicted)", ""]
+    for t, h, tb in conf:
+        md += [f"### {t}", "", _md_table(h, tb), ""]
+    md += ["## Provenance of every row", "", _md_table(PROV_COLUMNS, prov), ""]
+    md_path = atomic_write_text(out / "report.md", "\n".join(md))
+    # html (self-contained: inline CSS, the PNG as base64)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='note'>{html.escape(intro)}</p>",
+             "<h2>Machines</h2>", _html_table(MACHINE_COLUMNS, mach),
+             "<h2>The research group's comparison table (regenerated from our runs)</h2>",
+             _html_table(GROUP_COLUMNS, group) if group else "<p>no eval rows of source checkpoints</p>",
+             "<h2>Accuracy and latency per backend and precision</h2>", _html_table(LAT_COLUMNS, lat_t)]
+    if png:
+        b64 = base64.b64encode(png.read_bytes()).decode("ascii")
+        parts += ["<h2>Accuracy vs latency (Pareto front dashed)</h2>",
+                  f"<img alt='accuracy vs latency' src='data:image/png;base64,{b64}'>"]
+    parts.append("<h2>Confusion matrices (rows: true class, columns: predicted)</h2>")
+    for t, h, tb in conf:
+        parts += [f"<h3>{html.escape(t)}</h3>", _html_table(h, tb)]
+    parts += ["<h2>Provenance of every row</h2>", _html_table(PROV_COLUMNS, prov), "</body></html>"]
+    html_path = atomic_write_text(out / "report.html", "\n".join(parts))
+    return {"markdown": str(md_path), "html": str(html_path), "png": str(png) if png else None,
+            "rows": len(rows), "machines": {k: v["label"] for k, v in machines.items()}}

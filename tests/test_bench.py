@@ -1,0 +1,87 @@
+"""`lungedge bench`: percentiles after warm-up, ratios against the source framework, provenance."""
+
+from __future__ import annotations
+
+import json
+
+import torch  # noqa: F401
+import torchvision  # noqa: F401
+import pytest
+
+from conftest import run_cli
+from lungedge.bench import stats, time_calls
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_stats_and_timing_loop():
+    lat, ips = stats([0.001, 0.002, 0.003, 0.004], batch=8)
+    assert lat["p50"] == pytest.approx(2.5) and lat["mean"] == pytest.approx(2.5)
+    assert ips == pytest.approx(8 / 0.0025)
+    calls = []
+    times = time_calls(lambda: calls.append(1), warmup=2, iters=5, seconds=None)
+    assert len(times) == 5 and len(calls) == 7  # warm-up calls are not timed
+
+
+def test_provenance_is_cheap_and_complete():
+    from lungedge import provenance
+
+    p = provenance.collect(threads=3)
+    assert p["host"] and p["cpu_logical_cores"] and p["date"] and p["threads"] == 3
+    assert "torch" in p["libraries"] and "gpu" in p and "gpu_driver" in p
+    assert p["host"] in provenance.machine_label(p)
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    from lungedge.cli import main
+
+    trained_run("googlenet")
+    tmp = tmp_path_factory.mktemp("bench")
+    assert main(["export", "googlenet", "--runs", str(trained_run.runs), "--out", str(tmp / "engines"),
+                 "--calibration", str(tmp / "c"), "--fp16", "--no-engine"]) == 0
+    return {"runs": trained_run.runs, "engines": tmp / "engines", "tmp": tmp}
+
+
+def test_bench_all_cpu(exported, capsys):
+    out = exported["tmp"] / "results"
+    # --all: every model with artifacts (other tests of the session may have trained more models: only
+    # googlenet has ONNX files here, and the Keras backend is left out to keep this quick)
+    code, stdout, err = run_cli(["bench", "--all", "--backend", "torch,onnxruntime", "--runs", exported["runs"],
+                                 "--engines", exported["engines"],
+                                 "--batch-sizes", "1,2", "--warmup", "1", "--iters", "3", "--threads", "1",
+                                 "--out", out], capsys)
+    assert code == 0, err
+    assert "googlenet" in stdout and "× source" in stdout and "wrote" in stdout
+    files = list(out.glob("bench-*.jsonl"))
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    rows = [r for r in rows if r["model"] == "googlenet"]
+    # torch fp32, onnxruntime fp32 and fp16; 2 batch sizes; with and without preprocessing
+    assert len(rows) == 3 * 2 * 2
+    for r in rows:
+        assert r["iters"] == 3 and r["warmup"] == 1 and r["includes"]
+        assert set(r["latency_ms"]) >= {"p50", "p90", "p99", "mean", "std"} and r["throughput_ips"] > 0
+        p = r["provenance"]
+        assert p["threads"] == 1 and p["host"] and p["cpu"] and p["libraries"] and p["date"]
+        assert len(r["artifact_sha256"]) == 64
+        assert r["vs_source"] is not None
+    src = [r for r in rows if r["backend"] == "torch"]
+    assert all(r["vs_source"] == pytest.approx(1.0) for r in src)
+    assert any("decode" in r["includes"] for r in rows if r["preprocessing"])
+
+
+def test_bench_cuda_without_gpu_is_one_line(exported, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    code, _, err = run_cli(["bench", "googlenet", "--device", "cuda", "--runs", exported["runs"], "--engines",
+                            exported["engines"]], capsys)
+    assert code == 2 and err.startswith("error: --device cuda") and len(err.strip().splitlines()) == 1
+
+
+def test_bench_bad_options(exported, capsys):
+    code, _, err = run_cli(["bench", "googlenet", "--batch-sizes", "1,x"], capsys)
+    assert code == 2 and "--batch-sizes" in err
+    code, _, err = run_cli(["bench", "googlenet", "--backend", "nosuch", "--runs", exported["runs"]], capsys)
+    assert code == 2 and "unknown backend" in err
+    code, _, err = run_cli(["bench"], capsys)
+    assert code == 2 and "--all" in err

@@ -1,0 +1,58 @@
+"""`lungedge demo` at its smallest setting, end to end, then re-run to check it reuses its work."""
+
+from __future__ import annotations
+
+import json
+
+import torch  # noqa: F401  (torch before anything that may import tensorflow)
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from lungedge.synthetic import CLASSES, generate
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_synthetic_set_is_labelled_deterministic_and_class_dependent(tmp_path):
+    a = generate(tmp_path / "a", per_class=4, size=64, seed=3)
+    b = generate(tmp_path / "b", per_class=4, size=64, seed=3)
+    assert "SYNTHETIC" in (a / "SYNTHETIC.txt").read_text()
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 12 and {f.parts[0] for f in files} == set(CLASSES)
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    # the bright pixels inside the dark lungs (nodules) differ by class: none for Normal
+    bright = {c: np.mean([(np.asarray(Image.open(p)) > 150).sum() for p in (a / c).glob("*.png")]) for c in CLASSES}
+    assert bright["Normal"] < bright["Benign"] and bright["Normal"] < bright["Malignant"]
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_reuses_them(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run_cli(["demo", "--out", out, "--models", "smallcnn", "--per-class", 12], capsys)
+    assert code == 0, err
+    report = out / "reports" / "report.html"
+    assert f"report: {report.resolve()}" in stdout
+    assert "SYNTHETIC" in stdout
+    stages = ["inspect", "split", "train-smallcnn", "export-smallcnn", "eval-smallcnn", "bench", "report"]
+    assert sorted(p.name for p in (out / ".done").iterdir()) == sorted(stages)
+    md = (out / "reports" / "report.md").read_text()
+    for backend, precision in (("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"),
+                               ("onnxruntime", "int8-cpu")):
+        assert f"| smallcnn | {backend} | cpu | {precision} |" in md  # eval and bench figures for each
+    assert "smallcnn (" in md  # the regenerated comparison table
+    html = report.read_text()
+    assert "data:image/png;base64," in html
+    assert {f.name for f in (out / "engines" / "smallcnn").glob("*.onnx")} == {
+        "smallcnn.fp32.onnx", "smallcnn.fp16.onnx", "smallcnn.int8.onnx", "smallcnn.int8-cpu.onnx"}
+    assert json.loads((out / "demo.json").read_text())["models"] == ["smallcnn"]
+
+    code, stdout, err = run_cli(["demo", "--out", out, "--models", "smallcnn", "--per-class", 12], capsys)
+    assert code == 0, err
+    assert stdout.count("already done, reused") == len(stages)
+
+
+def test_demo_refuses_an_unknown_model(tmp_path, capsys):
+    code, _, err = run_cli(["demo", "--out", tmp_path, "--models", "alexnet"], capsys)
+    assert code == 2 and "alexnet" in err and "smallcnn" in err

@@ -1,0 +1,114 @@
+"""Metrics against hand-computed confusion matrices, and `lungedge eval` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import torch  # noqa: F401
+import torchvision  # noqa: F401
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from lungedge.metrics import classification_metrics, disagreement
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    # classes a, b, c; 10 images
+    y_true = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    y_pred = [0, 0, 1, 2, 1, 1, 0, 2, 2, 1]
+    # confusion (rows true): a: 2 1 1 / b: 1 2 0 / c: 0 1 2
+    m = classification_metrics(y_true, y_pred, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[2, 1, 1], [1, 2, 0], [0, 1, 2]]
+    assert m["accuracy"] == pytest.approx(6 / 10)
+    assert m["sensitivity"] == pytest.approx({"a": 2 / 4, "b": 2 / 3, "c": 2 / 3})
+    # specificity = TN / (TN + FP): a: 5/(5+1); b: 5/(5+2); c: 6/(6+1)
+    assert m["specificity"] == pytest.approx({"a": 5 / 6, "b": 5 / 7, "c": 6 / 7})
+    assert m["precision"] == pytest.approx({"a": 2 / 3, "b": 2 / 4, "c": 2 / 3})
+    f1 = {"a": 2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2), "b": 2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3),
+          "c": 2 / 3}
+    assert m["f1"] == pytest.approx(f1)
+    assert m["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 3) / 3)
+    assert m["support"] == {"a": 4, "b": 3, "c": 3}
+
+
+def test_absent_class_and_auroc():
+    # class c never occurs in y_true and is never predicted
+    y_true, y_pred = [0, 0, 1, 1], [0, 1, 1, 1]
+    scores = np.array([[0.9, 0.1, 0.0], [0.4, 0.6, 0.0], [0.2, 0.8, 0.0], [0.1, 0.9, 0.0]])
+    m = classification_metrics(y_true, y_pred, ["a", "b", "c"], scores=scores)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
+    assert m["sensitivity"]["c"] is None and m["specificity"]["c"] == 1.0
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 1) / 2)  # over the classes present
+    # a vs rest: positives score 0.9, 0.4; negatives 0.2, 0.1 -> perfectly ranked
+    assert m["auroc"]["a"] == pytest.approx(1.0) and m["auroc"]["b"] == pytest.approx(1.0)
+    assert m["auroc"]["c"] is None and m["macro_auroc"] == pytest.approx(1.0)
+    assert disagreement([0, 1, 2, 2], [0, 1, 1, 2]) == pytest.approx(0.25)
+
+
+def test_training_summary_keeps_its_shape():
+    from lungedge.train.metrics import summarize
+
+    s = summarize([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], ["a", "b", "c", "d"])
+    assert s["confusion_matrix"] == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    assert s["sensitivity"]["d"] is None and s["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    assert set(s) == {"n", "accuracy", "balanced_accuracy", "macro_f1", "sensitivity", "specificity", "support",
+                      "confusion_matrix"}
+    assert summarize([], [], ["a", "b"])["n"] == 0
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    from lungedge.cli import main
+
+    trained_run("googlenet")
+    tmp = tmp_path_factory.mktemp("eval")
+    assert main(["export", "googlenet", "--runs", str(trained_run.runs), "--out", str(tmp / "engines"),
+                 "--calibration", str(tmp / "c"), "--int8", "--fp16", "--calib-size", "9", "--calib-method",
+                 "minmax", "--no-engine"]) == 0
+    return {"runs": trained_run.runs, "engines": tmp / "engines", "tmp": tmp}
+
+
+def test_eval_model_every_backend_and_precision(exported, capsys):
+    out = exported["tmp"] / "results"
+    code, stdout, err = run_cli(["eval", "googlenet", "--runs", exported["runs"], "--engines", exported["engines"],
+                                 "--out", out, "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(stdout)
+    assert [(r["backend"], r["variant"]) for r in rows] == [("torch", "fp32"), ("onnxruntime", "fp32"),
+                                                            ("onnxruntime", "fp16"), ("onnxruntime", "int8-cpu")]
+    n = rows[0]["metrics"]["n"]
+    assert n > 0 and all(r["metrics"]["n"] == n for r in rows)
+    assert rows[0]["predictions"] == rows[1]["predictions"]  # the same weights through torch and ONNX Runtime
+    for r in rows:
+        m = r["metrics"]
+        assert set(m["sensitivity"]) == {"benign", "malignant", "normal"} and "macro_auroc" in m
+        assert np.asarray(m["confusion_matrix"]).sum() == n
+        assert (r["differs_from_fp32"] is None) == (r["precision"] == "fp32")
+        assert r["provenance"]["libraries"]["onnxruntime"] and r["provenance"]["date"]
+    assert rows[0]["model_info"]["total_params"] > 0 and rows[0]["model_info"]["epochs"] == 1
+    files = list(out.glob("eval-*.jsonl"))
+    assert len(files) == 1 and len(files[0].read_text().splitlines()) == 4
+
+
+def test_eval_errors_are_one_line(exported, capsys):
+    code, _, err = run_cli(["eval", "googlenet", "--runs", exported["runs"], "--engines", exported["engines"],
+                            "--device", "cuda"], capsys) if not torch.cuda.is_available() else (2, "", "error: cuda")
+    assert code == 2 and err.startswith("error:") and "cuda" in err.lower() and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["eval", "nosuchmodel"], capsys)
+    assert code == 2 and "neither a file nor a model" in err
+
+
+def test_eval_artifact_with_explicit_split(exported, trained_run, capsys):
+    """An ONNX file alone, a split manifest and a data root: as `lungedge demo` and the Jetson use it."""
+    onnx = exported["engines"] / "googlenet" / "googlenet.int8-cpu.onnx"
+    split = trained_run("googlenet") / "split.json"
+    code, stdout, err = run_cli(["eval", onnx, "--split", split, "--data", trained_run.data, "--runs",
+                                 exported["runs"], "--out", exported["tmp"] / "r2", "--json"], capsys)
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    assert row["variant"] == "int8-cpu" and str(split) in row["test_set"]
+    assert row["fp32_reference"].endswith("googlenet.fp32.onnx") and 0.0 <= row["differs_from_fp32"] <= 1.0

@@ -1,0 +1,102 @@
+"""`lungedge report`: results from several machines merge, labelled, into one self-contained page."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import run_cli
+
+
+def _prov(host, cpu, gpu=None, threads=2):
+    return {"host": host, "cpu": cpu, "cpu_logical_cores": 2 if gpu is None else 16, "cpu_physical_cores": 1,
+            "gpu": gpu, "gpu_driver": "560.1" if gpu else None, "libraries": {"torch": "2.14.1"}, "threads": threads,
+            "date": "2026-11-28T10:00:00+00:00", "os": "Linux", "python": "3.12", "jetson": None}
+
+
+def _bench(model, backend, variant, p50, prov, device="cpu", bs=1, prep=False, sha="a" * 64):
+    return {"format": "lungedge-result/1", "kind": "bench", "model": model, "backend": backend,
+            "source_framework": "torch", "device": device, "precision": variant.split("-")[0], "variant": variant,
+            "artifact": f"{model}.{variant}", "artifact_sha256": sha, "batch_size": bs, "preprocessing": prep,
+            "includes": "model forward only", "warmup": 3, "iters": 10,
+            "latency_ms": {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "std": 0.0},
+            "throughput_ips": bs / p50 * 1e3, "vs_source": 1.0, "provenance": prov}
+
+
+def _eval(model, backend, variant, bacc, prov, device="cpu", sha="a" * 64, info=None):
+    row = {"format": "lungedge-result/1", "kind": "eval", "model": model, "backend": backend,
+           "source_framework": "torch", "device": device, "precision": variant.split("-")[0], "variant": variant,
+           "artifact": f"{model}.{variant}", "artifact_sha256": sha, "classes": ["A", "B"], "test_set": "4 images",
+           "metrics": {"n": 4, "accuracy": bacc, "balanced_accuracy": bacc, "macro_f1": bacc,
+                       "confusion_matrix": [[2, 0], [1, 1]], "sensitivity": {}, "specificity": {}},
+           "differs_from_fp32": None if variant == "fp32" else 0.25, "provenance": prov}
+    if info:
+        row["model_info"] = info
+    return row
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def two_machines(tmp_path):
+    cpu = _prov("laptop", "Intel Xeon")
+    gpu = _prov("gpubox", "AMD EPYC", gpu="NVIDIA H200")
+    info = {"total_params": 6_000_000, "trainable_params": 6_000_000, "weight_layers": 58, "epochs": 10,
+            "batch_size": 32, "method": "full", "library": "PyTorch 2.14.1"}
+    _write(tmp_path / "a" / "bench-laptop.jsonl", [_bench("googlenet", "torch", "fp32", 40.0, cpu),
+                                                   _bench("googlenet", "onnxruntime", "int8-cpu", 12.0, cpu, sha="b" * 64)])
+    _write(tmp_path / "a" / "eval-laptop.jsonl", [_eval("googlenet", "torch", "fp32", 0.80, cpu, info=info),
+                                                  _eval("googlenet", "onnxruntime", "int8-cpu", 0.78, cpu, sha="b" * 64)])
+    # the same artifact benchmarked on the GPU machine: must stay a separate, labelled row
+    _write(tmp_path / "b" / "gpu.jsonl", [_bench("googlenet", "torch", "fp32", 3.0, gpu, device="cuda"),
+                                          _eval("googlenet", "torch", "fp32", 0.80, gpu, device="cuda")])
+    return tmp_path
+
+
+def test_merge_keeps_rows_of_both_machines_labelled(two_machines, capsys):
+    out = two_machines / "reports"
+    code, stdout, err = run_cli(["report", "--results", two_machines / "a", "--results", two_machines / "b",
+                                 "--out", out], capsys)
+    assert code == 0, err
+    assert "M1: laptop" in stdout and "M2: gpubox" in stdout
+    md = (out / "report.md").read_text()
+    lat = md.split("## Accuracy and latency")[1].split("##")[0]
+    lines = [ln for ln in lat.splitlines() if ln.startswith("| M")]
+    assert len(lines) == 3  # laptop torch, laptop int8, gpubox torch: nothing averaged away
+    assert any("| M1 | googlenet | torch | cpu |" in ln and "40.00" in ln for ln in lines)
+    assert any("| M2 | googlenet | torch | cuda |" in ln and "3.00" in ln for ln in lines)
+    assert "6,000,000" in md and "58" in md  # the group's comparison table
+    assert "NVIDIA H200" in md and "560.1" in md  # provenance of the machines
+    assert (out / "accuracy_latency.png").stat().st_size > 1000
+
+
+def test_html_is_self_contained_and_lists_every_row(two_machines, capsys):
+    out = two_machines / "reports"
+    code, _, err = run_cli(["report", "--results", two_machines, "--out", out], capsys)
+    assert code == 0, err
+    page = (out / "report.html").read_text()
+    assert re.search(r"<img[^>]+src='data:image/png;base64,[A-Za-z0-9+/=]{1000,}'", page)
+    srcs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)""", page)
+    assert srcs and all(s.startswith("data:") for s in srcs)  # no external files or URLs
+    assert "<link" not in page and "<script" not in page
+    prov = page.split("Provenance of every row")[1]
+    assert prov.count("<tr>") == 1 + 6  # header + every bench and eval row
+    assert "Confusion matrices" in page and page.count("true \\ predicted") == 3
+
+
+def test_pareto_front():
+    from lungedge.report import pareto
+
+    pts = [(10, 0.8), (5, 0.7), (20, 0.9), (12, 0.75), (5, 0.6)]
+    assert sorted(pareto(pts)) == [0, 1, 2]
+
+
+def test_report_without_results_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["report", "--results", tmp_path / "empty"], capsys)
+    assert code == 2 and err.startswith("error: no bench or eval results")
