@@ -27,7 +27,7 @@ class Schedule:
 
 
 # short schedules that fit the 2-core CPU; the real-data ones train longer
-SYNTHETIC = {"smallcnn": Schedule(15, 64, 16), "googlenet": Schedule(4, 64, 16), "densenet121": Schedule(2, 64, 16),
+SYNTHETIC = {"smallcnn": Schedule(15, 64, 16), "googlenet": Schedule(12, 64, 16), "densenet121": Schedule(2, 64, 16),
              "inception_v3": Schedule(2, 75, 16), "resnet50": Schedule(2, 64, 16)}
 REAL = {"smallcnn": Schedule(20, 96, 32), "googlenet": Schedule(12, 96, 32), "densenet121": Schedule(6, 96, 32),
         "inception_v3": Schedule(6, 96, 32), "resnet50": Schedule(6, 96, 32)}
