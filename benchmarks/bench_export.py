@@ -6,7 +6,9 @@
 
 Weights are random (no ImageNet download here): latency does not depend on them. Each model is
 exported at its native input size. Latency is the median of --iters timed runs after 3
-warm-up runs, model inference only (no preprocessing), on this machine's CPU threads.
+warm-up runs, model inference only (no preprocessing), on this machine's CPU threads. The
+source framework runs through the same runner as `lungedge bench` (PyTorch eager under
+inference_mode; Keras through a tf.function, not an eager call).
 Targets (issue #5): ONNX Runtime FP32 >= 2x faster than the source framework at batch 1;
 INT8 >= 1.5x faster than FP32 on ResNet50 and Inception v3.
 """
@@ -27,9 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lungedge.export import export, load_source, run_source  # noqa: E402
+from lungedge.export import export, load_source  # noqa: E402
 from lungedge.models import checkpoint as ckpt  # noqa: E402
 from lungedge.models import registry  # noqa: E402
+from lungedge.runners import open_runner  # noqa: E402
 
 
 def median_seconds(fn, iters: int) -> float:
@@ -82,16 +85,17 @@ def main() -> None:
         source = load_source(path, name)
         sessions = {k: ort.InferenceSession(summary["files"][k], providers=["CPUExecutionProvider"])
                     for k in ("fp32", "int8-cpu", "int8")}
-        for batch in (1, 8):
-            x = np.random.default_rng(0).normal(size=(batch, *source.preprocessing.input_shape)).astype(np.float32)
-            t = {"source": median_seconds(lambda: run_source(source, x), args.iters)}
-            for k, sess in sessions.items():
-                t[k] = median_seconds(lambda s=sess: s.run(None, {"input": x}), args.iters)
-            rows.append((name, source.framework, batch, export_s, calib_s, t))
-            print(f"{name:12s} b{batch}: source {t['source']*1e3:8.1f} ms | ORT fp32 {t['fp32']*1e3:7.1f} ms "
-                  f"({t['source']/t['fp32']:4.1f}x) | int8 u8s8 {t['int8-cpu']*1e3:7.1f} ms "
-                  f"({t['fp32']/t['int8-cpu']:4.2f}x vs fp32) | int8 s8s8 {t['int8']*1e3:7.1f} ms "
-                  f"({t['fp32']/t['int8']:4.2f}x)", flush=True)
+        with open_runner(path) as runner:  # the same source runner `lungedge bench` uses
+            for batch in (1, 8):
+                x = np.random.default_rng(0).normal(size=(batch, *source.preprocessing.input_shape)).astype(np.float32)
+                t = {"source": median_seconds(lambda: runner.infer(x), args.iters)}
+                for k, sess in sessions.items():
+                    t[k] = median_seconds(lambda s=sess: s.run(None, {"input": x}), args.iters)
+                rows.append((name, source.framework, batch, export_s, calib_s, t))
+                print(f"{name:12s} b{batch}: source {t['source']*1e3:8.1f} ms | ORT fp32 {t['fp32']*1e3:7.1f} ms "
+                      f"({t['source']/t['fp32']:4.1f}x) | int8 u8s8 {t['int8-cpu']*1e3:7.1f} ms "
+                      f"({t['fp32']/t['int8-cpu']:4.2f}x vs fp32) | int8 s8s8 {t['int8']*1e3:7.1f} ms "
+                      f"({t['fp32']/t['int8']:4.2f}x)", flush=True)
     print("\n| model | source | batch | export s | calibration s | source ms | ORT FP32 ms | FP32 vs source "
           "| INT8 U8S8 (CPU) ms | U8S8 vs FP32 | INT8 S8S8 (TensorRT form) ms | S8S8 vs FP32 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
