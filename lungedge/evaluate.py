@@ -52,8 +52,10 @@ def _from_manifest(manifest_path, data=None) -> EvalImages:
 
 def _run_split(model: str, artifact: Path, runs) -> Path | None:
     """The split manifest of the run that made this artifact (or of MODEL's latest run)."""
-    if artifact.suffix.lower() in (".pth", ".pt", ".h5", ".hdf5") and (artifact.parent / "split.json").is_file():
-        return artifact.parent / "split.json"
+    from .export import run_split
+
+    if artifact.suffix.lower() in (".pth", ".pt", ".h5", ".hdf5") and (split := run_split(artifact)):
+        return split
     ckpt = None
     if artifact.suffix.lower() in (".onnx", ".engine"):
         from .runners import artifact_info
@@ -61,9 +63,7 @@ def _run_split(model: str, artifact: Path, runs) -> Path | None:
 
         ckpt = checkpoint_with_sha(model, runs, artifact_info(artifact).source_sha256)
     ckpt = ckpt or source_checkpoint(model, runs)
-    if ckpt is not None and (ckpt.parent / "split.json").is_file():
-        return ckpt.parent / "split.json"
-    return None
+    return run_split(ckpt) if ckpt is not None else None
 
 
 def load_test_set(model: str, artifact: Path, data=None, split=None, runs="runs") -> EvalImages:

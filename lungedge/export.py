@@ -64,7 +64,7 @@ def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str
     return found[-1]
 
 
-def _run_split(path: Path) -> Path | None:
+def run_split(path: Path) -> Path | None:
     """The split manifest a training run used (its run folder's split.json or config's --split)."""
     if (path.parent / "split.json").is_file():
         return path.parent / "split.json"
@@ -190,7 +190,7 @@ def load_source(path: str | Path, model_name: str, classes: str | None = None, d
     model, meta = load_checkpoint(path)
     return Source(model, spec.framework, spec.name, list(meta["classes"]),
                   Preprocessing.from_dict(meta["preprocessing"]), path, meta["checkpoint_sha256"],
-                  split_path=_run_split(path), split_fingerprint=meta.get("split_fingerprint"))
+                  split_path=run_split(path), split_fingerprint=meta.get("split_fingerprint"))
 
 
 # -- 2. FP32 ONNX -------------------------------------------------------------------------------------
@@ -290,6 +290,13 @@ class EvalSet:
     y: np.ndarray | None
     where: str
 
+    def head(self, n: int) -> "EvalSet":
+        """The first ``n`` images (what ``evaluation_set(..., limit=n)`` would load)."""
+        if len(self.x) <= n:
+            return self
+        where = f"first {n} of {self.where}"
+        return EvalSet(self.x[:n], None if self.y is None else self.y[:n], where)
+
 
 def evaluation_set(source: Source, data: str | Path | None, limit: int | None = None, seed: int = 0) -> EvalSet:
     """Test images of the run's split, else images of --data, else random inputs (said so)."""
@@ -314,7 +321,7 @@ def evaluation_set(source: Source, data: str | Path | None, limit: int | None = 
         y = np.array([source.classes.index(f.label) if f.label in source.classes else -1 for f in files])
         return EvalSet(x, y if (y >= 0).all() else None, f"{len(files)} images of {layout.root}")
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(limit or 8, *prep.input_shape)).astype(np.float32)
+    x = rng.normal(size=(limit or PARITY_IMAGES, *prep.input_shape)).astype(np.float32)
     return EvalSet(x, None, f"{len(x)} random inputs (no test images known: pass --data DIR)")
 
 
@@ -359,8 +366,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
            engine: bool | None = None, out="engines", runs="runs", calibration="calibration",
            classes: str | None = None, data=None, trust_pickle: bool = False, log=print) -> dict:
     """Export MODEL; returns the summary that is also written as ``<model>.export.json``."""
-    if calib_method not in quantize.CALIB_METHODS:
-        raise LungedgeError(f"unknown --calib-method {calib_method!r} (choose from {', '.join(quantize.CALIB_METHODS)})")
+    quantize.check_calib_method(calib_method)  # before any work
     if max_batch < 1:
         raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
     path = resolve_checkpoint(model_name, checkpoint, runs)
@@ -374,7 +380,9 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
 
     fp32 = to_onnx(source, Path(f"{base}.fp32.onnx"), opset)
     summary["files"]["fp32"] = str(fp32)
-    check = evaluation_set(source, data, limit=PARITY_IMAGES)
+    # the whole test part when other precisions are compared, its first images for parity
+    test = evaluation_set(source, data) if (fp16 or int8) else None
+    check = test.head(PARITY_IMAGES) if test is not None else evaluation_set(source, data, limit=PARITY_IMAGES)
     summary["parity_images"] = check.where
     p = parity(run_source(source, check.x), run_onnx(fp32, check.x))
     summary["parity"]["fp32_vs_source"] = p
@@ -385,7 +393,6 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         raise LungedgeError(f"ONNX export of {path} does not match the source (top-1 agreement "
                             f"{p['top1_agreement']:.1%}, relative error {p['max_rel']:.1e} > {PARITY_MAX_REL})")
 
-    test = evaluation_set(source, data) if (fp16 or int8) else None
     ref = run_onnx(fp32, test.x) if test is not None else None
     if test is not None and test.y is not None:
         summary["accuracy"]["fp32"] = accuracy(ref, test.y, source.classes)
@@ -398,8 +405,8 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         cmeta, cfolder, batches = calibration_batches(source, calib_data, calib_size, Path(calibration), calib_method)
         summary["calibration"] = {"folder": str(cfolder), "key": cmeta["key"], "size": cmeta["size"],
                                   "method": calib_method}
+        ranges = cfolder / f"ranges.{source.architecture}-{source.sha256[:12]}.json"
         for target, suffix in (("trt", "int8"), ("cpu", "int8-cpu")):
-            ranges = cfolder / f"ranges.{source.architecture}-{source.sha256[:12]}.json"
             reuse = ranges.is_file()
             q = quantize.to_int8(fp32, f"{base}.{suffix}.onnx", target, calib_method, ranges,
                                  batches=None if reuse else batches())
@@ -433,8 +440,7 @@ def _engines(source: Source, files: dict, fp16: bool, int8: bool, engine: bool |
     except LungedgeError as exc:
         if engine:
             raise
-        log(f"no TensorRT engine built here ({exc}); on the target run: lungedge export {source.architecture} "
-            f"--checkpoint {source.path} {' '.join('--' + p for p in precisions if p != 'fp32')} --engine "
-            f"--max-batch {max_batch}".replace("  ", " "))
+        builds = "; ".join(f"lungedge engine build {files[p]} --max-batch {max_batch}" for p in precisions)
+        log(f"no TensorRT engine built here ({exc}); on the target run: {builds}")
         return []
     return [str(trt.build_engine(files[p], source.architecture, p, max_batch, out)) for p in precisions]

@@ -30,6 +30,12 @@ CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT8_TARGETS = ("trt", "cpu")
 
 
+def check_calib_method(method: str) -> str:
+    if method not in CALIB_METHODS:
+        raise LungedgeError(f"unknown --calib-method {method!r} (choose from {', '.join(CALIB_METHODS)})")
+    return method
+
+
 def calibration_sample(items: list[dict], classes: list[str], size: int, seed: int = 0) -> list[dict]:
     """A class-stratified sample of the training split: ``size`` items, classes in proportion.
 
@@ -60,8 +66,7 @@ def calibration_sample(items: list[dict], classes: list[str], size: int, seed: i
 
 def calibration_manifest(sample: list[dict], method: str, preprocessing: dict, dataset_fingerprint: str) -> dict:
     """What identifies a calibration set: its files (and their hash), method, size, preprocessing."""
-    if method not in CALIB_METHODS:
-        raise LungedgeError(f"unknown --calib-method {method!r} (choose from {', '.join(CALIB_METHODS)})")
+    check_calib_method(method)
     listing = "".join(f"{it['path']}\t{it['sha256']}\n" for it in sample)
     files_hash = hashlib.sha256(listing.encode("utf-8")).hexdigest()
     key_src = json.dumps([files_hash, method, preprocessing], sort_keys=True)
@@ -127,8 +132,7 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
 
     if target not in INT8_TARGETS:
         raise LungedgeError(f"unknown INT8 target {target!r} (choose from {', '.join(INT8_TARGETS)})")
-    if method not in CALIB_METHODS:
-        raise LungedgeError(f"unknown --calib-method {method!r} (choose from {', '.join(CALIB_METHODS)})")
+    check_calib_method(method)
     ranges_cache = Path(ranges_cache)
     if batches is None and not ranges_cache.is_file():
         raise LungedgeError("--int8 needs calibration data (--calib-data or a split manifest) the first time")

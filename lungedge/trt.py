@@ -116,8 +116,9 @@ def read_sidecar(engine: str | Path) -> dict:
 
 
 def rebuild_hint(meta: dict) -> str:
-    return (f"rebuild it here: lungedge export {meta.get('model', 'MODEL')} --engine "
-            f"--{meta.get('precision', 'fp16')} --max-batch {meta.get('max_batch', 1)}")
+    model = meta.get("model", "MODEL")
+    return f"rebuild it here: lungedge engine build engines/{model}/{meta.get('onnx', 'MODEL.onnx')} " \
+           f"--max-batch {meta.get('max_batch', 1)}"
 
 
 def check_compatible(meta: dict, here: Target) -> None:

@@ -35,8 +35,10 @@ def test_export_fp32_fp16_int8_of_each_architecture(name, trained_run, tmp_path,
                               "--calibration", tmp_path / "calibration", "--fp16", "--int8", "--calib-size", 12,
                               "--calib-method", "minmax"], capsys)
     assert code == 0, err
-    assert "lungedge export" in out and "--engine" in out  # says how to build the engine on the target
     folder = tmp_path / "engines" / name
+    # says how to build each engine on the target
+    for precision in ("int8", "fp16"):
+        assert f"lungedge engine build {folder / f'{name}.{precision}.onnx'} --max-batch 8" in out
     files = {p: folder / f"{name}.{p}.onnx" for p in ("fp32", "fp16", "int8", "int8-cpu")}
     meta = read_meta(ckpt)
     prep = None

@@ -67,7 +67,7 @@ def test_other_gpu_or_release_is_refused_with_a_rebuild_hint(tmp_path, here, wha
     with pytest.raises(LungedgeError) as err:
         trt.check_compatible(meta, here)
     assert what in str(err.value)
-    assert "rebuild it here: lungedge export resnet50 --engine --fp16 --max-batch 4" in str(err.value)
+    assert "rebuild it here: lungedge engine build engines/resnet50/m.fp16.onnx --max-batch 4" in str(err.value)
 
 
 def test_missing_or_corrupt_sidecar(tmp_path):
