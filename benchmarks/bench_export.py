@@ -29,21 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lungedge.export import export, load_source  # noqa: E402
+from lungedge.export import Request, export, load_source  # noqa: E402
 from lungedge.models import checkpoint as ckpt  # noqa: E402
 from lungedge.models import registry  # noqa: E402
 from lungedge.runners import open_runner  # noqa: E402
+from lungedge.timing import time_calls  # noqa: E402
 
 
 def median_seconds(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return statistics.median(time_calls(fn, warmup=3, iters=iters, seconds=None))
 
 
 def make_checkpoint(name: str, folder: Path) -> Path:
@@ -82,7 +76,7 @@ def main() -> None:
                          calib_method="minmax", out=out / "engines", calibration=out / "calibration", engine=False,
                          log=lambda *_: None)
         calib_s = time.perf_counter() - t0 - export_s  # the second call re-exports FP32 too
-        source = load_source(path, name)
+        source = load_source(path, Request(name))
         sessions = {k: ort.InferenceSession(summary["files"][k], providers=["CPUExecutionProvider"])
                     for k in ("fp32", "int8-cpu", "int8")}
         with open_runner(path) as runner:  # the same source runner `lungedge bench` uses

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,16 +53,9 @@ def numpy_threads() -> tuple[int, str]:
 
 def median_seconds(fns, repeats: int, warmup: int = 3) -> list[float]:
     """Median wall time of each function; they take turns, so a burst of load hits both alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
+    from lungedge.timing import alternate
+
+    return [statistics.median(ts) for ts in alternate(fns, repeats, warmup)]
 
 
 def bench_case(dtype: str, n: int, repeats: int) -> dict:

@@ -1,6 +1,6 @@
 """Latency and throughput of any runner: warm-up first, then percentiles.
 
-For every target (artifact x backend x device x precision) and batch size, two timings:
+For every job (artifact x backend x device x precision) and batch size, two timings:
 
 * ``preprocessing: false`` — one ``runner.infer(batch)`` on an already preprocessed batch
   (on a GPU this includes the host->device and device->host copies: see ``includes``);
@@ -12,7 +12,7 @@ artifact hash, date) and is written as one JSON line under ``results/``.
 
 from __future__ import annotations
 
-import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +21,11 @@ import numpy as np
 
 from . import provenance
 from .errors import LungedgeError
-from .io import atomic_write_text, sha256_file
+from .results import job_row, write_rows
 from .runners import open_runner
-from .runners.discover import Target
+from .runners.discover import Job
+from .timing import latency_stats, time_calls
 
-FORMAT = "lungedge-result/1"
 SYNTHETIC_SIZE = 512
 
 
@@ -52,58 +52,33 @@ def image_files(data) -> list[Path]:
     return [layout.root / f.path for f in files]
 
 
-def stats(seconds: list[float], batch: int) -> dict:
-    ms = np.asarray(seconds, dtype=np.float64) * 1e3
-    mean = float(ms.mean())
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "mean": mean, "std": float(ms.std()),
-            "min": float(ms.min()), "max": float(ms.max())}, (batch / (mean / 1e3) if mean > 0 else None)
-
-
-def time_calls(fn, warmup: int, iters: int | None, seconds: float | None, min_iters: int = 3) -> list[float]:
-    for _ in range(max(0, warmup)):
-        fn()
-    times: list[float] = []
-    started = time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if iters is not None:
-            if len(times) >= iters:
-                break
-        elif len(times) >= min_iters and time.perf_counter() - started >= (seconds or 0):
-            break
-    return times
-
-
-def bench_target(target: Target, batch_sizes, files, warmup: int = 3, iters: int | None = None,
+def bench_job(job: Job, batch_sizes, files, warmup: int = 3, iters: int | None = None,
                  seconds: float | None = 1.0, threads: int | None = None, preprocessing: bool = True,
                  log=lambda s: None) -> list[dict]:
     rows = []
-    sha = sha256_file(target.artifact)
-    with open_runner(target.artifact, target.backend, target.device, target.precision, threads) as runner:
+    with open_runner(job.artifact, job.backend, job.device, job.precision, threads) as runner:
         prep = runner.preprocessing
-        base = {"format": FORMAT, "kind": "bench", "model": runner.info.architecture, "backend": runner.backend,
-                "source_framework": runner.info.framework, "device": runner.device, "precision": target.precision,
-                "variant": runner.variant, "artifact": str(target.artifact), "artifact_sha256": sha,
-                "source_sha256": runner.info.source_sha256, "input_size": prep.size}
+        base = {**job_row("bench", job, runner), "input_size": prep.size}
         for bs in batch_sizes:
             paths = [files[i % len(files)] for i in range(bs)]
             x = prep.load_batch(paths)
-            runner.infer(x)  # first call: graph building / allocation, never timed
+            t0 = time.perf_counter()
+            runner.infer(x)  # first call: graph building / compiling / allocation, never timed
+            first_call_s = time.perf_counter() - t0
             modes = [(False, lambda: runner.infer(x))]
             if preprocessing:
                 modes.append((True, lambda: runner.infer(prep.load_batch(paths))))
             for with_prep, fn in modes:
                 times = time_calls(fn, warmup, iters, seconds)
-                lat, ips = stats(times, bs)
+                lat, ips = latency_stats(times, bs)
                 includes = runner.includes
                 if with_prep:
                     includes = f"decode + crop/resize/normalise of {bs} image file(s) on the CPU, then {includes}"
                 row = {**base, "batch_size": bs, "preprocessing": with_prep, "includes": includes,
                        "warmup": warmup, "iters": len(times), "latency_ms": lat, "throughput_ips": ips,
-                       "provenance": provenance.collect(threads=runner.threads_used())}
+                       "first_call_s": first_call_s, "provenance": provenance.collect(threads=runner.threads_used())}
+                if not with_prep:
+                    row.update(runner.timing_facts(bs, len(times)))
                 rows.append(row)
                 log(f"{runner.name} b{bs}{' +prep' if with_prep else ''}: p50 {lat['p50']:.2f} ms, "
                     f"{ips:.1f} img/s ({len(times)} iters)")
@@ -121,11 +96,11 @@ def add_ratios(rows: list[dict]) -> None:
         r["vs_source"] = (base / r["latency_ms"]["p50"]) if base and r["latency_ms"]["p50"] > 0 else None
 
 
-def run_bench(targets: list[Target], batch_sizes=(1, 8), warmup: int = 3, iters: int | None = None,
+def run_bench(jobs: list[Job], batch_sizes=(1, 8), warmup: int = 3, iters: int | None = None,
               seconds: float | None = 1.0, threads: int | None = None, data=None, out="results",
               preprocessing: bool = True, log=lambda s: None) -> tuple[list[dict], Path | None]:
-    """Benchmark every target; returns (rows, JSON-lines file written under ``out``)."""
-    if not targets:
+    """Benchmark every job; returns (rows, JSON-lines file written under ``out``)."""
+    if not jobs:
         raise LungedgeError("nothing to benchmark")
     if any(b < 1 for b in batch_sizes):
         raise LungedgeError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
@@ -133,14 +108,16 @@ def run_bench(targets: list[Target], batch_sizes=(1, 8), warmup: int = 3, iters:
         raise LungedgeError(f"--iters must be at least 1, got {iters}")
     if warmup < 0:
         raise LungedgeError(f"--warmup must be 0 or more, got {warmup}")
-    if any(t.device == "cuda" for t in targets):
+    if seconds is not None and not (math.isfinite(seconds) and 0 <= seconds <= 3600):
+        raise LungedgeError(f"--seconds must be a finite number of seconds from 0 to 3600, got {seconds}")
+    if any(j.device == "cuda" for j in jobs):
         check_cuda()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lungedge-bench-") as tmp:
         files = image_files(data) if data else synthetic_images(Path(tmp))
         source = str(data) if data else f"synthetic {SYNTHETIC_SIZE}x{SYNTHETIC_SIZE} grayscale PNG files"
-        for t in targets:
-            for r in bench_target(t, batch_sizes, files, warmup, iters, seconds, threads, preprocessing, log):
+        for j in jobs:
+            for r in bench_job(j, batch_sizes, files, warmup, iters, seconds, threads, preprocessing, log):
                 r["images"] = source
                 rows.append(r)
     add_ratios(rows)
@@ -164,21 +141,8 @@ def check_cuda() -> None:
         raise LungedgeError("--device cuda: no CUDA GPU here (nvidia-smi finds none); use --device cpu")
 
 
-def write_rows(rows: list[dict], out, kind: str) -> Path:
-    """results/<kind>-<host>-<UTC time>.jsonl (one JSON object a line)."""
-    host = provenance.slug_host()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = Path(out) / f"{kind}-{host}-{stamp}.jsonl"
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path(out) / f"{kind}-{host}-{stamp}-{n}.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
-    return path
-
-
 def table(rows: list[dict], title: str = "lungedge bench"):
-    """A rich table: one line per target and batch size, model-only and with preprocessing side by side."""
+    """A rich table: one line per job and batch size, model-only and with preprocessing side by side."""
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")

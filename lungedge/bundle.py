@@ -26,18 +26,20 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from . import __version__
-from .errors import LungedgeError
+from . import __version__, onnx_meta
+from .errors import LungedgeError, check_choice
 from .io import dumps_json, sha256_file
 
 FORMAT = "lungedge-bundle/1"
-PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
-DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")  # what TensorRT on the device can use
+# what --precision names: the ONNX variants (onnx_meta.VARIANTS), int8 = S8S8 for TensorRT, int8-cpu = U8S8
+PRECISIONS = tuple(onnx_meta.VARIANTS)
+DEFAULT_PRECISIONS = tuple(v for v, (_, target) in onnx_meta.VARIANTS.items() if target in (None, "trt"))
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 _CHUNK = 1 << 20
@@ -53,8 +55,7 @@ def parse_precisions(text: str | None) -> list[str] | None:
     if not names:
         raise LungedgeError("--precision is empty (choose from " + ", ".join(PRECISIONS) + ")")
     for name in names:
-        if name not in PRECISIONS:
-            raise LungedgeError(f"unknown precision {name!r} (choose from {', '.join(PRECISIONS)})")
+        check_choice(name, PRECISIONS, "precision")
     return list(dict.fromkeys(names))
 
 
@@ -80,8 +81,9 @@ def _onnx_file(model: str, precision: str, summary: dict, engines: Path) -> Path
     for path in candidates:
         if path.is_file():
             return path
+    flag = onnx_meta.variant_facts(precision)[0]
     raise LungedgeError(f"{model} has no {precision} ONNX under {engines / model}; export it with "
-                        f"'lungedge export {model} --{precision.split('-')[0]}'" if precision != "fp32" else
+                        f"'lungedge export {model} --{flag}'" if flag != "fp32" else
                         f"{model} has no fp32 ONNX under {engines / model}; run 'lungedge export {model}'")
 
 
@@ -101,15 +103,28 @@ def _calibration_manifest(summary: dict, calibration: Path) -> tuple[str, Path]:
                         f"or export with --int8 again")
 
 
-def _describe_onnx(path: Path, model: str, precision: str) -> dict:
-    from . import onnx_meta
+def _check_one_source(describe: dict, summary: dict) -> None:
+    """Refuse a set mixed from two exports: every ONNX file must come from the export summary's
+    checkpoint (source SHA-256) and share one input size (issue #13)."""
+    facts = {arc: (d.get("source_sha256"), d["preprocessing"].get("size")) for arc, d in describe.items()}
+    want = summary.get("checkpoint_sha256")
+    for arc, (sha, size) in facts.items():
+        first_arc, (first_sha, first_size) = next(iter(facts.items()))
+        if (want and sha != want) or sha != first_sha or size != first_size:
+            raise LungedgeError(f"{arc} is not from the same export as {first_arc} (source checkpoint "
+                                f"{str(sha)[:12]} at {size} px vs {str(first_sha)[:12]} at {first_size} px"
+                                + (f", export summary {want[:12]}" if want else "") + "); re-run 'lungedge export'")
 
+
+def _describe_onnx(path: Path, model: str, variant: str) -> dict:
     meta = onnx_meta.read(path)
     if meta.get("architecture") != model:
         raise LungedgeError(f"{path} is a {meta.get('architecture')} model, not {model}")
-    want = precision.split("-")[0]
+    want = onnx_meta.variant_facts(variant)[0]
     if meta.get("precision") != want:
         raise LungedgeError(f"{path} says precision {meta.get('precision')}, expected {want}")
+    if onnx_meta.variant_of_meta(meta) != variant:
+        raise LungedgeError(f"{path} is the {onnx_meta.variant_of_meta(meta)} variant, expected {variant}")
     pre = meta["preprocessing"]
     return {
         "architecture": meta["architecture"],
@@ -174,83 +189,103 @@ def _dir_entry(name: str, mtime: int) -> tarfile.TarInfo:
     return info
 
 
-def default_name(model: str, precisions: list[str]) -> str:
-    return f"{model}-bundle-{'-'.join(precisions)}"
-
-
 def bundle_name(out: Path) -> str:
     """'dist/googlenet-jetson.tar.gz' -> 'googlenet-jetson' (the archive's top folder)."""
     name = out.name
     for suffix in (".tar.gz", ".tgz"):
         if name.endswith(suffix):
-            return name[: -len(suffix)]
-    raise LungedgeError(f"--out must end with .tar.gz or .tgz, got {out}")
-
-
-def create(model: str, out: str | Path, precisions: list[str] | None = None, engines: str | Path = "engines",
-           calibration: str | Path = "calibration") -> dict:
-    """Write the bundle of MODEL's exported ONNX files to ``out`` (atomically); return its manifest."""
-    out, engines, calibration = Path(out), Path(engines), Path(calibration)
-    name = bundle_name(out)
+            name = name[: -len(suffix)]
+            break
+    else:
+        raise LungedgeError(f"--out must end with .tar.gz or .tgz, got {out}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise LungedgeError(f"bundle name {name!r} (from --out) may hold only letters, digits, '.', '_' and '-'")
-    summary_path, summary = _export_summary(model, engines)
-    if precisions is None:
-        precisions = [p for p in DEFAULT_PRECISIONS
-                      if summary["files"].get(p) or (engines / model / f"{model}.{p}.onnx").is_file()]
-        if not precisions:
-            raise LungedgeError(f"no ONNX files of {model} under {engines / model}; run 'lungedge export {model}'")
+    return name
 
-    members: dict[str, Path | bytes] = {}  # arcname (under the top folder) -> source file or bytes
-    describe, files = {}, {}
+
+def _exported_precisions(model: str, summary: dict, engines: Path) -> list[str]:
+    """Every exported variant TensorRT on the device can use."""
+    found = [p for p in DEFAULT_PRECISIONS
+             if summary["files"].get(p) or (engines / model / f"{model}.{p}.onnx").is_file()]
+    if not found:
+        raise LungedgeError(f"no ONNX files of {model} under {engines / model}; run 'lungedge export {model}'")
+    return found
+
+
+def _gate(model: str, precision: str, src: Path, results, allow_failed_gate: bool) -> str | None:
+    """The release gate (issue #16) of a reduced-precision ONNX, as 'lungedge eval' recorded it in ``results``:
+    a failed gate refuses the precision unless ``allow_failed_gate``."""
+    from .stats import gate_results
+
+    if results is None or onnx_meta.variant_facts(precision)[0] == "fp32":
+        return None
+    found = gate_results(results, sha256_file(src))
+    if found is None:
+        return "not evaluated"
+    if not found["pass"] and not allow_failed_gate:
+        raise LungedgeError(f"{model} {precision} failed the release gate against FP32 ({found['line']}; "
+                            f"{found['file']}); re-export or pass --allow-failed-gate")
+    return "pass" if found["pass"] else "FAIL (allowed by --allow-failed-gate)"
+
+
+def _members(name: str, model: str, precisions: list[str], engines: Path, calibration: Path, results=None,
+             allow_failed_gate: bool = False) -> tuple[dict, dict]:
+    """(arcname under the top folder -> source file or bytes, the manifest's facts) of a bundle."""
+    summary_path, summary = _export_summary(model, engines)
+    precisions = precisions or _exported_precisions(model, summary, engines)
+    members: dict[str, Path | bytes] = {}
+    describe, files, gates = {}, {}, {}
     for precision in precisions:
         src = _onnx_file(model, precision, summary, engines)
+        if (verdict := _gate(model, precision, src, results, allow_failed_gate)) is not None:
+            gates[precision] = verdict
         arc = f"engines/{model}/{model}.{precision}.onnx"
         describe[arc] = _describe_onnx(src, model, precision)
         files[precision] = arc
         members[arc] = src
+    _check_one_source(describe, summary)
     members[f"engines/{model}/{model}.export.json"] = summary_path
     calib_key = None
-    if any(p.startswith("int8") for p in precisions):
+    if any(onnx_meta.variant_facts(p)[0] == "int8" for p in precisions):
         calib_key, calib_path = _calibration_manifest(summary, calibration)
         members[f"calibration/{calib_key}/manifest.json"] = calib_path
     members["README.md"] = readme_text(name, model, files, describe).encode("utf-8")
+    facts = {"name": name, "model": model, "precisions": list(precisions), "onnx": files,
+             "classes": next(iter(describe.values()))["classes"],
+             "checkpoint_sha256": summary.get("checkpoint_sha256"), "calibration": calib_key,
+             "lungedge_version": __version__, "metadata": describe}
+    if gates:
+        facts["release_gate"] = gates
+    return members, facts
 
+
+def _checksums(members: dict, facts: dict) -> tuple[bytes, bytes]:
+    """The manifest (facts + every member's SHA-256 and size) and SHA256SUMS, as bytes."""
     entries = {}
     for arc, src in members.items():
         if isinstance(src, bytes):
             entries[arc] = {"sha256": hashlib.sha256(src).hexdigest(), "size": len(src)}
         else:
             entries[arc] = {"sha256": sha256_file(src), "size": src.stat().st_size}
-    manifest = {
-        "format": FORMAT,
-        "name": name,
-        "model": model,
-        "precisions": list(precisions),
-        "onnx": files,
-        "classes": next(iter(describe.values()))["classes"],
-        "checkpoint_sha256": summary.get("checkpoint_sha256"),
-        "calibration": calib_key,
-        "lungedge_version": __version__,
-        "metadata": describe,
-        "files": dict(sorted(entries.items())),
-    }
+    manifest = {"format": FORMAT, **facts, "files": dict(sorted(entries.items()))}
     manifest_bytes = dumps_json(manifest).encode("utf-8")
     sums = dict(entries, **{MANIFEST: {"sha256": hashlib.sha256(manifest_bytes).hexdigest()}})
     sums_bytes = "".join(f"{v['sha256']}  {k}\n" for k, v in sorted(sums.items())).encode("utf-8")
-    members[MANIFEST], members[SUMS] = manifest_bytes, sums_bytes
+    return manifest_bytes, sums_bytes
 
+
+def _write_archive(out: Path, name: str, members: dict) -> None:
+    """A deterministic .tar.gz (fixed mtimes, owners, modes, order), written atomically."""
     mtime = max(int(p.stat().st_mtime) for p in members.values() if isinstance(p, Path))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    dirs = {str(p) for arc in members for p in PurePosixPath(arc).parents} - {"."}
     try:
         with os.fdopen(fd, "wb") as raw:
             with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
                 with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                     tar.addfile(_dir_entry(name, mtime))
-                    dirs = sorted({str(PurePosixPath(a).parent) for a in members} - {"."})
-                    for d in sorted({str(p) for d in dirs for p in [PurePosixPath(d), *PurePosixPath(d).parents]}
-                                    - {"."}):
+                    for d in sorted(dirs):
                         tar.addfile(_dir_entry(f"{name}/{d}", mtime))
                     for arc in sorted(members):
                         src = members[arc]
@@ -263,17 +298,39 @@ def create(model: str, out: str | Path, precisions: list[str] | None = None, eng
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return {"path": str(out), "sha256": sha256_file(out), "size": out.stat().st_size, "manifest": manifest}
+
+
+def create(model: str, out: str | Path, precisions: list[str] | None = None, engines: str | Path = "engines",
+           calibration: str | Path = "calibration", results: str | Path | None = None,
+           allow_failed_gate: bool = False) -> dict:
+    """Write the bundle of MODEL's exported ONNX files to ``out`` (atomically); return its manifest.
+    With ``results`` (eval's results folder), a precision whose release gate failed is refused."""
+    out = Path(out)
+    name = bundle_name(out)
+    members, facts = _members(name, model, precisions, Path(engines), Path(calibration), results, allow_failed_gate)
+    members[MANIFEST], members[SUMS] = _checksums(members, facts)
+    _write_archive(out, name, members)
+    return {"path": str(out), "sha256": sha256_file(out), "size": out.stat().st_size,
+            "manifest": json.loads(members[MANIFEST])}
 
 
 # -- verifying ---------------------------------------------------------------------------------------
 
-def _safe_name(name: str, bundle: Path) -> PurePosixPath:
-    path = PurePosixPath(name)
-    if name.startswith("/") or "\\" in name or any(part in ("..", "") for part in name.rstrip("/").split("/")) \
-            or re.match(r"^[A-Za-z]:", name):
-        raise LungedgeError(f"{bundle} holds an unsafe member path {name!r}; refusing it")
-    return path
+def _member_filter(bundle: Path):
+    """tarfile's "data" extraction filter (no absolute paths, nothing outside the destination, no
+    device files, sane modes), and only regular files and folders (no links)."""
+    def check(info: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        if not (info.isreg() or info.isdir()):
+            raise LungedgeError(f"{bundle} holds {info.name!r}, which is not a regular file "
+                                f"(link or device); refusing it")
+        try:
+            return tarfile.data_filter(info, dest)
+        except tarfile.FilterError as exc:
+            raise LungedgeError(f"{bundle} holds an unsafe member path {info.name!r} ({exc}); refusing it") from None
+    return check
+
+
+_NOWHERE = "/nonexistent/lungedge-bundle"  # the destination verify checks member paths against
 
 
 def _read_members(bundle: Path):
@@ -282,10 +339,11 @@ def _read_members(bundle: Path):
         raise LungedgeError(f"bundle not found: {bundle}")
     top = None
     seen = set()
+    safe = _member_filter(bundle)
     try:
         with tarfile.open(bundle, mode="r:gz") as tar:
             for info in tar:
-                path = _safe_name(info.name, bundle)
+                path = PurePosixPath(safe(info, _NOWHERE).name)
                 if top is None:
                     top = path.parts[0]
                 if path.parts[0] != top:
@@ -293,9 +351,6 @@ def _read_members(bundle: Path):
                 rel = "/".join(path.parts[1:])
                 if info.isdir():
                     continue
-                if not info.isreg():
-                    raise LungedgeError(f"{bundle} holds {info.name!r}, which is not a regular file "
-                                        f"(link or device); refusing it")
                 if not rel:
                     raise LungedgeError(f"{bundle}: {info.name!r} is a file where the top folder should be")
                 if rel in seen:
@@ -387,28 +442,15 @@ def extract(bundle: str | Path, to: str | Path = ".") -> Path:
     to.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{checked['top']}.", dir=to))
     try:
-        root = staging.resolve()
-        with tarfile.open(bundle, mode="r:gz") as tar:
-            for info in tar:
-                path = _safe_name(info.name, bundle)
-                target = (staging / Path(*path.parts)).resolve()
-                if root not in target.parents and target != root:
-                    raise LungedgeError(f"{bundle} member {info.name!r} would land outside {to}; refusing it")
-                if info.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                if not info.isreg():
-                    raise LungedgeError(f"{bundle} holds {info.name!r}, which is not a regular file")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(info) as src, open(target, "xb") as dst:
-                    while block := src.read(_CHUNK):
-                        dst.write(block)
+        try:
+            with tarfile.open(bundle, mode="r:gz") as tar:
+                tar.extractall(staging, filter=_member_filter(bundle))
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise LungedgeError(f"{bundle} changed while extracting ({exc}); copy it again") from None
         for rel, want in checked["manifest"]["files"].items():  # re-check what landed on disk
             if sha256_file(staging / checked["top"] / rel) != want["sha256"]:
                 raise LungedgeError(f"{rel} changed while extracting {bundle}; copy the bundle again")
         os.replace(staging / checked["top"], dest)
     finally:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return dest

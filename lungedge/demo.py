@@ -2,7 +2,8 @@
 
 inspect -> grouped split -> train (short schedule) -> export FP32/FP16/INT8 -> eval on every
 CPU backend -> bench -> report. Every stage runs the same command a user would type, in this
-process, with its outputs under one folder; a stage that finished leaves a marker in
+process, through ``run_command`` (the CLI passes its own ``main``, so this module never imports
+the CLI), with its outputs under one folder; a stage that finished leaves a marker in
 ``<out>/.done/``, so an interrupted demo re-run picks up where it stopped.
 """
 
@@ -12,8 +13,9 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .errors import LungedgeError
+from .errors import LungedgeError, check_choice
 from .io import atomic_write_text
 
 DEFAULT_MODELS = ("smallcnn", "googlenet")
@@ -33,18 +35,14 @@ REAL = {"smallcnn": Schedule(20, 96, 32), "googlenet": Schedule(12, 96, 32), "de
         "inception_v3": Schedule(6, 96, 32), "resnet50": Schedule(6, 96, 32)}
 
 
-def _run(argv: list[str]) -> None:
-    from .cli import main
-
-    code = main([str(a) for a in argv])
-    if code != 0:
-        raise LungedgeError(f"demo stopped: 'lungedge {' '.join(str(a) for a in argv[:2])} ...' failed (exit {code})")
+RunCommand = Callable[[list[str]], int]  # runs one lungedge command line (no program name): exit code
 
 
 class Stages:
-    def __init__(self, out: Path, log):
+    def __init__(self, out: Path, log, run_command: RunCommand):
         self.done_dir = out / ".done"
         self.log = log
+        self.run_command = run_command
         self.timings: dict[str, float] = {}
 
     def run(self, name: str, argv_list: list[list[str]]) -> None:
@@ -55,21 +53,23 @@ class Stages:
         self.log(f"[demo] {name} ...")
         t0 = time.perf_counter()
         for argv in argv_list:
-            self.log("[demo] $ lungedge " + " ".join(str(a) for a in argv))
-            _run(argv)
+            argv = [str(a) for a in argv]
+            self.log("[demo] $ lungedge " + " ".join(argv))
+            code = self.run_command(argv)
+            if code != 0:
+                raise LungedgeError(f"demo stopped: 'lungedge {' '.join(argv[:2])} ...' failed (exit {code})")
         self.timings[name] = time.perf_counter() - t0
         atomic_write_text(marker, f"{self.timings[name]:.1f} s\n")
 
 
-def demo(data: str | Path | None = None, out: str | Path = "demo", models: list[str] | None = None,
-         per_class: int = 40, log=print) -> Path:
-    """Run the chain; return the path of report.html."""
+def demo(run_command: RunCommand, data: str | Path | None = None, out: str | Path = "demo",
+         models: list[str] | None = None, per_class: int = 40, log=print) -> Path:
+    """Run the chain, each stage through ``run_command``; return the path of report.html."""
     from .models.registry import names
 
     models = list(models or DEFAULT_MODELS)
-    unknown = [m for m in models if m not in names()]
-    if unknown:
-        raise LungedgeError(f"unknown model {unknown[0]!r} (choose from {', '.join(names())})")
+    for m in models:
+        check_choice(m, names(), "model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
@@ -83,7 +83,7 @@ def demo(data: str | Path | None = None, out: str | Path = "demo", models: list[
     data = Path(data)
     split = out / "split.json"
     runs, engines, calib, results = out / "runs", out / "engines", out / "calibration", out / "results"
-    st = Stages(out, log)
+    st = Stages(out, log, run_command)
     st.run("inspect", [["data", "inspect", data]])
     st.run("split", [["data", "split", data, "--out", split]])
     for m in models:

@@ -1,13 +1,53 @@
-"""Small file helpers: atomic writes and hashing."""
+"""Small file helpers: atomic writes, hashing, folder locks, staged folders and path containment.
+
+* :func:`atomic_write_bytes` writes through a temporary sibling and renames: a reader never sees
+  a half-written file; a failed write (read-only folder, full disk) is one :class:`WriteError` line
+  naming the path.
+* :class:`FolderLock` marks a folder as being written (``.<name>.lock`` beside it, naming the holder:
+  pid, host, command, start time). The lock is an ``flock`` on that file, so the kernel drops it when
+  the holder dies, however it died: a lock left by a killed process is reclaimed by the next writer.
+* :func:`staged_folder` writes a set of files into a temporary sibling folder and moves it into
+  place only when all of it is written (and checked): a kill leaves the previous complete set or
+  nothing, never a mix.
+* :func:`safe_name` and :func:`contained` keep run names and manifest entries inside their roots.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
-from pathlib import Path
-from typing import Any
+import time
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Iterator
+
+from .errors import LungedgeError
+
+
+class WriteError(LungedgeError):
+    """A file or folder could not be written (read-only, full disk, not a folder, ...)."""
+
+
+class LockedError(LungedgeError):
+    """Another process is writing the folder."""
+
+
+# what the command being run is called in lock files ("lungedge train"); set by the CLI
+COMMAND = "lungedge"
+# what an interrupted command kept or left untouched, printed after "interrupted" by the CLI
+KEPT: list[str] = []
+
+
+def note_kept(note: str) -> None:
+    if note not in KEPT:
+        KEPT.append(note)
 
 
 def _file_mode() -> int:
@@ -19,15 +59,31 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def write_error(path, exc: OSError, what: str = "cannot write") -> WriteError:
+    """The one line for a failed write: ``cannot write PATH: No space left on device``."""
+    if isinstance(exc, IsADirectoryError) or (exc.errno == errno.EISDIR):
+        return WriteError(f"{what} {path}: it is an existing folder; give a file path")
+    return WriteError(f"{what} {path}: {_reason(exc)}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
     A reader never sees a half-written file, and an existing file is replaced only
-    once the new one is complete.
+    once the new one is complete. A failure is a :class:`WriteError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise WriteError(f"cannot write {path}: it is an existing folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
@@ -35,6 +91,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -64,3 +123,245 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def clean_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Remove the ``.<name>.*.tmp`` files :func:`atomic_write_bytes` leaves when killed mid-write.
+
+    Call it while holding the folder's lock (nobody else is writing then). Returns the names removed.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(".*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p.name)
+        except OSError:
+            pass
+    return removed
+
+
+# -- names and paths that must stay inside their roots -------------------------------------------------
+
+def safe_name(name: str, what: str) -> str:
+    """``name`` if it is one plain path component (no ``/``, ``..``, absolute or empty name)."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name
+            or "\x00" in name or name.startswith("~")):
+        raise LungedgeError(f"{what} must be a plain folder name (no '/', '..' or absolute path), got {name!r}")
+    return name
+
+
+def relative_inside(rel: str) -> str | None:
+    """Why ``rel`` (a manifest entry, POSIX separators) would leave its root, or None if it stays inside."""
+    if not isinstance(rel, str) or not rel:
+        return "empty path"
+    if "\x00" in rel:
+        return "NUL in path"
+    p = PurePosixPath(rel)
+    if p.is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive or rel.startswith("~"):
+        return "absolute path"
+    if ".." in p.parts or ".." in PureWindowsPath(rel).parts:
+        return "'..' leaves the data root"
+    return None
+
+
+def contained(root: str | os.PathLike, rel: str, what: str = "path") -> Path:
+    """``root / rel``, refusing an absolute ``rel`` or one that climbs out with ``..``."""
+    why = relative_inside(rel)
+    if why:
+        raise LungedgeError(f"{what} {rel!r} is not inside {root}: {why}")
+    return Path(root) / rel
+
+
+# -- folder locks -----------------------------------------------------------------------------------------
+
+def lock_path(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _holder_text(info: dict) -> str:
+    if not info:
+        return "another process"
+    return (f"pid {info.get('pid', '?')} on {info.get('host', '?')} ({info.get('command', '?')}, "
+            f"since {info.get('since', '?')})")
+
+
+def read_holder(folder: str | os.PathLike) -> dict:
+    try:
+        info = json.loads(lock_path(folder).read_text(encoding="utf-8") or "{}")
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class FolderLock:
+    """``with FolderLock(folder, "lungedge train"):`` -- only one writer of ``folder`` at a time.
+
+    A second writer (another process, or another open in this one) gets a :class:`LockedError`
+    that names the holder. ``reclaimed`` holds the dead holder's record when a lock left behind by
+    a killed process was taken over.
+    """
+
+    def __init__(self, folder: str | os.PathLike, command: str | None = None):
+        self.folder = Path(folder)
+        self.path = lock_path(self.folder)
+        self.command = command or COMMAND
+        self.fd: int | None = None
+        self.reclaimed: dict | None = None
+
+    def acquire(self) -> "FolderLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.path.parent, exc, "cannot create") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise write_error(self.path, exc, "cannot lock (write)") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockedError(f"{self.folder} is being written by {_holder_text(read_holder(self.folder))}; "
+                                  "wait for it to finish or stop it, then try again") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file between our open and flock: retry
+                os.close(fd)
+                continue
+            old = os.read(fd, 4096)
+            if old.strip():
+                try:
+                    self.reclaimed = json.loads(old)
+                except ValueError:
+                    self.reclaimed = {}
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
+            self.fd = fd
+            return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding it: the next writer starts afresh
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# -- staged folders -----------------------------------------------------------------------------------------
+
+def _staging_dirs(final: Path, kind: str) -> list[Path]:
+    return sorted(final.parent.glob(f".{final.name}.{kind}-*")) if final.parent.is_dir() else []
+
+
+def clean_stale(final: str | os.PathLike) -> list[str]:
+    """Tidy what a killed :func:`staged_folder` left beside ``final`` (call it holding the lock).
+
+    A half-written staging folder is removed; a previous set moved aside but not yet replaced
+    (killed between the two renames) is moved back. Returns what was done, one line each.
+    """
+    final = Path(final)
+    done = []
+    for stage in _staging_dirs(final, "staging"):
+        shutil.rmtree(stage, ignore_errors=True)
+        done.append(f"removed the unfinished {stage.name}")
+    for old in _staging_dirs(final, "old"):
+        if not final.exists():
+            os.rename(old, final)
+            done.append(f"restored the previous set from {old.name}")
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed {old.name}")
+    return done
+
+
+def replace_folder(stage: Path, final: Path) -> None:
+    """Move the finished ``stage`` to ``final``; the previous ``final`` stays until the new one is in place."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(stage, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(final: str | os.PathLike, command: str | None = None,
+                  check: Callable[[Path], None] | None = None, lock: bool = True) -> Iterator[Path]:
+    """``with staged_folder(out) as stage:`` write every file into ``stage``; on success it becomes ``out``.
+
+    While the block runs ``out`` is locked (:class:`FolderLock`); ``check(stage)`` runs before the move
+    and may raise to refuse the set. On any failure or interrupt the stage is removed and ``out`` is
+    left exactly as it was.
+    """
+    final = Path(final)
+    guard = FolderLock(final, command) if lock else None
+    if guard:
+        guard.acquire()
+    try:
+        clean_stale(final)
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+        except OSError as exc:
+            raise write_error(final.parent, exc) from None
+        try:
+            yield stage
+            if check is not None:
+                check(stage)
+            try:
+                replace_folder(stage, final)
+            except OSError as exc:
+                raise write_error(final, exc, "cannot move the finished set into") from None
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            note_kept(f"{final}: unchanged" if final.exists() else f"{final}: nothing written")
+            raise
+    finally:
+        if guard:
+            guard.release()
+
+
+# -- the user's cache folder (logs of internal errors) -----------------------------------------------------
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/lungedge`` or ``~/.cache/lungedge``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lungedge"
+
+
+def write_log(name: str, text: str) -> Path | None:
+    """Write ``text`` to ``<cache>/logs/<UTC time>-<pid>-<name>.log`` (a temp folder if the cache is
+    not writable); the path, or None when nothing could be written anywhere."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    fname = f"{stamp}-{os.getpid()}-{name}.log"
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir()) / "lungedge-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / fname
+            path.write_text(text, encoding="utf-8", errors="replace")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def argv_text() -> str:
+    return " ".join(sys.argv)

@@ -41,7 +41,7 @@ L4T_TO_JETPACK = {
 }
 L4T_MAJOR_TO_JETPACK = {"32": "4", "35": "5", "36": "6", "38": "7"}
 
-Runner = Callable[[list], Optional[str]]
+ToolCall = Callable[[list], Optional[str]]  # runs a shell tool: argv -> its output, or None
 
 
 # -- pure parsers ----------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def _is_jetson(root: Path) -> bool:
     return False
 
 
-def jetson_info(root: str | Path = "/", run: Runner | None = None) -> dict | None:
+def jetson_info(root: str | Path = "/", run: ToolCall | None = None) -> dict | None:
     """The Jetson settings that change latency, or ``None`` when this is not a Jetson.
 
     ``root`` reads another filesystem tree (tests, a mounted image). Tools (``nvpmodel``,
@@ -252,7 +252,7 @@ def jetson_info(root: str | Path = "/", run: Runner | None = None) -> dict | Non
         return None
 
 
-def _jetson_info(root: Path, run: Runner | None) -> dict | None:
+def _jetson_info(root: Path, run: ToolCall | None) -> dict | None:
     if not _is_jetson(root):
         return None
     tool = run if run is not None else (run_tool if root == Path("/") else (lambda cmd: None))
@@ -299,35 +299,3 @@ def _jetson_info(root: Path, run: Runner | None) -> dict | None:
                 info["power_mode"], info["power_mode_source"] = shown["power_mode"], "jetson_clocks --show"
             info["model"] = info["model"] or shown.get("machine")
     return copy.deepcopy(info)
-
-
-# -- the engine step on the device ------------------------------------------------------------------
-
-def build_engine_from_onnx(onnx_path: str | Path, max_batch: int = 8, opt_batch: int | None = None,
-                           workspace_gib: float = 4.0, out: str | Path = "engines") -> tuple[Path, dict]:
-    """Build the TensorRT engine of an exported ONNX here, with the model name and precision read
-    from its metadata; the engine's sidecar also records this Jetson's settings (when on one)."""
-    from . import onnx_meta, trt
-    from .errors import LungedgeError
-    from .io import write_json
-
-    if max_batch < 1:
-        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
-    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
-        raise LungedgeError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt_batch}")
-    meta = onnx_meta.read(onnx_path)
-    precision = meta.get("precision")
-    if precision not in trt.PRECISIONS:
-        raise LungedgeError(f"{onnx_path} has precision {precision!r}; TensorRT engines are built from "
-                            f"{', '.join(trt.PRECISIONS)} ONNX files")
-    if (meta.get("extra") or {}).get("int8_target") == "cpu":
-        raise LungedgeError(f"{onnx_path} is the CPU form of the INT8 model (U8S8 for ONNX Runtime); build the "
-                            f"engine from {meta['architecture']}.int8.onnx instead")
-    engine = trt.build_engine(onnx_path, meta["architecture"], precision, max_batch, out,
-                              opt_batch=opt_batch, workspace_gib=workspace_gib)
-    sidecar = trt.read_sidecar(engine)
-    info = jetson_info()
-    if info is not None:
-        sidecar["jetson"] = info
-        write_json(trt.sidecar_path(engine), sidecar)
-    return engine, sidecar

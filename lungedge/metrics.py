@@ -1,7 +1,7 @@
 """Classification metrics, all from scikit-learn (no hand-written formulas).
 
 :func:`classification_metrics` is what ``eval`` reports for every backend and precision;
-``lungedge.train.metrics.summarize`` and ``lungedge.export.accuracy`` delegate here.
+``lungedge.train.metrics.summarize`` and ``lungedge.export.compare.accuracy`` delegate here.
 Rows of the confusion matrix are the true class, columns the predicted class.
 """
 

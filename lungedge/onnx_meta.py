@@ -1,7 +1,14 @@
 """What an ONNX file carries so that, copied alone to a Jetson, it is enough to preprocess,
 run and label an image: ``metadata_props`` with the architecture, class names in order,
-preprocessing (input size, layout, normalisation), precision, source checkpoint SHA-256 and
-the lungedge version. Every model has the same input name (``input``) and output (``logits``).
+preprocessing (input size, layout, normalisation), precision, how the model was built
+(``build``: the checkpoint's recorded constructor arguments and weights meta), source checkpoint
+SHA-256 and the lungedge version. Every model has the same input name (``input``) and output
+(``logits``).
+
+Variants: an exported model's files are ``<model>.<variant>.onnx``. :data:`VARIANTS` is the one
+mapping between a variant (the file-name part) and what the file holds; in particular ``int8``
+is the symmetric S8S8 Q/DQ form for TensorRT and ``int8-cpu`` the U8S8 form for ONNX Runtime
+on x86 CPUs. Both have precision ``int8``; ``extra.int8_target`` (``trt`` | ``cpu``) tells them apart.
 """
 
 from __future__ import annotations
@@ -10,17 +17,48 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .errors import LungedgeError
+from .errors import LungedgeError, check_choice
 from .preprocess import Preprocessing
 
 FORMAT = "lungedge-onnx/1"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-JSON_KEYS = ("classes", "preprocessing", "input_shape", "extra")
+JSON_KEYS = ("classes", "preprocessing", "input_shape", "extra", "build")
+
+# variant (file-name part) -> (precision, int8 target); the only place this mapping is written
+VARIANTS = {
+    "fp32": ("fp32", None),
+    "fp16": ("fp16", None),
+    "int8": ("int8", "trt"),  # S8S8, symmetric Q/DQ: what TensorRT builds engines from
+    "int8-cpu": ("int8", "cpu"),  # U8S8: what ONNX Runtime runs fastest on x86 CPUs
+}
+
+
+def variant_of(precision: str, int8_target: str | None = None) -> str:
+    """('int8', 'cpu') -> 'int8-cpu'; ('int8', 'trt') -> 'int8'; ('fp16', None) -> 'fp16'."""
+    if precision == "int8" and int8_target is None:
+        int8_target = "trt"
+    for variant, facts in VARIANTS.items():
+        if facts == (precision, int8_target if precision == "int8" else None):
+            return variant
+    raise LungedgeError(f"no ONNX variant holds precision {precision!r} for {int8_target!r}")
+
+
+def variant_facts(variant: str) -> tuple[str, str | None]:
+    """'int8-cpu' -> ('int8', 'cpu'): the precision and INT8 target a variant's file holds."""
+    return VARIANTS[check_choice(variant, VARIANTS, "variant")]
+
+
+def variant_of_meta(meta: dict) -> str:
+    """The variant of an ONNX file from its lungedge metadata."""
+    return variant_of(meta.get("precision"), (meta.get("extra") or {}).get("int8_target"))
 
 
 def make_metadata(architecture: str, framework: str, classes: list[str], preprocessing: Preprocessing,
-                  precision: str, source_sha256: str, **extra) -> dict:
+                  precision: str, source_sha256: str, build: dict | None = None, output: str = "logits",
+                  **extra) -> dict:
+    """``build``: how the source model was built (the checkpoint's recorded build arguments);
+    ``output``: what the model outputs, logits | probabilities | sigmoid (files without it: logits)."""
     return {
         "format": FORMAT,
         "architecture": architecture,
@@ -32,6 +70,8 @@ def make_metadata(architecture: str, framework: str, classes: list[str], preproc
         "input_shape": ["batch", *preprocessing.input_shape],
         "precision": precision,
         "source_sha256": source_sha256,
+        "build": build or {},
+        "output": output,
         "lungedge_version": __version__,
         "extra": extra,
     }
@@ -49,10 +89,18 @@ def attach(model, metadata: dict) -> None:
 def from_model(model, source: str = "model") -> dict:
     props = {p.key[len("lungedge."):]: p.value for p in model.metadata_props if p.key.startswith("lungedge.")}
     if props.get("format") != FORMAT:
-        raise LungedgeError(f"{source} carries no lungedge metadata; export it with 'lungedge export'")
+        raise LungedgeError(f"{source} carries no lungedge metadata; export it with 'lungedge export'"
+                            f" (an ONNX from elsewhere: 'lungedge export NAME --checkpoint {source} --custom "
+                            "--classes A,B,C')")
     out = {}
     for key, value in props.items():
-        out[key] = json.loads(value) if key in JSON_KEYS else value
+        try:
+            out[key] = json.loads(value) if key in JSON_KEYS else value
+        except ValueError as exc:
+            raise LungedgeError(f"{source}: metadata lungedge.{key} is not valid JSON ({exc})") from None
+    from .limits import validate
+
+    validate("OnnxMetadata", out, f"{source} metadata")  # classes, preprocessing (size within the cap), precision
     return out
 
 

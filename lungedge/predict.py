@@ -7,36 +7,60 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LungedgeError
-from .metrics import softmax
 from .runners import open_runner
 
 
-def predict(artifact, images, backend: str | None = None, device: str = "cpu", precision: str | None = None,
-            threads: int | None = None, batch: int = 16) -> dict:
-    """{"artifact", "backend", "classes", "predictions": [{"image", "class", "probabilities"}]}"""
+def predict(artifact, images, backend: str | None = None, device: str | None = None, precision: str | None = None,
+            threads: int | None = None, batch: int = 16, explain_dir=None, method: str = "auto") -> dict:
+    """{"artifact", "backend", "classes", "predictions": [{"image", "class", "probabilities"}]}; with
+    ``explain_dir`` each prediction also gets "overlay": the image with its saliency map (Grad-CAM on torch,
+    occlusion elsewhere; :mod:`lungedge.saliency`) written there."""
     images = [Path(p) for p in images]
     if not images:
         raise LungedgeError("give at least one IMAGE")
     with open_runner(artifact, backend, device, precision, threads) as runner:
-        preds = []
-        for i in range(0, len(images), batch):
-            chunk = images[i : i + batch]
-            probs = softmax(runner.infer(runner.preprocessing.load_batch(chunk)))
+        preds, unreadable, readable = [], [], []
+        for i in range(0, len(images), batch):  # decode a batch at a time: memory stays bounded
+            chunk, x = _decoded(runner.preprocessing, images[i : i + batch], unreadable)
+            if not chunk:
+                continue
+            readable += chunk
+            probs = runner.probabilities(x)
             for path, p in zip(chunk, probs):
                 k = int(np.argmax(p))
                 preds.append({"image": str(path), "class": runner.classes[k],
                               "probabilities": {c: round(float(v), 6) for c, v in zip(runner.classes, p)}})
+        if not preds:
+            raise LungedgeError(f"none of the {len(images)} images could be read (first: {unreadable[0]['reason']})")
+        if explain_dir is not None:
+            from .saliency import explain, write_overlays
+
+            for i in range(0, len(readable), batch):
+                chunk = readable[i : i + batch]
+                for p, f in zip(preds[i : i + batch], write_overlays(explain(runner, chunk, method), explain_dir)):
+                    p["overlay"] = f
         return {"artifact": str(artifact), "model": runner.info.architecture, "backend": runner.backend,
                 "device": runner.device, "precision": runner.variant, "classes": runner.classes,
-                "predictions": preds}
+                "predictions": preds, "unreadable": unreadable}
 
 
-def resolve_artifact(spec: str, backend=None, device="cpu", precision=None, runs="runs", engines="engines") -> Path:
-    """An artifact path as given, or MODEL's first default target (source checkpoint, else FP32 ONNX)."""
-    from .runners.discover import resolve
+def _decoded(prep, chunk: list[Path], unreadable: list[dict]):
+    """(the readable paths of ``chunk``, their inputs); each unreadable one (missing, corrupt, over
+    LUNGEDGE_MAX_PIXELS) is appended to ``unreadable`` as {"image", "reason"} instead of failing all."""
+    from .preprocess import ImageReadError
 
-    if Path(spec).is_file():
-        return Path(spec)
-    targets = resolve([spec], device=device, backends=[backend] if backend else None,
-                      precisions=[precision] if precision else None, runs=runs, engines=engines)
-    return targets[0].artifact
+    try:
+        return chunk, prep.load_batch(chunk)
+    except ImageReadError:
+        pass
+    ok, xs = [], []
+    for path in chunk:
+        try:
+            xs.append(prep.load_batch([path]))
+            ok.append(path)
+        except ImageReadError as exc:
+            reason = str(exc)
+            reason = reason[len(f"{path}: "):] if reason.startswith(f"{path}: ") else reason
+            unreadable.append({"image": str(path), "reason": reason})
+    return ok, (np.concatenate(xs) if xs else None)
+

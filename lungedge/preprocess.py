@@ -6,6 +6,13 @@ input through :class:`Preprocessing`, and the parameters travel with each artifa
 
 Decode -> RGB (grayscale is replicated to 3 channels) -> centre-crop to a square on
 the shorter side -> resize to ``size`` x ``size`` (bilinear) -> scale -> normalise.
+
+Fast path for files (:meth:`Preprocessing.load`): a JPEG is decoded at a reduced scale where the
+result still covers twice ``size`` (libjpeg's DCT scaling, Pillow's ``draft``; the bilinear resize
+then still averages over 2x2 source pixels or more), a grayscale image stays
+one channel through crop and resize, and scale/mean/std are one lookup table per channel that
+also replicates the gray channel. Same pixels as the full decode within interpolation tolerance
+(README: maximum difference); images that are not JPEG give exactly the same values.
 Every image goes through the same steps whatever its aspect ratio: a non-square
 CT slice is neither padded with tell-tale bars nor squashed, so an image's shape
 cannot reveal its class.
@@ -28,20 +35,85 @@ class ImageReadError(LungedgeError):
     """An image file that cannot be decoded (not an image, truncated, ...)."""
 
 
+def pillow():
+    """PIL.Image, with Pillow's own decompression-bomb warning muted: :func:`check_pixels` decides, and
+    Pillow's error (at twice its limit) is reported as :func:`lungedge.limits.too_large`."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image
+
+
+def check_pixels(img) -> None:
+    """ValueError for an image above ``LUNGEDGE_MAX_PIXELS`` (checked from the header, before decoding)."""
+    from .limits import check_image_pixels
+
+    check_image_pixels(*img.size, getattr(img, "filename", None))
+
+
 def open_image(path: str | Path):
     """Decode an image fully and return a PIL image; raise :class:`ImageReadError` otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    Image = pillow()
 
     try:
         with Image.open(path) as img:
+            check_pixels(img)  # a decompression bomb is refused before it is decoded
             img.load()  # force a full decode: truncated files fail here, not later
             return img.copy()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not an image file") from None
+    except Image.DecompressionBombError:
+        from .limits import too_large
+
+        raise ImageReadError(f"{path}: unreadable image ({too_large()})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
         raise ImageReadError(f"{path}: unreadable image ({exc})") from None
+
+
+GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I")
+
+
+def read_image(path: str | Path, size: int | None = None):
+    """Decode like :func:`open_image`; a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose
+    centre square still has at least 2 x ``size`` pixels a side (none: the full decode)."""
+    from PIL import UnidentifiedImageError
+
+    Image = pillow()
+
+    try:
+        with Image.open(path) as img:
+            check_pixels(img)
+            if size and img.format == "JPEG":
+                w, h = img.size
+                side = min(w, h)
+                img.draft(img.mode, (-(-w * 2 * size // side), -(-h * 2 * size // side)))
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file") from None
+    except Image.DecompressionBombError:
+        from .limits import too_large
+
+        raise ImageReadError(f"{path}: unreadable image ({too_large()})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
+        raise ImageReadError(f"{path}: unreadable image ({exc})") from None
+
+
+def to_gray_or_rgb(img):
+    """8-bit "L" for grayscale images (16-bit stretched as :func:`to_rgb` does), else "RGB"."""
+    if img.mode == "L":
+        return img
+    if img.mode in GRAY_MODES:
+        return to_rgb(img).convert("L")
+    return to_rgb(img)
 
 
 def to_rgb(img):
@@ -66,13 +138,19 @@ def center_square(img):
     return img.crop((left, top, left + side, top + side))
 
 
+CHANNEL_ORDERS = ("RGB", "BGR", "GRAY")
+RESIZES = ("center-crop-bilinear", "stretch-bilinear")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How an image becomes a model input.
 
     ``scale`` multiplies the 0..255 pixel values before ``(x - mean) / std``;
-    ``channel_order`` is "RGB" or "BGR"; ``layout`` is "NCHW" or "NHWC".
-    The defaults are torchvision's ImageNet normalisation.
+    ``channel_order`` is "RGB", "BGR" or "GRAY" (one channel: the image's luma, ``mean[0]``/``std[0]``);
+    ``layout`` is "NCHW" or "NHWC"; ``resize`` is "center-crop-bilinear" (the centre square, resized)
+    or "stretch-bilinear" (the whole image resized to a square). The defaults are torchvision's
+    ImageNet normalisation.
     """
 
     size: int = 224
@@ -86,12 +164,17 @@ class Preprocessing:
     def __post_init__(self):
         if self.size < 8:
             raise LungedgeError(f"image size {self.size} is too small (at least 8 pixels)")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise LungedgeError(f"unknown channel order {self.channel_order!r} (RGB or BGR)")
+        from .limits import max_input_size
+
+        if self.size > max_input_size():  # e.g. an ONNX whose metadata declares size 100000
+            raise LungedgeError(f"image size {self.size} is too large (at most {max_input_size()} pixels; "
+                                "LUNGEDGE_MAX_INPUT_SIZE raises the limit)")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise LungedgeError(f"unknown channel order {self.channel_order!r} (RGB, BGR or GRAY)")
         if self.layout not in ("NCHW", "NHWC"):
             raise LungedgeError(f"unknown layout {self.layout!r} (NCHW or NHWC)")
-        if self.resize != "center-crop-bilinear":
-            raise LungedgeError(f"unknown resize method {self.resize!r}")
+        if self.resize not in RESIZES:
+            raise LungedgeError(f"unknown resize method {self.resize!r} ({' or '.join(RESIZES)})")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -112,37 +195,101 @@ class Preprocessing:
         return Preprocessing.from_dict(d)
 
     @property
+    def channels(self) -> int:
+        return 1 if self.channel_order == "GRAY" else 3
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         """Shape of one image, without the batch axis."""
-        return (3, self.size, self.size) if self.layout == "NCHW" else (self.size, self.size, 3)
+        c = self.channels
+        return (c, self.size, self.size) if self.layout == "NCHW" else (self.size, self.size, c)
 
     # -- the transform itself -----------------------------------------------
-    def pixels(self, img) -> np.ndarray:
-        """PIL image -> uint8 HxWx3 RGB array at the model's size (before normalisation)."""
+    def _resized(self, img):
+        """Centre square resized to size x size (bilinear), in the image's own mode (L or RGB)."""
         from PIL import Image
 
-        img = center_square(to_rgb(img))
-        if img.size != (self.size, self.size):
-            img = img.resize((self.size, self.size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        w, h = img.size
+        if self.resize == "stretch-bilinear":
+            return img if (w, h) == (self.size, self.size) else img.resize((self.size, self.size), Image.BILINEAR)
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        if side != w or side != h:
+            img = img.crop((left, top, left + side, top + side))  # not resize's box: its filter reads outside
+        return img if side == self.size else img.resize((self.size, self.size), Image.BILINEAR)
+
+    def pixels(self, img) -> np.ndarray:
+        """PIL image -> uint8 HxWx3 RGB array at the model's size (before normalisation)."""
+        out = np.asarray(self._resized(to_gray_or_rgb(img)), dtype=np.uint8)
+        return np.repeat(out[..., None], 3, axis=-1) if out.ndim == 2 else out
+
+    def gray_or_rgb_pixels(self, img) -> np.ndarray:
+        """PIL image -> uint8 HxW (grayscale) or HxWx3 (RGB) at the model's size."""
+        img = to_gray_or_rgb(img)
+        if self.channel_order == "GRAY" and img.mode != "L":
+            img = img.convert("L")
+        return np.asarray(self._resized(img), dtype=np.uint8)
+
+    def _lut(self) -> np.ndarray:
+        """(3, 256) float32: output channel c of a pixel value v, the same float32 arithmetic as
+        ``(v * scale - mean[c]) / std[c]``."""
+        lut = getattr(self, "_lut_cache", None)
+        if lut is None:
+            v = np.arange(256, dtype=np.float32) * np.float32(self.scale)
+            lut = (v[None, :] - np.asarray(self.mean, np.float32)[:, None]) / np.asarray(self.std, np.float32)[:, None]
+            lut = np.ascontiguousarray(lut, dtype=np.float32)
+            object.__setattr__(self, "_lut_cache", lut)
+        return lut
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (..., H, W, 3) RGB -> float32 model input in this spec's order and layout."""
-        x = pixels.astype(np.float32) * np.float32(self.scale)
-        if self.channel_order == "BGR":
-            x = x[..., ::-1]
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        """uint8 (..., H, W, 3) RGB, or (..., H, W) grayscale, -> float32 model input in this spec's
+        order and layout (grayscale is replicated to the three channels)."""
+        pixels = np.asarray(pixels)
+        if self.channel_order == "GRAY":
+            return self._normalize_gray(pixels)
+        lut = self._lut()
+        gray = pixels.ndim == 2 or pixels.shape[-1] != 3
+        if pixels.dtype != np.uint8:  # not a pixel array: the formula itself
+            x = pixels.astype(np.float32) * np.float32(self.scale)
+            x = np.repeat(x[..., None], 3, axis=-1) if gray else x
+            if self.channel_order == "BGR":
+                x = x[..., ::-1]
+            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+            x = np.moveaxis(x, -1, -3) if self.layout == "NCHW" else x
+            return np.ascontiguousarray(x, dtype=np.float32)
+        src = [2, 1, 0] if self.channel_order == "BGR" else [0, 1, 2]
         if self.layout == "NCHW":
-            x = np.moveaxis(x, -1, -3)
-        return np.ascontiguousarray(x, dtype=np.float32)
+            shape = (*pixels.shape[: (-2 if gray else -3)], 3, *pixels.shape[(-2 if gray else -3):][:2])
+            out = np.empty(shape, np.float32)
+            for c in range(3):
+                out[..., c, :, :] = lut[c][pixels if gray else pixels[..., src[c]]]
+        else:
+            out = np.empty((*pixels.shape[: (-2 if gray else -3)], *pixels.shape[(-2 if gray else -3):][:2], 3),
+                           np.float32)
+            for c in range(3):
+                out[..., c] = lut[c][pixels if gray else pixels[..., src[c]]]
+        return out
+
+    def _normalize_gray(self, pixels: np.ndarray) -> np.ndarray:
+        """One-channel input: RGB pixels become their luma (as PIL's ``convert("L")``), then the formula."""
+        if pixels.ndim >= 3 and pixels.shape[-1] == 3:
+            p = pixels.astype(np.int32) if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+            luma = p[..., 0] * 299 + p[..., 1] * 587 + p[..., 2] * 114
+            pixels = (luma + 500) // 1000 if pixels.dtype == np.uint8 else luma / 1000.0
+        x = (pixels.astype(np.float32) * np.float32(self.scale) - np.float32(self.mean[0])) / np.float32(self.std[0])
+        return np.ascontiguousarray(x[..., None, :, :] if self.layout == "NCHW" else x[..., None], dtype=np.float32)
 
     def __call__(self, img) -> np.ndarray:
         """PIL image -> float32 input for one image (no batch axis)."""
-        return self.normalize(self.pixels(img))
+        return self.normalize(self.gray_or_rgb_pixels(img))
+
+    def load_pixels(self, path: str | Path) -> np.ndarray:
+        """Image file -> uint8 HxW (grayscale) or HxWx3 (RGB) at the model's size, decoded fast."""
+        return self.gray_or_rgb_pixels(read_image(path, self.size))
 
     def load(self, path: str | Path) -> np.ndarray:
         """Image file -> float32 input for one image; :class:`ImageReadError` if unreadable."""
-        return self(open_image(path))
+        return self.normalize(self.load_pixels(path))
 
     def load_batch(self, paths) -> np.ndarray:
         return np.stack([self.load(p) for p in paths]) if paths else np.zeros((0, *self.input_shape), np.float32)

@@ -1,6 +1,6 @@
 """Where and how a result was measured: host, CPU, GPU and driver, library versions, threads, date.
 
-Cheap and never failing: anything that cannot be read (no nvidia-smi, no /proc) is ``None``.
+Cheap and never failing: anything that cannot be read (no NVIDIA driver, no /proc) is ``None``.
 Library versions come from the installed package metadata, so nothing heavy is imported.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import subprocess
 from functools import lru_cache
 
 LIBRARIES = ("lungedge", "numpy", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu",
@@ -57,21 +56,45 @@ def physical_cores() -> int | None:
 
 
 def gpus() -> list[dict]:
-    """[{name, driver, memory_mib}] from nvidia-smi (empty where there is none)."""
-    def query():
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                               "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
-        if proc.returncode != 0:
-            return []
+    """[{name, driver, memory_mib}] per NVIDIA GPU, from NVML (nvidia-ml-py); empty where there is none."""
+    try:
+        import pynvml
+    except ImportError:  # a bare machine (no nvidia-ml-py): ask nvidia-smi
+        return _safe(_gpus_from_smi, [])
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no NVIDIA driver (or no NVML, as on a Jetson)
+        return []
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
         out = []
-        for line in proc.stdout.strip().splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) >= 2:
-                out.append({"name": parts[0], "driver": parts[1],
-                            "memory_mib": _safe(lambda: int(float(parts[2])))})
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            out.append({"name": _text(pynvml.nvmlDeviceGetName(handle)), "driver": driver,
+                        "memory_mib": _safe(lambda h=handle: int(pynvml.nvmlDeviceGetMemoryInfo(h).total) // 2**20)})
         return out
+    except pynvml.NVMLError:
+        return []
+    finally:
+        _safe(pynvml.nvmlShutdown)
 
-    return _safe(query, []) or []
+
+def _gpus_from_smi() -> list[dict]:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+    if out.returncode != 0:
+        return []
+    rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+    return [{"name": r[0], "driver": r[1], "memory_mib": int(float(r[2]))} for r in rows if len(r) == 3]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def library_versions() -> dict:

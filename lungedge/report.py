@@ -47,9 +47,14 @@ def load_results(paths) -> list[dict]:
     for f in files:
         try:
             got = _rows_of(f)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
             raise LungedgeError(f"{f} is not a results file ({exc})") from None
-        for r in got:
+        except OSError as exc:
+            raise LungedgeError(f"cannot read {f}: {exc.strerror or exc}") from None
+        from .limits import validate
+
+        for i, r in enumerate(got, 1):
+            validate("row", r, f"{f} row {i}")  # the fields the report reads are there and typed
             r["_file"] = f.name
         rows += got
     if not rows:
@@ -164,6 +169,28 @@ def _per_class(m, key) -> str:
     return " ".join(f"{c}={v:.2f}" if v is not None else f"{c}=–" for c, v in m[key].items())
 
 
+def _pm(m, ev, key) -> str:
+    """'0.812 +0.031/−0.045': the value and its 95% group-bootstrap interval as distances (asymmetric)."""
+    v = m.get(key) if m else None
+    ci = ((ev or {}).get("intervals") or {}).get(key)
+    if v is None:
+        return "–"
+    if not ci or ci[0] is None or ci[1] is None:
+        return f"{v:.3f}"
+    return f"{v:.3f} +{max(0.0, ci[1] - v):.3f}/−{max(0.0, v - ci[0]):.3f}"
+
+
+def _per_class_pm(m, ev, key) -> str:
+    if not m or not m.get(key):
+        return "–"
+    ci = ((ev or {}).get("intervals") or {}).get(key) or {}
+    out = []
+    for c, v in m[key].items():
+        iv = ci.get(c)
+        out.append(f"{c}=–" if v is None else f"{c}={v:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""))
+    return " ".join(out)
+
+
 def latency_table(lat: list[dict]) -> list[list[str]]:
     out = []
     for x in lat:
@@ -171,8 +198,9 @@ def latency_table(lat: list[dict]) -> list[list[str]]:
         d = x["eval"].get("differs_from_fp32") if x["eval"] else None
         note = f" (eval on {x['eval']['machine']})" if x["eval_elsewhere"] else ""
         out.append([x["machine"], x["model"], x["backend"], x["device"], x["precision"], x["threads"],
-                    (_f(m["balanced_accuracy"], ".3f") + note) if m else "–", _f(m["accuracy"], ".3f") if m else "–",
-                    _f(m["macro_f1"], ".3f") if m else "–", _per_class(m, "sensitivity"), _per_class(m, "specificity"),
+                    (_pm(m, x["eval"], "balanced_accuracy") + note) if m else "–", _pm(m, x["eval"], "accuracy"),
+                    _pm(m, x["eval"], "macro_f1"), _per_class_pm(m, x["eval"], "sensitivity"),
+                    _per_class_pm(m, x["eval"], "specificity"),
                     f"{d:.1%}" if d is not None else "–",
                     _f(x["p50_b1"]), _f(x["p99_b1"]), _f(x["prep_p50_b1"]),
                     f"{x['ips']:.1f} (b{x['big']})" if x["ips"] else "–",
@@ -211,6 +239,11 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
         ax.scatter(x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"],
                    marker=markers[machines.index(x["machine"]) % len(markers)],
                    color=colours[backends.index(x["backend"]) % len(colours)], s=60, zorder=3)
+        ci = (x["eval"].get("intervals") or {}).get("balanced_accuracy")
+        if ci and ci[0] is not None:  # 95% group-bootstrap interval (issue #16)
+            y = x["eval"]["metrics"]["balanced_accuracy"]
+            ax.errorbar(x["p50_b1"], y, yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]], fmt="none",
+                        ecolor=colours[backends.index(x["backend"]) % len(colours)], capsize=3, lw=1, zorder=2)
         short = {"onnxruntime": "ort", "onnxruntime-trt": "ort-trt", "tensorrt": "trt"}.get(x["backend"], x["backend"])
         ax.annotate(f"{x['model']} {short} {x['precision']}", (x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"]),
                     textcoords="offset points", xytext=(5, 4 - 10 * (i % 3)), fontsize=7)
@@ -226,12 +259,12 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
     for m in machines:
         ax.scatter([], [], marker=markers[machines.index(m) % len(markers)], color="black", label=m)
     ys = [x["eval"]["metrics"]["balanced_accuracy"] for x in pts]
-    if max(ys) - min(ys) < 0.05:  # do not blow tiny differences up to the full height
+    if max(ys) - min(ys) < 0.05 and not any((x["eval"].get("intervals") or {}).get("balanced_accuracy") for x in pts):  # do not blow tiny differences up to the full height
         mid = (max(ys) + min(ys)) / 2
         ax.set_ylim(mid - 0.03, mid + 0.03)
     ax.set_xscale("log")
     ax.set_xlabel("latency p50 at batch 1, model only (ms, log scale)")
-    ax.set_ylabel("balanced accuracy (test set)")
+    ax.set_ylabel("balanced accuracy (test set; bars: 95% group bootstrap)")
     ax.set_title("Accuracy vs latency per model, backend and precision")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -309,12 +342,44 @@ th{background:#f0f0f0}h1{font-size:22px}h2{font-size:18px;margin-top:28px}h3{fon
 img{max-width:100%;border:1px solid #ddd}.wrap{overflow-x:auto;max-width:100%}p.note{color:#555;font-size:13px}"""
 
 
-def build_report(results, out="reports", title="lungedge accuracy vs latency") -> dict:
+GATE_COLUMNS = ("machine", "model", "backend", "precision", "vs", "Δ balanced acc [95% CI]",
+                "Δ sensitivity per class [95% CI]", "flips", "McNemar p", "gate")
+
+
+def gate_table(rows: list[dict]) -> list[list[str]]:
+    """The release gate of every reduced-precision eval row (paired group bootstrap vs FP32, McNemar)."""
+    out = []
+    for r in rows:
+        g = r.get("gate") if r["kind"] == "eval" else None
+        if not g:
+            continue
+        b = g["paired"]["balanced_accuracy"]
+        sens = " ".join(f"{c}={v['delta']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
+                        for c, v in g["paired"]["sensitivity"].items() if v)
+        out.append([r["machine"], r["model"], r["backend"], r["variant"], _s(r.get("fp32_reference")),
+                    f"{b['delta']:+.3f} [{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}]", sens, g["mcnemar"]["flips"],
+                    f"{g['mcnemar']['p_value']:.3g}", "pass" if g["pass"] else "FAIL"])
+    return out
+
+
+def build_report(results, out="reports", title="lungedge accuracy vs latency", saliency: bool = True,
+                 log=lambda s: None) -> dict:
     rows = load_results(results if isinstance(results, (list, tuple)) else [results])
     machines = label_machines(rows)
     lat = latency_rows(rows)
     out = Path(out)
     png = scatter_png(lat, out / "accuracy_latency.png")
+    gates = gate_table(rows)
+    grid = None
+    if saliency:
+        from .saliency import report_grid
+
+        grid = report_grid(rows, out / "saliency.png", log=log)
+    gate_note = ("Each reduced precision against FP32 on the same images: change with a paired bootstrap over "
+                 "near-duplicate groups, McNemar's exact test on the images only one of the two gets right; "
+                 "the gate passes when the interval's lower bound stays above the allowed drop.")
+    grid_note = ("Per class, test images the FP32 model classifies right and wrong, each with its occlusion map "
+                 "for FP32 and INT8 (red: covering this region lowers the predicted class's probability most).")
     group = group_table(rows)
     lat_t = latency_table(lat)
     conf = _confusions(rows)
@@ -332,6 +397,10 @@ def build_report(results, out="reports", title="lungedge accuracy vs latency") -
           "## Accuracy and latency per backend and precision", "", _md_table(LAT_COLUMNS, lat_t), ""]
     if png:
         md += ["## Accuracy vs latency (Pareto front dashed)", "", f"![accuracy vs latency]({png.name})", ""]
+    if gates:
+        md += ["## Release gate: reduced precision vs FP32", "", gate_note, "", _md_table(GATE_COLUMNS, gates), ""]
+    if grid:
+        md += ["## Where the models look", "", grid_note, "", f"![saliency maps]({grid.name})", ""]
     md += ["## Confusion matrices (rows: true class, columns: predicted)", ""]
     for t, h, tb in conf:
         md += [f"### {t}", "", _md_table(h, tb), ""]
@@ -348,10 +417,18 @@ def build_report(results, out="reports", title="lungedge accuracy vs latency") -
         b64 = base64.b64encode(png.read_bytes()).decode("ascii")
         parts += ["<h2>Accuracy vs latency (Pareto front dashed)</h2>",
                   f"<img alt='accuracy vs latency' src='data:image/png;base64,{b64}'>"]
+    if gates:
+        parts += ["<h2>Release gate: reduced precision vs FP32</h2>", f"<p class='note'>{html.escape(gate_note)}</p>",
+                  _html_table(GATE_COLUMNS, gates)]
+    if grid:
+        b64 = base64.b64encode(grid.read_bytes()).decode("ascii")
+        parts += ["<h2>Where the models look</h2>", f"<p class='note'>{html.escape(grid_note)}</p>",
+                  f"<img alt='saliency maps' src='data:image/png;base64,{b64}'>"]
     parts.append("<h2>Confusion matrices (rows: true class, columns: predicted)</h2>")
     for t, h, tb in conf:
         parts += [f"<h3>{html.escape(t)}</h3>", _html_table(h, tb)]
     parts += ["<h2>Provenance of every row</h2>", _html_table(PROV_COLUMNS, prov), "</body></html>"]
     html_path = atomic_write_text(out / "report.html", "\n".join(parts))
     return {"markdown": str(md_path), "html": str(html_path), "png": str(png) if png else None,
+            "saliency": str(grid) if grid else None,
             "rows": len(rows), "machines": {k: v["label"] for k, v in machines.items()}}

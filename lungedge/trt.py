@@ -7,6 +7,11 @@ Q/DQ nodes). This module only turns such an ONNX into an engine:
   11.x removed the FP16/INT8 builder flags);
 * TensorRT 10.x (JetPack 6): the same ONNX plus the FP16 / INT8 builder flags.
 
+This is the only module that builds engines: :func:`build_from_onnx` (what ``lungedge engine
+build`` and ``lungedge export --engine`` call) reads the model name and precision from the ONNX's
+own metadata and records the Jetson's settings in the sidecar when on one; :func:`build_engine`
+is the TensorRT build itself.
+
 Everything around the build — names, the JSON sidecar, the decision whether an engine may
 load here — is plain Python, testable without TensorRT. ``tensorrt`` is imported only
 inside :func:`build_engine` and :func:`load_engine`.
@@ -20,8 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
-from .errors import LungedgeError
+from .errors import LungedgeError, check_choice
 from .io import atomic_write_bytes, sha256_file, write_json
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -29,7 +36,7 @@ SIDECAR_FORMAT = "lungedge-engine/1"
 
 
 @dataclass(frozen=True)
-class Target:
+class EngineTarget:
     """The GPU and TensorRT an engine is built for (or that wants to load one)."""
 
     gpu: str  # e.g. "NVIDIA H200", "Orin (nvgpu)"
@@ -56,18 +63,16 @@ def same_release(a: str, b: str) -> bool:
 
 def build_mode(trt_version: str, precision: str) -> str:
     """'strongly-typed' on TensorRT >= 11, 'builder-flags' on 10.x; older releases are refused."""
-    if precision not in PRECISIONS:
-        raise LungedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    check_choice(precision, PRECISIONS, "precision")
     major = version_tuple(trt_version)[0]
     if major < 10:
         raise LungedgeError(f"TensorRT {trt_version} is too old: lungedge builds engines with TensorRT 10 or newer")
     return "strongly-typed" if major >= 11 else "builder-flags"
 
 
-def engine_path(out_dir: str | Path, model: str, precision: str, max_batch: int, target: Target) -> Path:
+def engine_path(out_dir: str | Path, model: str, precision: str, max_batch: int, target: EngineTarget) -> Path:
     """engines/<model>/<model>.<precision>.b<max>.<gpu>.trt<version>.engine"""
-    if precision not in PRECISIONS:
-        raise LungedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    check_choice(precision, PRECISIONS, "precision")
     if max_batch < 1:
         raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
     version = ".".join(str(v) for v in version_tuple(target.trt_version)[:3])
@@ -80,13 +85,112 @@ def sidecar_path(engine: str | Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
-def timing_cache_path(out_dir: str | Path, target: Target) -> Path:
+def timing_cache_path(out_dir: str | Path, target: EngineTarget) -> Path:
     version = ".".join(str(v) for v in version_tuple(target.trt_version)[:3])
     return Path(out_dir) / f"timing.{slug(target.gpu)}.trt{version}.cache"
 
 
-def make_sidecar(onnx_path: str | Path, model: str, precision: str, max_batch: int, target: Target,
-                 build_seconds: float, mode: str) -> dict:
+def builder_flags(mode: str, precision: str) -> list[str]:
+    """The precision flags a build sets: none when strongly typed (TensorRT 11 removed them), on 10.x
+    FP16 for FP16 engines and FP16 + INT8 for INT8 ones (the Q/DQ nodes carry the scales)."""
+    check_choice(precision, PRECISIONS, "precision")
+    if mode == "strongly-typed":
+        return []
+    return {"fp32": [], "fp16": ["FP16"], "int8": ["FP16", "INT8"]}[precision]
+
+
+def non_qdq_layers(mode: str, precision: str) -> str:
+    """How the layers outside Q/DQ pairs run, recorded in the sidecar so that INT8 rows built with
+    TensorRT 10 (flags: TensorRT may pick FP16) and 11 (strongly typed: the ONNX's types) are not
+    compared blindly."""
+    if mode == "strongly-typed":
+        return "as typed in the ONNX (strongly typed): FP32 tensors stay FP32, FP16 tensors FP16"
+    if precision == "fp32":
+        return "FP32 (no precision flags, TF32 cleared)"
+    return "FP16 or FP32, TensorRT's choice per layer (FP16 flag)"
+
+
+def profile_shapes(dims, max_batch: int, opt_batch: int | None = None) -> tuple[list, list, list]:
+    """(min, opt, max) shapes of a batch profile for an input whose other dims are ``dims``; the opt
+    batch is the batch that will be measured (default: max_batch)."""
+    if max_batch < 1:
+        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
+    opt = max_batch if opt_batch is None else opt_batch
+    if not 1 <= opt <= max_batch:
+        raise LungedgeError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt}")
+    dims = [int(d) for d in dims]
+    if any(d < 1 for d in dims):
+        raise LungedgeError(f"the ONNX input has dynamic dimensions besides the batch ({dims}); export it with a "
+                            "fixed image size")
+    return [1, *dims], [opt, *dims], [max_batch, *dims]
+
+
+def check_batch(batch: int, profile_max: int, engine_name: str = "the engine") -> None:
+    """A batch above the profile's maximum is refused (never split silently)."""
+    if batch > profile_max:
+        raise LungedgeError(f"batch of {batch} is above {engine_name}'s profile maximum ({profile_max}); "
+                            f"rebuild it with --max-batch {batch} or use smaller batches")
+
+
+def check_onnx_matches(meta: dict, engine: str | Path) -> Path:
+    """The ONNX next to an engine is the one it was built from (SHA-256 in the sidecar); returns its path."""
+    onnx_path = Path(engine).parent / str(meta.get("onnx", ""))
+    if not meta.get("onnx") or not onnx_path.is_file():
+        raise LungedgeError(f"{Path(engine).name}: the ONNX it was built from ({meta.get('onnx')}) must lie next to it")
+    if meta.get("onnx_sha256") and sha256_file(onnx_path) != meta["onnx_sha256"]:
+        raise LungedgeError(f"{Path(engine).name} was built from another {onnx_path.name} (SHA-256 differs); "
+                            f"{rebuild_hint(meta)}")
+    return onnx_path
+
+
+# TensorRT DataType member name -> NumPy dtype name (BF16/FP8/INT4 have no NumPy type)
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
+              "BOOL": "bool", "UINT8": "uint8"}
+
+
+def numpy_dtype(trt_dtype) -> np.dtype:
+    """A TensorRT DataType (or its member name, e.g. 'HALF') -> NumPy dtype; one line for types NumPy lacks."""
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    if name not in TRT_DTYPES:
+        raise LungedgeError(f"engine tensor type {name} has no NumPy equivalent (supported: {', '.join(TRT_DTYPES)})")
+    return np.dtype(TRT_DTYPES[name])
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One input or output of an engine, as the engine itself declares it."""
+
+    name: str
+    is_input: bool
+    dtype: np.dtype
+    shape: tuple  # -1 where dynamic (the batch)
+
+
+def split_io(tensors: list[TensorIO], engine_name: str = "engine") -> tuple[TensorIO, TensorIO]:
+    """(the input, the output) of a classifier engine; one line when it has another number of either."""
+    ins = [t for t in tensors if t.is_input]
+    outs = [t for t in tensors if not t.is_input]
+    if len(ins) != 1 or len(outs) != 1:
+        raise LungedgeError(f"{engine_name} has {len(ins)} inputs and {len(outs)} outputs "
+                            f"({', '.join(t.name for t in tensors)}); a lungedge classifier has one of each")
+    if len(ins[0].shape) != 4:
+        raise LungedgeError(f"{engine_name}: input {ins[0].name} has shape {ins[0].shape}, expected (N, C, H, W)")
+    return ins[0], outs[0]
+
+
+def engine_io(engine) -> list[TensorIO]:
+    """Names, directions, dtypes and shapes of an engine's IO tensors, read from the engine (TensorRT 10+)."""
+    trt = _tensorrt()
+    out = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        out.append(TensorIO(name, engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
+                            numpy_dtype(engine.get_tensor_dtype(name)), tuple(engine.get_tensor_shape(name))))
+    return out
+
+
+def make_sidecar(onnx_path: str | Path, model: str, precision: str, max_batch: int, target: EngineTarget,
+                 build_seconds: float, mode: str, **extra) -> dict:
     return {
         "format": SIDECAR_FORMAT,
         "model": model,
@@ -99,6 +203,7 @@ def make_sidecar(onnx_path: str | Path, model: str, precision: str, max_batch: i
         "build_seconds": round(build_seconds, 3),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "lungedge_version": __version__,
+        **extra,
     }
 
 
@@ -121,7 +226,7 @@ def rebuild_hint(meta: dict) -> str:
            f"--max-batch {meta.get('max_batch', 1)}"
 
 
-def check_compatible(meta: dict, here: Target) -> None:
+def check_compatible(meta: dict, here: EngineTarget) -> None:
     """Refuse an engine built for another GPU or TensorRT release, saying how to rebuild it."""
     built = f"{meta['gpu']} (sm {meta['compute_capability']}) with TensorRT {meta['trt_version']}"
     if slug(meta["gpu"]) != slug(here.gpu) or meta["compute_capability"] != here.compute_capability:
@@ -144,7 +249,7 @@ def _tensorrt():
     return tensorrt
 
 
-def detect_target() -> Target:
+def detect_target() -> EngineTarget:
     """The CUDA GPU and TensorRT release of this machine (needs both)."""
     trt = _tensorrt()
     import torch
@@ -152,21 +257,25 @@ def detect_target() -> Target:
     if not torch.cuda.is_available():
         raise LungedgeError("no CUDA GPU is visible here; TensorRT engines are built on the GPU that runs them")
     major, minor = torch.cuda.get_device_capability(0)
-    return Target(torch.cuda.get_device_name(0), f"{major}.{minor}", trt.__version__)
+    return EngineTarget(torch.cuda.get_device_name(0), f"{major}.{minor}", trt.__version__)
 
 
 def build_engine(onnx_path: str | Path, model: str, precision: str, max_batch: int, out_dir: str | Path,
                  opt_batch: int | None = None, workspace_gib: float = 4.0) -> Path:
-    """Build an engine from an FP16/INT8/FP32 ONNX with a batch profile 1..max_batch."""
+    """Build an engine from an FP16/INT8/FP32 ONNX with a batch profile 1..opt..max_batch (opt: the batch
+    that will be measured; default max_batch). FP32 engines clear TF32 (as Polygraphy does), so an FP32
+    row computes in FP32; the sidecar says how layers outside Q/DQ pairs run."""
     trt = _tensorrt()
     target = detect_target()
     mode = build_mode(target.trt_version, precision)
+    profile_shapes([1], max_batch, opt_batch)  # the batch settings, checked before any work
     out = engine_path(out_dir, model, precision, max_batch, target)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if mode == "strongly-typed":
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # 11.x: always strongly typed
+    if mode == "strongly-typed" and strongly is not None:
+        flags |= 1 << int(strongly)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -174,20 +283,18 @@ def build_engine(onnx_path: str | Path, model: str, precision: str, max_batch: i
         raise LungedgeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    if mode == "builder-flags":
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # the Q/DQ nodes carry the scales: no calibrator
+    for flag in builder_flags(mode, precision):  # INT8: the Q/DQ nodes carry the scales, no calibrator
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    tf32 = precision != "fp32"
+    if not tf32 and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache_file = timing_cache_path(out_dir, target)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        dims = list(tensor.shape)[1:]
-        opt = min(max_batch, opt_batch or max_batch)
-        profile.set_shape(tensor.name, [1, *dims], [opt, *dims], [max_batch, *dims])
+        profile.set_shape(tensor.name, *profile_shapes(list(tensor.shape)[1:], max_batch, opt_batch))
     config.add_optimization_profile(profile)
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -196,8 +303,50 @@ def build_engine(onnx_path: str | Path, model: str, precision: str, max_batch: i
     seconds = time.perf_counter() - started
     atomic_write_bytes(out, bytes(serialized))
     atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
-    write_json(sidecar_path(out), make_sidecar(onnx_path, model, precision, max_batch, target, seconds, mode))
+    write_json(sidecar_path(out), make_sidecar(onnx_path, model, precision, max_batch, target, seconds, mode,
+                                               opt_batch=opt_batch or max_batch,
+                                               builder_flags=builder_flags(mode, precision), tf32=tf32,
+                                               non_qdq_layers=non_qdq_layers(mode, precision)))
     return out
+
+
+def check_buildable(meta: dict, onnx_path: str | Path) -> str:
+    """The precision to build an engine of, from an ONNX's metadata; refuses the CPU INT8 form."""
+    from . import onnx_meta
+
+    precision = meta.get("precision")
+    if precision not in PRECISIONS:
+        raise LungedgeError(f"{onnx_path} has precision {precision!r}; TensorRT engines are built from "
+                            f"{', '.join(PRECISIONS)} ONNX files")
+    variant = onnx_meta.variant_of_meta(meta)
+    trt_variant = onnx_meta.variant_of("int8", "trt")
+    if precision == "int8" and variant != trt_variant:
+        raise LungedgeError(f"{onnx_path} is the CPU form of the INT8 model (U8S8 for ONNX Runtime); build the "
+                            f"engine from {meta['architecture']}.{trt_variant}.onnx (S8S8) instead")
+    return precision
+
+
+def build_from_onnx(onnx_path: str | Path, max_batch: int = 8, opt_batch: int | None = None,
+                    workspace_gib: float = 4.0, out: str | Path = "engines") -> tuple[Path, dict]:
+    """Build the engine of an exported ONNX here, model name and precision read from its metadata;
+    the sidecar also records this Jetson's settings (when on one). Returns (engine, sidecar)."""
+    from . import onnx_meta
+    from .jetson import jetson_info
+
+    if max_batch < 1:
+        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
+    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
+        raise LungedgeError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt_batch}")
+    meta = onnx_meta.read(onnx_path)
+    precision = check_buildable(meta, onnx_path)
+    engine = build_engine(onnx_path, meta["architecture"], precision, max_batch, out,
+                          opt_batch=opt_batch, workspace_gib=workspace_gib)
+    sidecar = read_sidecar(engine)
+    info = jetson_info()
+    if info is not None:
+        sidecar["jetson"] = info
+        write_json(sidecar_path(engine), sidecar)
+    return engine, sidecar
 
 
 def load_engine(path: str | Path):
@@ -206,6 +355,7 @@ def load_engine(path: str | Path):
     if not path.is_file():
         raise LungedgeError(f"engine not found: {path}")
     meta = read_sidecar(path)
+    check_onnx_matches(meta, path)
     check_compatible(meta, detect_target())
     trt = _tensorrt()
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())

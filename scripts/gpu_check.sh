@@ -1,59 +1,18 @@
 #!/usr/bin/env bash
-# One prepared check for a single-GPU machine (issue #6): bench and eval DenseNet121 and ResNet50 with
-#   - the source framework on CUDA: PyTorch fp32 + fp16 (DenseNet121); Keras fp32 on the GPU (ResNet50 is a
-#     Keras model, so it has no PyTorch runner),
-#   - ONNX Runtime's CUDA execution provider on the fp32 and fp16 ONNX files,
-#   - TensorRT engines (and ONNX Runtime's TensorRT provider) where TensorRT is installed.
-# It writes JSON-lines results under $OUT, which `lungedge report --results results/ --results $OUT` merges.
+# The GPU check (issue #15), for a bare NVIDIA GPU machine: it needs this source checkout and a python3 with
+# torch, torchvision, onnx, onnxruntime, numpy, pillow, scikit-learn, matplotlib, typer and rich. Nothing is
+# pip-installed or carried: synthetic data, checkpoints (smallcnn trained on the GPU, the others random-init)
+# and ONNX files are made on the spot, then `lungedge eval/bench --device cuda` run for googlenet,
+# inception_v3, densenet121 and smallcnn. Results (JSON lines) land in --out (default: $OUT, else
+# results/gpu-<host>-<time>); merge them with CPU rows: lungedge report --results results --results OUT.
 #
-# Needs: trained runs and exported ONNX files for both models (runs/, engines/), onnxruntime-gpu instead of
-# onnxruntime for the CUDA provider, optionally tensorrt. Usage:
-#   scripts/gpu_check.sh                    # defaults below
-#   RUNS=runs ENGINES=engines OUT=results/gpu BATCH=1,8,32 scripts/gpu_check.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-LUNGEDGE=${LUNGEDGE:-.venv/bin/lungedge}
-PY=${PY:-.venv/bin/python}
-RUNS=${RUNS:-runs}
-ENGINES=${ENGINES:-engines}
-OUT=${OUT:-results/gpu-$(hostname -s)}
-BATCH=${BATCH:-1,8,32}
-MODELS=${MODELS:-"densenet121 resnet50"}
-EVAL_ARGS=${EVAL_ARGS:-}   # e.g. "--split splits/iq.json --data ../shared/data/iq-oth-nccd"
-
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || {
-  echo "error: no NVIDIA GPU here (nvidia-smi failed)"; exit 2; }
-mkdir -p "$OUT"
-
-providers=$($PY -c "import onnxruntime as o; print(','.join(o.get_available_providers()))")
-echo "ONNX Runtime providers: $providers"
-have_trt=0
-if $PY -c "import tensorrt" 2>/dev/null; then have_trt=1; fi
-echo "TensorRT importable: $have_trt"
-
-backends="torch,keras"
-case "$providers" in *CUDAExecutionProvider*) backends="$backends,onnxruntime";;
-  *) echo "note: onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu); skipping ONNX Runtime CUDA";;
-esac
-if [ "$have_trt" = 1 ]; then
-  backends="$backends,tensorrt"
-  case "$providers" in *TensorrtExecutionProvider*) backends="$backends,onnxruntime-trt";; esac
-  for m in $MODELS; do   # engines are built here, on the GPU that runs them, from the existing ONNX files
-    for p in fp32 fp16; do
-      f="$ENGINES/$m/$m.$p.onnx"
-      [ -f "$f" ] && { $LUNGEDGE engine build "$f" --max-batch 32 --opt-batch 8 --out "$ENGINES" \
-        || echo "note: engine build of $f failed (see above)"; }
-    done
-  done
-fi
-echo "backends: $backends"
-
-for m in $MODELS; do
-  echo "== $m: eval"
-  $LUNGEDGE eval "$m" --device cuda --backend "$backends" --precision fp32,fp16 --runs "$RUNS" \
-    --engines "$ENGINES" --out "$OUT" $EVAL_ARGS || echo "note: eval of $m failed"
-  echo "== $m: bench"
-  $LUNGEDGE bench "$m" --device cuda --backend "$backends" --precision fp32,fp16 --batch-sizes "$BATCH" \
-    --warmup 10 --seconds 2 --runs "$RUNS" --engines "$ENGINES" --out "$OUT" || echo "note: bench of $m failed"
-done
-echo "results in $OUT; merge with: $LUNGEDGE report --results results --out reports"
+#   bash scripts/gpu_check.sh                 # the whole check, under 7 minutes (--budget 420)
+#   bash scripts/gpu_check.sh --dry-run       # facts and plan only (works without a GPU)
+#   bash scripts/gpu_check.sh --help          # every option
+#
+# Exit codes: 0 done (skips say why), 1 a step failed, 2 bad arguments, 4 no NVIDIA GPU here.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" scripts/gpu_check.py --python "$PY" "$@"

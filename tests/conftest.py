@@ -113,3 +113,35 @@ def trained_run(tmp_path_factory):
     get.data = data
     get.runs = base / "runs"
     return get
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder nothing can be written into: a read-only one (0555), or, for root (whom permissions do not
+    stop), a path under /sys, which refuses new entries even to root."""
+    import os
+
+    folder = tmp_path / "read-only"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return folder
+    folder.chmod(0o755)
+    sys_dir = Path("/sys/lungedge-unwritable")
+    try:
+        sys_dir.mkdir()
+    except OSError:
+        return sys_dir
+    sys_dir.rmdir()
+    pytest.skip("no unwritable folder here (root, and /sys is writable)")
+
+
+def small_file_limit(nbytes: int):
+    """preexec_fn for subprocess: files larger than ``nbytes`` cannot be written (EFBIG, as a full disk would)."""
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return apply

@@ -9,18 +9,21 @@ import torchvision  # noqa: F401
 import pytest
 
 from conftest import run_cli
-from lungedge.bench import stats, time_calls
+from lungedge.timing import alternate, latency_stats, time_calls
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def test_stats_and_timing_loop():
-    lat, ips = stats([0.001, 0.002, 0.003, 0.004], batch=8)
+    lat, ips = latency_stats([0.001, 0.002, 0.003, 0.004], batch=8)
     assert lat["p50"] == pytest.approx(2.5) and lat["mean"] == pytest.approx(2.5)
     assert ips == pytest.approx(8 / 0.0025)
     calls = []
     times = time_calls(lambda: calls.append(1), warmup=2, iters=5, seconds=None)
     assert len(times) == 5 and len(calls) == 7  # warm-up calls are not timed
+    order = []
+    rounds = alternate([lambda: order.append("a"), lambda: order.append("b")], repeats=3, warmup=1)
+    assert [len(t) for t in rounds] == [3, 3] and order == ["a", "b"] * 4  # contenders take turns
 
 
 def test_provenance_is_cheap_and_complete():
@@ -65,8 +68,11 @@ def test_bench_all_cpu(exported, capsys):
         assert p["threads"] == 1 and p["host"] and p["cpu"] and p["libraries"] and p["date"]
         assert len(r["artifact_sha256"]) == 64
         assert r["vs_source"] is not None
-    src = [r for r in rows if r["backend"] == "torch"]
-    assert all(r["vs_source"] == pytest.approx(1.0) for r in src)
+    # vs_source = the torch FP32 p50 / this row's p50, same batch size and preprocessing
+    src = {(r["batch_size"], r["preprocessing"]): r["latency_ms"]["p50"] for r in rows if r["backend"] == "torch"}
+    assert len(src) == 4
+    for r in rows:
+        assert r["vs_source"] == pytest.approx(src[(r["batch_size"], r["preprocessing"])] / r["latency_ms"]["p50"])
     assert any("decode" in r["includes"] for r in rows if r["preprocessing"])
 
 
@@ -85,3 +91,6 @@ def test_bench_bad_options(exported, capsys):
     assert code == 2 and "unknown backend" in err
     code, _, err = run_cli(["bench"], capsys)
     assert code == 2 and "--all" in err
+    code, _, err = run_cli(["bench", "googlenet", "--seconds", "nan", "--runs", exported["runs"], "--engines",
+                            exported["engines"]], capsys)
+    assert code == 2 and "--seconds" in err and len(err.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 
-HEAVY = ("torch", "torchvision", "tensorflow", "keras", "onnxruntime", "onnx", "tf2onnx")
+HEAVY = ("torch", "torchvision", "tensorflow", "keras", "onnxruntime", "onnx", "tf2onnx", "numpy", "scipy")
 COMMANDS = ["data", "mlp", "models", "train", "finetune", "export", "bench", "eval", "report", "predict",
             "bundle", "demo"]
 

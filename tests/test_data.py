@@ -161,7 +161,11 @@ def test_rotated_and_flipped_copies_are_near_duplicates_and_strangers_are_not():
 
 def test_components_chain_pairs():
     assert dedup.components(6, [(0, 1), (1, 2), (4, 5)]) == [0, 0, 0, 1, 2, 2]
+    assert dedup.components(5, [(4, 3), (3, 1)]) == [0, 1, 2, 1, 1]  # numbered by first appearance
+    assert dedup.components(3, []) == [0, 1, 2]
+    assert dedup.components(0, []) == []
     assert dedup.identical_pairs(["x", "y", "x", "x"]) == [(0, 2), (0, 3), (2, 3)]
+    assert dedup.identical_sets(["x", "y", "z", "y", "x", "x"]) == [[0, 4, 5], [1, 3]]
 
 
 def _groups_by_base(manifest):
@@ -219,33 +223,33 @@ def test_audit_shows_the_leak_of_an_image_level_split(tmp_path, capsys):
     assert code == 0 and "identical" in out and "near>=0.88" in out
 
 
-def test_cli_default_threshold_matches_the_library():
-    from lungedge.cli import data as data_cli
+def test_cli_help_shows_the_library_thresholds(capsys):
+    code, out, _ = run_cli(["data", "split", "--help"], capsys)
+    assert code == 0 and f"[default: {dedup.DEFAULT_THRESHOLD}]" in out
+    code, out, _ = run_cli(["data", "audit", "--help"], capsys)
+    assert code == 0 and f"{dedup.LOOSE_THRESHOLD:.2f}" in out
 
-    assert data_cli.DEFAULT_THRESHOLD == dedup.DEFAULT_THRESHOLD
+
+def test_split_with_defaults_groups_at_the_library_threshold(generic_dataset):
+    from lungedge.data.split import make_split
+
+    assert make_split(generic_dataset, show_progress=False)["params"]["threshold"] == dedup.DEFAULT_THRESHOLD
 
 
 # -- the real data sets (skipped where ../shared/data is absent) ---------------------------------
 
 @pytest.mark.realdata
-def test_real_iq_oth_nccd_inspect(capsys):
-    root = require_real("iq-oth-nccd")
-    code, out, _ = run_cli(["data", "inspect", root, "--json"], capsys)
+@pytest.mark.parametrize("name, layout, total", [("iq-oth-nccd", "iq-oth-nccd", 1097),
+                                                 ("lc25000-lung-subset", "lc25000-lung", 3719)])
+def test_real_inspect(name, layout, total, capsys):
+    code, out, _ = run_cli(["data", "inspect", require_real(name), "--json"], capsys)
     info = json.loads(out)
     assert code == 0
-    assert info["layout"] == "iq-oth-nccd"
-    assert info["counts"] == {"Benign": 120, "Malignant": 561, "Normal": 416}
+    assert info["layout"] == layout and len(info["classes"]) == 3 and info["total"] == total
     assert info["unreadable"] == []
-    assert info["non_square"]["Malignant"] >= 50
-
-
-@pytest.mark.realdata
-def test_real_lc25000_inspect(capsys):
-    root = require_real("lc25000-lung-subset")
-    code, out, _ = run_cli(["data", "inspect", root, "--json"], capsys)
-    info = json.loads(out)
-    assert code == 0
-    assert info["layout"] == "lc25000-lung" and len(info["classes"]) == 3 and info["total"] == 3719
+    if name == "iq-oth-nccd":
+        assert info["counts"] == {"Benign": 120, "Malignant": 561, "Normal": 416}
+        assert info["non_square"]["Malignant"] >= 50
 
 
 @pytest.mark.realdata
@@ -257,6 +261,7 @@ def test_real_iq_oth_grouped_split_removes_the_leak(tmp_path, capsys):
         assert run_cli(["data", "split", root, "--out", m, "--group-by", mode], capsys)[0] == 0
         code, out, _ = run_cli(["data", "audit", m, "--json"], capsys)
         audits[mode] = json.loads(out)
+    assert json.loads((tmp_path / "near-duplicate.json").read_text())["groups"] == 329  # as the README reports
     assert audits["near-duplicate"]["identical_cross_split"]["total"] == 0
     assert audits["none"]["identical_cross_split"]["total"] > 0
     for level in range(2):  # at the grouping threshold and at the looser one

@@ -38,3 +38,24 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
     assert metrics["status"] == "finished" and len(metrics["history"]) == 2
     digests = metrics["rank_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_cuda_ranks_bind_their_gpu_before_nccl(monkeypatch):
+    """issue #15: torch.cuda.set_device(local_rank) comes before init_process_group on CUDA."""
+    import torch
+    import torch.distributed as dist
+
+    from lungedge.train.torch_trainer import Dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    Dist("cuda")
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    calls.clear()
+    Dist("cpu")
+    assert calls == [("init", "gloo")]

@@ -56,3 +56,22 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path, capsys):
 def test_demo_refuses_an_unknown_model(tmp_path, capsys):
     code, _, err = run_cli(["demo", "--out", tmp_path, "--models", "alexnet"], capsys)
     assert code == 2 and "alexnet" in err and "smallcnn" in err
+
+
+def test_a_stage_runs_real_commands_prints_them_and_resumes_from_its_marker(tmp_path):
+    from lungedge.cli.common import main
+    from lungedge.demo import Stages
+    from lungedge.errors import LungedgeError
+
+    data = generate(tmp_path / "data", per_class=3, size=64, seed=1)
+    lines = []
+    stages = Stages(tmp_path, lines.append, main)
+    stages.run("split", [["data", "split", data, "--out", tmp_path / "split.json"]])
+    assert f"[demo] $ lungedge data split {data} --out {tmp_path / 'split.json'}" in lines
+    assert (tmp_path / "split.json").is_file() and (tmp_path / ".done" / "split").is_file()
+    lines.clear()
+    Stages(tmp_path, lines.append, main).run("split", [["data", "split", "/nowhere", "--out", tmp_path / "x.json"]])
+    assert lines == ["[demo] split: already done, reused"] and not (tmp_path / "x.json").exists()
+    with pytest.raises(LungedgeError, match="'lungedge data inspect ...' failed"):
+        stages.run("inspect", [["data", "inspect", tmp_path / "nowhere"]])
+    assert not (tmp_path / ".done" / "inspect").exists()

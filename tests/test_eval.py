@@ -95,9 +95,13 @@ def test_eval_model_every_backend_and_precision(exported, capsys):
 
 
 def test_eval_errors_are_one_line(exported, capsys):
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(["eval", "googlenet", "--runs", exported["runs"], "--engines", exported["engines"],
+                                "--device", "cuda"], capsys)
+        assert code == 2 and err.startswith("error:") and "cuda" in err.lower() and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["eval", "googlenet", "--runs", exported["runs"], "--engines", exported["engines"],
-                            "--device", "cuda"], capsys) if not torch.cuda.is_available() else (2, "", "error: cuda")
-    assert code == 2 and err.startswith("error:") and "cuda" in err.lower() and len(err.strip().splitlines()) == 1
+                            "--device", "tpu"], capsys)
+    assert code == 2 and err.startswith("error: unknown device 'tpu'") and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(["eval", "nosuchmodel"], capsys)
     assert code == 2 and "neither a file nor a model" in err
 

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import TRAIN_CLASSES, run_cli, write_dataset
 from lungedge import onnx_meta
-from lungedge.export import parity
+from lungedge.export.compare import compare_outputs as parity
 from lungedge.io import sha256_file
-from lungedge.models.checkpoint import read_meta
+from lungedge.models.checkpoint import build_of, read_meta
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -49,6 +49,7 @@ def test_export_fp32_fp16_int8_of_each_architecture(name, trained_run, tmp_path,
         assert m["source_sha256"] == sha256_file(ckpt) and m["lungedge_version"]
         assert m["precision"] == precision.split("-")[0]
         assert m["preprocessing"].to_dict() == meta["preprocessing"]
+        assert m["build"] == build_of(meta) and m["build"]["architecture"] == name  # how it was built travels
         prep = m["preprocessing"]
     x = np.random.default_rng(0).normal(size=(3, *prep.input_shape)).astype(np.float32)
     outs = {p: _ort(path, x) for p, path in files.items()}
@@ -73,10 +74,14 @@ def _qdq_zero_points(path):
 
 @pytest.mark.slow
 def test_int8_for_tensorrt_is_symmetric_and_calibration_is_reused(trained_run, tmp_path, capsys):
+    trained_run("googlenet")  # trains it, unless an earlier test already did
     args = ["export", "googlenet", "--runs", trained_run.runs, "--out", tmp_path / "e", "--calibration",
             tmp_path / "c", "--int8", "--calib-size", 9, "--calib-method", "minmax", "--no-engine"]
     code, out, err = run_cli(args, capsys)
-    assert code == 0, err and "computed and saved" in out
+    assert code == 0, err
+    ranges = [line for line in out.splitlines() if line.startswith("int8 (")]
+    assert len(ranges) == 2 and "computed and saved" in ranges[0]  # computed once, for the first form
+    assert ranges[0].startswith("int8 (trt)") and ranges[1].startswith("int8 (cpu)") and "reused" in ranges[1]
     zps = _qdq_zero_points(tmp_path / "e" / "googlenet" / "googlenet.int8.onnx")
     assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
     cpu = _qdq_zero_points(tmp_path / "e" / "googlenet" / "googlenet.int8-cpu.onnx")
@@ -192,6 +197,7 @@ def test_keras_resnet50_saved_with_plain_model_save(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_calibration_set_of_another_data_set_is_refused(trained_run, tmp_path, capsys):
+    trained_run("googlenet")
     other = write_dataset(tmp_path / "other", TRAIN_CLASSES, per_class=3, size=64, seed=42)
     code, _, err = run_cli(["export", "googlenet", "--runs", trained_run.runs, "--out", tmp_path / "e",
                             "--calibration", tmp_path / "c", "--int8", "--calib-data", other], capsys)
@@ -208,4 +214,56 @@ def test_engine_asked_for_without_tensorrt_fails(tmp_path, capsys):
     code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "g.pth", "--classes", "a,b,c",
                             "--out", tmp_path / "e", "--engine"], capsys)
     assert code == 2 and "TensorRT is not installed" in err
-    assert (tmp_path / "e" / "googlenet" / "googlenet.fp32.onnx").is_file()  # the ONNX is still written
+    fp32 = tmp_path / "e" / "googlenet" / "googlenet.fp32.onnx"
+    assert fp32.is_file()  # the ONNX is still written
+    build = onnx_meta.read(fp32)["build"]  # a foreign googlenet state dict: torchvision's pretrained defaults, recorded
+    assert build["constructor"] == "torchvision.models.googlenet" and build["kwargs"]["transform_input"] is True
+    assert build["weights"]["layout"] == "plain" and build["weights"]["assumed"]["transform_input"] is True
+
+
+def test_source_kind_is_chosen_by_the_file(tmp_path):
+    from lungedge.errors import LungedgeError
+    from lungedge.export.sources import kind_of, kinds
+
+    assert [k.name for k in kinds()] == ["torchscript", "torch.export", "torch", "keras", "onnx"]
+    assert kind_of(tmp_path / "m.onnx").name == "onnx"
+    assert kind_of(tmp_path / "m.pth").name == "torch" and kind_of(tmp_path / "m.PT").name == "torch"
+    assert kind_of(tmp_path / "m.h5").name == "keras" and kind_of(tmp_path / "m.keras").name == "keras"
+    with pytest.raises(LungedgeError, match=r"not a model file export reads \(accepted: TorchScript"):
+        kind_of(tmp_path / "m.txt")
+
+
+def test_keras_file_for_a_torch_model_is_refused(tmp_path, capsys):
+    (tmp_path / "m.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "m.h5"], capsys)
+    assert code == 2 and "is not a torch checkpoint, which googlenet needs" in err, err
+
+
+def test_one_test_set_loader(tmp_path):
+    from lungedge.data.split import make_split, write_manifest
+    from lungedge.errors import LungedgeError
+    from lungedge.preprocess import Preprocessing
+    from lungedge.testset import load_test_set, split_of_run
+
+    data = write_dataset(tmp_path / "data", TRAIN_CLASSES, per_class=4, size=16)
+    manifest = make_split(data, val=0.0, test=0.5, group_by="none")
+    split = write_manifest(manifest, tmp_path / "run" / "split.json")
+    assert split_of_run(tmp_path / "run" / "best.pth") == split
+    assert split_of_run(tmp_path / "elsewhere" / "best.pth") is None
+    n_test = sum(it["split"] == "test" for it in manifest["items"])
+    ts = load_test_set(split=split)
+    assert len(ts.paths) == n_test and str(split) in ts.where
+    assert sorted(ts.labels) == sorted(it["label"] for it in manifest["items"] if it["split"] == "test")
+    assert list(ts.label_indices(TRAIN_CLASSES)) == [TRAIN_CLASSES.index(lbl) for lbl in ts.labels]
+    assert ts.label_indices(["x", "y"]) is None
+    x = ts.inputs(Preprocessing(size=16))
+    assert x.shape == (n_test, 3, 16, 16) and ts.inputs(Preprocessing(size=16)) is x  # loaded once
+    assert ts.head(2).inputs(Preprocessing(size=16)).shape[0] == 2
+    assert len(load_test_set(split=split, limit=2).paths) == 2
+    every = load_test_set(data=data)
+    assert len(every.paths) == 4 * len(TRAIN_CLASSES) and every.where.startswith("all ")
+    assert len(load_test_set(data=data, limit=3).paths) == 3
+    with pytest.raises(LungedgeError, match="test images of .* are missing under"):
+        load_test_set(split=split, data=tmp_path / "empty")
+    with pytest.raises(LungedgeError, match="no test set given"):
+        load_test_set()

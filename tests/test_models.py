@@ -68,6 +68,68 @@ def _tiny_checkpoint(tmp_path, name="googlenet"):
     return ckpt.save_torch_checkpoint(tmp_path / f"{name}.pth", model, meta), model
 
 
+def _fake_imagenet(fn, **kw):
+    """What torchvision's download would return: a 1000-class state dict (random values) in its layout."""
+    def load(url, *a, **k):
+        assert url.startswith("https://download.pytorch.org/models/")
+        return getattr(torchvision.models, fn)(weights=None, num_classes=1000, init_weights=False, **kw).state_dict()
+    return load
+
+
+def test_imagenet_googlenet_checkpoint_reloads_the_same_function(monkeypatch, tmp_path):
+    """torchvision builds ImageNet GoogLeNet with transform_input=True; the checkpoint records it and reloads it."""
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", _fake_imagenet("googlenet", aux_logits=True))
+    built = registry.build_model("googlenet", weights="imagenet", mode="full", image_size=64)
+    assert built.build["kwargs"]["transform_input"] is True and built.build["kwargs"]["aux_logits"] is False
+    assert built.build["weights"]["name"] == torchvision.models.get_model_weights("googlenet").DEFAULT.__class__.__name__ + ".IMAGENET1K_V1"
+    assert built.build["weights"]["meta"]["transforms"]["crop_size"] == [224] and built.build["head"]["num_classes"] == 3
+    spec = registry.get_spec("googlenet")
+    meta = ckpt.make_meta(spec, ["a", "b", "c"], built.preprocessing, "full", "f" * 64, 1, [], build=built.build)
+    path = ckpt.save_torch_checkpoint(tmp_path / "g.pth", built.model, meta)
+    loaded, meta = ckpt.load_checkpoint(path)
+    assert loaded.transform_input is True and meta["build"] == built.build
+    x = torch.randn(2, 3, 64, 64)
+    built.model.eval()
+    with torch.no_grad():
+        assert torch.equal(built.model(x), loaded(x))
+    # a file written before builds were recorded loads as before (random-init arguments)
+    payload = torch.load(path, weights_only=True)
+    del payload["meta"]["build"]
+    torch.save(payload, tmp_path / "old.pth")
+    old, _ = ckpt.load_checkpoint(tmp_path / "old.pth")
+    assert old.transform_input is False
+
+
+def test_preprocessing_is_per_weights_and_matches_torchvision():
+    for name in ("googlenet", "inception_v3", "densenet121"):
+        spec = registry.get_spec(name)
+        t = torchvision.models.get_model_weights(spec.builder.fn).DEFAULT.transforms()
+        prep = spec.preprocessing_for(None, "imagenet")
+        assert prep.size == t.crop_size[0] == spec.native_size
+        assert prep.mean == pytest.approx(tuple(t.mean)) and prep.std == pytest.approx(tuple(t.std))
+    with pytest.raises(LungedgeError, match="no ImageNet weights"):
+        registry.get_spec("smallcnn").preprocessing_for(None, "imagenet")
+
+
+def test_torchvision_layout_file_gets_the_pretrained_transform(tmp_path):
+    tv = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False, num_classes=1000)
+    path = tmp_path / "inception_v3_imagenet.pth"
+    torch.save(tv.state_dict(), path)
+    built = registry.build_model("inception_v3", weights=str(path), image_size=75)
+    assert built.model.transform_input is True and built.build["weights"]["assumed"]["transform_input"] is True
+    assert torch.equal(built.model.Conv2d_1a_3x3.conv.weight, tv.Conv2d_1a_3x3.conv.weight)
+    over = registry.build_model("inception_v3", weights=str(path), image_size=75, kwargs={"transform_input": False})
+    assert over.model.transform_input is False
+
+
+def test_build_record_rebuilds_every_torch_model():
+    for name in ("googlenet", "inception_v3", "densenet121", "smallcnn"):
+        built = registry.build_model(name, image_size=80)
+        again = registry.rebuild(json.loads(json.dumps(built.build)))
+        assert type(again).__name__ == type(built.model).__name__
+        assert again.state_dict().keys() == built.model.state_dict().keys()
+
+
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     path, model = _tiny_checkpoint(tmp_path)
     model.eval()
@@ -129,12 +191,13 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 def test_imagenet_offline_is_one_clear_line(monkeypatch, tmp_path, capsys):
     import urllib.error
 
-    import torch.hub
+    import torchvision.models._api
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # what torchvision's WeightsEnum.get_state_dict calls to download
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
     with pytest.raises(LungedgeError, match="--weights PATH") as info:
         registry.create("densenet121", weights="imagenet")

@@ -24,6 +24,7 @@ def test_predict_checkpoint_json(trained_run, capsys):
         assert p["class"] in res["classes"]
         assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     code, out, err = run_cli(["predict", "googlenet", images[0], "--runs", trained_run.runs], capsys)
-    assert code == 0, err and images[0].name in out
+    assert code == 0, err
+    assert images[0].name in out and "googlenet via torch cpu fp32" in out
     code, _, err = run_cli(["predict", run / "best.pth", "/no/such.png"], capsys)
     assert code == 2 and err.startswith("error:")

@@ -72,3 +72,53 @@ def test_unreadable_files_raise_a_clear_error(tmp_path):
     (tmp_path / "t.jpg").write_bytes(good_bytes[: len(good_bytes) // 2])
     with pytest.raises(ImageReadError, match="unreadable"):
         Preprocessing().load(tmp_path / "t.jpg")
+
+
+def _formula(p, pixels_rgb):
+    """Today's definition: float formula on the full-decode RGB pixels."""
+    x = pixels_rgb.astype(np.float32) * np.float32(p.scale)
+    x = (x - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def _ct_like(seed=0, shape=(512, 512)):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    body = ((yy - shape[0] / 2) ** 2 / (0.4 * shape[0]) ** 2 + (xx - shape[1] / 2) ** 2 / (0.45 * shape[1]) ** 2) < 1
+    img = np.where(body, 120 + 40 * np.sin(xx / 9.0) * np.cos(yy / 13.0), 0) + rng.normal(0, 6, shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
+
+
+@pytest.mark.parametrize("size", [96, 224, 299])
+def test_fast_jpeg_path_matches_the_full_decode(tmp_path, size):
+    from lungedge.preprocess import center_square, open_image, to_rgb
+
+    path = tmp_path / "ct.jpg"
+    _ct_like().save(path, quality=90)
+    p = Preprocessing(size=size)
+    full = center_square(to_rgb(open_image(path))).resize((size, size), Image.BILINEAR)
+    before, now = _formula(p, np.asarray(full)), p.load(path)
+    assert now.shape == before.shape == (3, size, size) and now.dtype == np.float32
+    levels = np.abs(now - before) * np.asarray(p.std, np.float32)[:, None, None] * 255
+    if size * 2 > 256:  # no JPEG scale of a 512-px image covers twice the size: the very same pixels
+        np.testing.assert_array_equal(now, before)
+    else:  # decoded at 1/2: interpolation differences only
+        assert levels.mean() < 1.5 and levels.max() < 48, (levels.mean(), levels.max())
+
+
+def test_non_jpeg_and_rgb_images_give_exactly_the_formula(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), mode="RGB")
+    rgb.save(tmp_path / "c.png")
+    _ct_like(shape=(100, 140)).save(tmp_path / "g.png")
+    for name, p in (("c.png", Preprocessing(size=32)), ("g.png", Preprocessing(size=48)),
+                    ("c.png", Preprocessing(size=32, mean=(1, 2, 3), std=(2, 3, 4), scale=1.0, channel_order="BGR",
+                                            layout="NHWC"))):
+        from lungedge.preprocess import center_square, open_image, to_rgb
+
+        full = np.asarray(center_square(to_rgb(open_image(tmp_path / name))).resize((p.size, p.size), Image.BILINEAR))
+        x = full.astype(np.float32) * np.float32(p.scale)
+        x = x[..., ::-1] if p.channel_order == "BGR" else x
+        x = (x - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+        x = np.moveaxis(x, -1, -3) if p.layout == "NCHW" else x
+        np.testing.assert_array_equal(p.load(tmp_path / name), x)

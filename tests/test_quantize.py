@@ -99,3 +99,153 @@ def test_calibration_sample_is_stratified_deterministic_and_train_only():
     assert m1["files_sha256"] == m2["files_sha256"] and m1["key"] != m2["key"]
     with pytest.raises(LungedgeError, match="calib-method"):
         quantize.calibration_manifest(sample, "magic", {}, "fp")
+
+
+# -- streaming calibration ------------------------------------------------------------------------------
+
+def _reference_entropy(hist, width, nbins=128, start=128):
+    """NVIDIA's pytorch-quantization _compute_amax_entropy, loop for loop (the slow reference)."""
+    from collections import Counter
+
+    bins = np.asarray(hist, np.float64).copy()
+    bins[0] = bins[1]
+    divergences, arguments = [], []
+    for i in range(start, len(bins) + 1):
+        space = np.linspace(0, i, num=nbins + 1)
+        digitized = np.digitize(range(i), space) - 1
+        digitized[bins[:i] == 0] = -1
+        counts = np.zeros(nbins)
+        for idx, d in enumerate(digitized):
+            if d != -1:
+                counts[d] += bins[idx]
+        for key, val in Counter(digitized).items():
+            if key != -1:
+                counts[key] /= val
+        q = np.array([counts[d] if d != -1 else 0.0 for d in digitized])
+        p = bins[:i].copy()
+        p[-1] += bins[i:].sum()
+        p, q = p / p.sum(), q / q.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            kl = np.sum(np.where(p > 0, p * np.log(p / q), 0.0))
+        divergences.append(kl if np.isfinite(kl) else np.inf)
+        arguments.append(i)
+    divergences = np.array(divergences)
+    return (len(divergences) - 1 - int(np.argmin(divergences[::-1])) + start) * width
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_entropy_threshold_is_tensorrts_kl_minimum(seed):
+    rng = np.random.default_rng(seed)
+    data = np.abs(np.concatenate([rng.normal(size=20000), rng.standard_cauchy(size=200)]))
+    hist, edges = np.histogram(data, bins=400, range=(0, data.max()))
+    width = edges[1] - edges[0]
+    got = quantize.entropy_threshold(hist, width)
+    assert got == pytest.approx(_reference_entropy(hist, width), rel=1e-9)
+    # a few far outliers are clipped at 2048 bins; a plain normal is kept to several sigma
+    hist, edges = np.histogram(data, bins=quantize.HIST_BINS, range=(0, data.max()))
+    assert 2.0 < quantize.entropy_threshold(hist, edges[1] - edges[0]) < 0.5 * data.max()
+
+
+def test_streamed_ranges_do_not_depend_on_batching():
+    rng = np.random.default_rng(0)
+    # the same distribution in every batch, with a sparse tail
+    batches = [np.concatenate([rng.normal(size=20000), rng.choice([-1, 1], 40) * rng.uniform(8, 30, 40)])
+               .astype(np.float32) for _ in range(5)]
+    one, many = quantize.RangeCollector(), quantize.RangeCollector()
+    one.update("t", np.concatenate(batches))
+    for b in batches:
+        many.update("t", b)
+    assert many.range("t", "minmax") == one.range("t", "minmax")
+    for method in ("entropy", "percentile"):
+        lo, hi = many.range("t", method)
+        assert -lo == hi and hi == pytest.approx(one.range("t", method)[1], rel=0.02)
+
+
+def test_histogram_memory_is_bounded_when_the_range_keeps_growing():
+    c = quantize.RangeCollector()
+    for k in range(12):
+        c.update("t", np.random.default_rng(k).normal(scale=10.0 ** (k / 2), size=1000).astype(np.float32))
+    assert quantize.HIST_BINS <= c.hist["t"].size <= 2 * quantize.HIST_BINS
+    assert c.hist["t"].sum() == 12000
+    assert c.hist["t"].size * c.width["t"] >= max(-c.lo["t"], c.hi["t"])
+
+
+def _ort_minmax_ranges(model_path, x):
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    class Reader:
+        def __init__(self):
+            self.it = iter([{"input": x[i : i + 8]} for i in range(0, len(x), 8)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        cal = create_calibrator(Path(model_path), augmented_model_path=str(Path(d) / "aug.onnx"),
+                                calibrate_method=CalibrationMethod.MinMax)
+        cal.collect_data(Reader())
+        return {k: tuple(float(np.ravel(r)[0]) for r in v.range_value) for k, v in cal.compute_data().items()}
+
+
+def test_minmax_ranges_equal_onnxruntimes(tiny_onnx):
+    x = _images(32)
+    ours = quantize.collect_ranges(tiny_onnx, (x[i : i + 16] for i in range(0, 32, 16)), methods=("minmax",))
+    theirs = _ort_minmax_ranges(tiny_onnx, x)
+    assert set(theirs) <= set(ours["minmax"])
+    for name, (lo, hi) in theirs.items():
+        assert ours["minmax"][name] == pytest.approx((lo, hi), rel=1e-6, abs=1e-7)
+
+
+# -- Q/DQ placement for TensorRT -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def residual_onnx(tmp_path_factory):
+    """Conv stem, max pooling, a residual block (Add) and a Concat: what ResNet/GoogLeNet/DenseNet have."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+            self.a = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.c = torch.nn.Conv2d(16, 8, 1)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.stem(x)
+            y = torch.relu(self.b(torch.relu(self.a(x))) + x)
+            z = torch.relu(self.c(torch.cat([x, y], 1)))
+            return self.fc(torch.nn.functional.adaptive_avg_pool2d(z, 1).flatten(1))
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("onnx") / "residual.onnx"
+    torch.onnx.export(Net().eval(), torch.zeros(1, 3, 16, 16), str(path), input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    return path
+
+
+def test_trt_int8_quantizes_every_layer_and_nothing_tensorrt_cannot_fold(residual_onnx, tmp_path):
+    import onnx
+
+    x = _images(16)
+    cache = tmp_path / "ranges.json"
+    trt = quantize.to_int8(residual_onnx, tmp_path / "r.int8.onnx", "trt", "minmax", cache, batches=[x])
+    report = quantize.trt_qdq_report(trt)
+    assert report["unquantized"] == [] and report["unfoldable"] == [], report
+    model = onnx.load(str(trt))
+    prod = {o: n for n in model.graph.node for o in n.output}
+    adds = [n for n in model.graph.node if n.op_type == "Add"]
+    assert adds and all(sum(prod[t].op_type == "DequantizeLinear" for t in n.input if t in prod) == 1 for n in adds)
+    assert not any(n.op_type in ("MaxPool", "Concat") and any(prod.get(t) is not None and
+                   prod[t].op_type == "DequantizeLinear" for t in n.input) for n in model.graph.node)
+    ref, q = _run(residual_onnx, x), _run(trt, x)
+    assert (ref.argmax(1) == q.argmax(1)).mean() >= 0.75
+    # ONNX Runtime's default placement (the CPU file) puts Q/DQ where TensorRT cannot fold it: the check sees it
+    cpu = quantize.to_int8(residual_onnx, tmp_path / "r.int8-cpu.onnx", "cpu", "minmax", cache)
+    assert quantize.trt_qdq_report(cpu)["unfoldable"]

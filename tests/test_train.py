@@ -138,3 +138,49 @@ def test_keras_accepts_a_distribute_strategy(tiny, tmp_path):
     s = train(TrainConfig(model="resnet50", data=str(tiny), epochs=1, batch_size=8, image_size=32, weights="none",
                           out=str(tmp_path)), strategy=tf.distribute.OneDeviceStrategy("/cpu:0"))
     assert s["status"] == "finished" and (Path(s["run_dir"]) / "best.h5").is_file()
+
+
+@pytest.mark.slow
+def test_keras_resume_ends_where_an_uninterrupted_run_ends(tiny, tmp_path):
+    from lungedge.train import TrainConfig, train
+
+    base = dict(model="resnet50", data=str(tiny), epochs=2, batch_size=8, image_size=32, weights="none",
+                mode="transfer", out=str(tmp_path), seed=1, warmup_epochs=0.5, weight_decay=1e-3)
+    full = train(TrainConfig(**base, run_name="a"))
+    part = train(TrainConfig(**base, run_name="b"), stop_after=1)
+    assert part["status"] == "interrupted" and len(part["history"]) == 1
+    resumed = train(TrainConfig(**base, run_name="b"), resume=True)
+    assert resumed["status"] == "finished" and len(resumed["history"]) == 2
+    a, _ = load_checkpoint(tmp_path / "resnet50" / "a" / "last.h5")
+    b, meta = load_checkpoint(tmp_path / "resnet50" / "b" / "last.h5")
+    for wa, wb in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
+    assert [h["val_loss"] for h in full["history"]] == pytest.approx([h["val_loss"] for h in resumed["history"]], rel=1e-5)
+    assert meta["build"]["constructor"] == "keras.applications.ResNet50" and meta["build"]["kwargs"]["pooling"] == "avg"
+
+
+def test_keras_optimizer_honours_weight_decay_and_warmup():
+    from lungedge.models.registry import import_keras
+    from lungedge.train.common import TrainConfig, lr_factor
+    from lungedge.train.keras_trainer import make_optimizer
+
+    keras = import_keras()
+    cfg = TrainConfig(model="resnet50", epochs=4, lr=1e-3, weight_decay=0.02, warmup_epochs=1.0)
+    opt = make_optimizer(keras, cfg, steps_per_epoch=10)
+    assert opt.weight_decay == pytest.approx(0.02)
+    rates = [float(keras.ops.convert_to_numpy(opt._learning_rate(s))) for s in (0, 5, 10, 25, 40)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3, rel=1e-5)  # linear warm-up over one epoch
+    assert rates[3] == pytest.approx(1e-3 * lr_factor(25, 40, 10), rel=1e-4) and rates[4] == pytest.approx(0, abs=1e-9)
+
+
+def test_keras_and_torch_augment_alike():
+    from lungedge.models.registry import get_spec
+    from lungedge.train.common import augment
+    from lungedge.train.keras_trainer import augment_nhwc
+
+    prep = get_spec("resnet50").preprocessing_for(32)
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32) * 50
+    out = augment_nhwc(x, 7, prep)
+    ref = augment(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.Generator().manual_seed(7), prep)
+    np.testing.assert_array_equal(out, ref.numpy().transpose(0, 2, 3, 1))
+    assert not np.allclose(out, x)

@@ -10,8 +10,8 @@ import pytest
 from lungedge import trt
 from lungedge.errors import LungedgeError
 
-H200 = trt.Target("NVIDIA H200", "9.0", "10.13.2.6")
-ORIN = trt.Target("Orin (nvgpu)", "8.7", "10.3.0")
+H200 = trt.EngineTarget("NVIDIA H200", "9.0", "10.13.2.6")
+ORIN = trt.EngineTarget("Orin (nvgpu)", "8.7", "10.3.0")
 
 
 def test_engine_name_carries_precision_batch_gpu_and_version(tmp_path):
@@ -57,11 +57,11 @@ def test_sidecar_round_trip(tmp_path):
 
 def test_same_gpu_and_release_is_accepted(tmp_path):
     _, meta = _sidecar(tmp_path)
-    trt.check_compatible(meta, trt.Target("Orin (nvgpu)", "8.7", "10.3.0.30"))  # build number may differ
+    trt.check_compatible(meta, trt.EngineTarget("Orin (nvgpu)", "8.7", "10.3.0.30"))  # build number may differ
 
 
-@pytest.mark.parametrize("here,what", [(trt.Target("NVIDIA H200", "9.0", "10.3.0"), "this is NVIDIA H200"),
-                                       (trt.Target("Orin (nvgpu)", "8.7", "10.4.0"), "TensorRT here is 10.4.0")])
+@pytest.mark.parametrize("here,what", [(trt.EngineTarget("NVIDIA H200", "9.0", "10.3.0"), "this is NVIDIA H200"),
+                                       (trt.EngineTarget("Orin (nvgpu)", "8.7", "10.4.0"), "TensorRT here is 10.4.0")])
 def test_other_gpu_or_release_is_refused_with_a_rebuild_hint(tmp_path, here, what):
     _, meta = _sidecar(tmp_path)
     with pytest.raises(LungedgeError) as err:
@@ -101,3 +101,138 @@ def test_build_and_load_a_real_engine(tmp_path):
     engine = trt.build_engine(onnx_file, "tiny", "fp16", 4, tmp_path)
     _, meta = trt.load_engine(engine)
     assert meta["max_batch"] == 4 and engine.name.startswith("tiny.fp16.b4.")
+
+
+def test_only_the_tensorrt_int8_variant_is_buildable():
+    from lungedge import onnx_meta
+
+    meta = {"architecture": "googlenet", "precision": "int8", "extra": {"int8_target": "trt"}}
+    assert trt.check_buildable(meta, "g.int8.onnx") == "int8"
+    with pytest.raises(LungedgeError, match=r"CPU form .* googlenet\.int8\.onnx \(S8S8\)"):
+        trt.check_buildable({**meta, "extra": {"int8_target": "cpu"}}, "g.int8-cpu.onnx")
+    with pytest.raises(LungedgeError, match="precision 'bf16'"):
+        trt.check_buildable({**meta, "precision": "bf16"}, "g.onnx")
+    # the one variant mapping: file-name part <-> (precision, INT8 form)
+    assert onnx_meta.variant_of("int8", "cpu") == "int8-cpu" and onnx_meta.variant_of("int8", "trt") == "int8"
+    assert onnx_meta.variant_of("fp16") == "fp16" and onnx_meta.variant_facts("int8-cpu") == ("int8", "cpu")
+    assert all(onnx_meta.variant_of(*facts) == v for v, facts in onnx_meta.VARIANTS.items())
+    with pytest.raises(LungedgeError, match="unknown variant"):
+        onnx_meta.variant_facts("int4")
+
+
+# --- issue #15: the plain logic of the engine build and the TensorRT / ONNX Runtime GPU paths --------------
+
+@pytest.mark.parametrize("mode,precision,flags", [
+    ("builder-flags", "fp32", []), ("builder-flags", "fp16", ["FP16"]), ("builder-flags", "int8", ["FP16", "INT8"]),
+    ("strongly-typed", "fp16", []), ("strongly-typed", "int8", [])])
+def test_builder_flags_per_release_and_precision(mode, precision, flags):
+    assert trt.builder_flags(mode, precision) == flags
+
+
+def test_sidecar_says_how_layers_outside_qdq_run(tmp_path):
+    ten = trt.non_qdq_layers("builder-flags", "int8")
+    eleven = trt.non_qdq_layers("strongly-typed", "int8")
+    assert "TensorRT's choice" in ten and "FP16" in ten and "as typed in the ONNX" in eleven and ten != eleven
+    assert trt.non_qdq_layers("builder-flags", "fp32").startswith("FP32")
+    onnx_file = tmp_path / "m.int8.onnx"
+    onnx_file.write_bytes(b"x")
+    side = trt.make_sidecar(onnx_file, "m", "int8", 8, H200, 1.0, "builder-flags", opt_batch=4,
+                            non_qdq_layers=ten, tf32=True)
+    assert side["opt_batch"] == 4 and side["non_qdq_layers"] == ten and side["format"] == trt.SIDECAR_FORMAT
+
+
+def test_profile_shapes_put_the_measured_batch_at_opt():
+    assert trt.profile_shapes([3, 224, 224], 32, 8) == ([1, 3, 224, 224], [8, 3, 224, 224], [32, 3, 224, 224])
+    assert trt.profile_shapes([3, 64, 64], 16)[1] == [16, 3, 64, 64]  # default: opt at the maximum
+    with pytest.raises(LungedgeError, match="--opt-batch must be between 1 and --max-batch \\(8\\), got 9"):
+        trt.profile_shapes([3, 64, 64], 8, 9)
+    with pytest.raises(LungedgeError, match="--max-batch must be at least 1"):
+        trt.profile_shapes([3, 64, 64], 0)
+    with pytest.raises(LungedgeError, match="dynamic dimensions besides the batch"):
+        trt.profile_shapes([3, -1, -1], 8)
+
+
+def test_a_batch_above_the_profile_is_refused_not_split():
+    trt.check_batch(8, 8)
+    with pytest.raises(LungedgeError, match=r"batch of 9 is above m\.engine's profile maximum \(8\); rebuild it "
+                                            r"with --max-batch 9"):
+        trt.check_batch(9, 8, "m.engine")
+
+
+def test_engine_refuses_an_onnx_that_is_not_its_own(tmp_path):
+    engine, meta = _sidecar(tmp_path)  # built from tmp_path/m.fp16.onnx, which lies in tmp_path
+    onnx_file = tmp_path / "m.fp16.onnx"
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    (engine.parent / onnx_file.name).write_bytes(onnx_file.read_bytes())
+    assert trt.check_onnx_matches(meta, engine) == engine.parent / "m.fp16.onnx"
+    (engine.parent / onnx_file.name).write_bytes(b"another export")
+    with pytest.raises(LungedgeError, match="built from another m.fp16.onnx \\(SHA-256 differs\\); rebuild it here"):
+        trt.check_onnx_matches(meta, engine)
+    (engine.parent / onnx_file.name).unlink()
+    with pytest.raises(LungedgeError, match="must lie next to it"):
+        trt.check_onnx_matches(meta, engine)
+
+
+def test_engine_dtype_names_map_to_numpy():
+    import numpy as np
+
+    assert trt.numpy_dtype("FLOAT") == np.float32 and trt.numpy_dtype("DataType.HALF") == np.float16
+    assert trt.numpy_dtype("INT8") == np.int8
+    with pytest.raises(LungedgeError, match="BF16 has no NumPy equivalent"):
+        trt.numpy_dtype("BF16")
+
+
+def test_engine_io_is_one_input_and_one_output():
+    import numpy as np
+
+    inp = trt.TensorIO("images", True, np.dtype(np.float16), (-1, 3, 224, 224))
+    out = trt.TensorIO("scores", False, np.dtype(np.float32), (-1, 3))
+    assert trt.split_io([out, inp]) == (inp, out)  # names come from the engine, in any order
+    with pytest.raises(LungedgeError, match="has 1 inputs and 2 outputs \\(images, scores, aux\\)"):
+        trt.split_io([inp, out, trt.TensorIO("aux", False, np.dtype(np.float32), (-1, 3))])
+    with pytest.raises(LungedgeError, match="expected \\(N, C, H, W\\)"):
+        trt.split_io([trt.TensorIO("x", True, np.dtype(np.float32), (-1, 10)), out])
+
+
+def test_onnxruntime_gpu_sessions_refuse_cpu_fallback_and_trt_gets_caches(tmp_path):
+    from lungedge.runners.onnxrt import session_config
+    from lungedge.runners.onnxrt_trt import trt_provider_options
+
+    assert session_config("cuda") == {"session.disable_cpu_ep_fallback": "1"} and session_config("cpu") == {}
+    fp32 = trt_provider_options("fp32", tmp_path)
+    assert fp32["trt_fp16_enable"] == "False" and fp32["trt_int8_enable"] == "False"  # an FP32 row stays FP32
+    assert fp32["trt_engine_cache_enable"] == "True" and fp32["trt_engine_cache_path"] == str(tmp_path)
+    assert trt_provider_options("fp16", tmp_path)["trt_fp16_enable"] == "True"
+    int8 = trt_provider_options("int8", tmp_path)
+    assert int8["trt_fp16_enable"] == int8["trt_int8_enable"] == "True"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT and a CUDA GPU")
+def test_tensorrt_runner_reads_io_from_the_engine_and_refuses_big_batches(tmp_path):
+    import numpy as np
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from lungedge.runners.trt import TensorRTRunner
+
+    onnx_file = tmp_path / "tiny.onnx"
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), onnx_file, input_names=["images"], output_names=["scores"],
+                      dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    engine = trt.build_engine(onnx_file, "tiny", "fp32", 4, tmp_path, opt_batch=2)
+    assert trt.read_sidecar(engine)["opt_batch"] == 2 and trt.read_sidecar(engine)["tf32"] is False
+    eng, meta = trt.load_engine(engine)
+    inp, out = trt.split_io(trt.engine_io(eng))
+    assert (inp.name, out.name, inp.dtype) == ("images", "scores", np.float32)
+    # the runner's infer path, without the lungedge metadata an exported ONNX carries
+    runner = TensorRTRunner.__new__(TensorRTRunner)
+    runner.info = type("Info", (), {"path": engine})()
+    runner.loader = lambda: (eng, meta)
+    runner.load()
+    x = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    want = model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(runner._infer(x), want, rtol=1e-3, atol=1e-4)
+    with pytest.raises(LungedgeError, match="above .* profile maximum \\(4\\)"):
+        runner._infer(np.concatenate([x, x[:1]]))
+    runner.close()

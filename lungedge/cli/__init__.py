@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import sys
 
-import typer
-
-from ..errors import LungedgeError
 from . import bundle as _bundle
+from . import cv as _cv
 from . import data as _data
 from . import demo as _demo
 from . import engine as _engine
@@ -20,7 +18,7 @@ from . import export as _export
 from . import mlp as _mlp
 from . import runtime as _runtime
 from . import train as _train
-from .common import app
+from .common import app, main  # noqa: F401 - main is the public entry point
 
 app.add_typer(_data.app, name="data")
 app.add_typer(_mlp.app, name="mlp")
@@ -31,22 +29,7 @@ _runtime.register(app)  # bench, eval, report, predict (issue #6)
 _bundle.register(app)  # bundle create / verify / extract (issue #7)
 _engine.register(app)  # engine build, on the target (issue #7)
 _demo.register(app)  # demo (issue #8)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; user errors become one line on stderr (exit 2)."""
-    try:
-        app(args=argv, prog_name="lungedge")
-    except SystemExit as exc:  # typer exits on its own after every command and usage error
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    except LungedgeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
-    return 0
+_cv.register(app)  # cv: grouped cross-validation with intervals (issue #16)
 
 
 def run() -> None:  # console-script target

@@ -47,11 +47,15 @@ def create_cmd(
     engines: Path = typer.Option(Path("engines"), help="Export folder (the ONNX files are in ENGINES/MODEL/)."),
     calibration: Path = typer.Option(Path("calibration"), help="Calibration folder (for the INT8 manifest)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    results: Path = typer.Option(Path("results"), help="Eval results (the release gate of each reduced precision)."),
+    allow_failed_gate: bool = typer.Option(False, "--allow-failed-gate", help="Include a precision whose release "
+                                           "gate against FP32 failed in 'lungedge eval'."),
 ):
     """Write MODEL's ONNX files, export summary, calibration manifest, README and checksums to one .tar.gz."""
     from ..bundle import create, parse_precisions
 
-    result = create(model, out, parse_precisions(precision), engines=engines, calibration=calibration)
+    result = create(model, out, parse_precisions(precision), engines=engines, calibration=calibration,
+                    results=results, allow_failed_gate=allow_failed_gate)
     if json_out:
         print_json(result)
         return

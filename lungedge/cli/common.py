@@ -1,4 +1,4 @@
-"""What every command module shares: the root app and output helpers."""
+"""What every command module shares: the root app, ``main`` (which runs it) and output helpers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import sys
 
 import typer
+
+from ..errors import LungedgeError
 
 app = typer.Typer(
     name="lungedge",
@@ -22,3 +24,110 @@ app = typer.Typer(
 
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+EXIT_BAD_INPUT = 2  # the input or the environment is wrong; the one line says what
+EXIT_INTERNAL = 3  # an unexpected error (a bug): one line, the traceback in a log file
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Any message as one line (whitespace folded, cut at ``limit`` characters)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def command_of(argv: list[str]) -> str:
+    """The (sub)command ``argv`` names, e.g. ``data inspect``; ``lungedge`` when there is none."""
+    try:
+        cmd = typer.main.get_command(app)
+    except Exception:  # noqa: BLE001 - only used to name the command in a message
+        return "lungedge"
+    parts = []
+    for tok in argv:
+        sub = getattr(cmd, "commands", None)
+        if isinstance(sub, dict) and tok in sub:
+            parts.append(tok)
+            cmd = cmd.commands[tok]
+        elif tok.startswith("-"):
+            continue
+        else:
+            break
+    return " ".join(parts) or "lungedge"
+
+
+def _internal_error(exc: BaseException, argv: list[str]) -> int:
+    import platform
+    import traceback
+
+    from .. import __version__
+    from ..io import write_log
+
+    command = command_of(argv)
+    text = (f"lungedge {__version__} (Python {platform.python_version()}, {platform.platform()})\n"
+            f"command: lungedge {' '.join(argv)}\n\n" + "".join(traceback.format_exception(exc)))
+    log = write_log(command.replace(" ", "-"), text)
+    message = one_line(str(exc)) or "(no message)"
+    where = f"details in {log}" if log else "no log could be written (cache and temp folders are read-only)"
+    typer.echo(f"error: internal error in {command}: {type(exc).__name__}: {message}; {where}", err=True)
+    return EXIT_INTERNAL
+
+
+def _interrupted() -> int:
+    from ..io import KEPT
+
+    typer.echo("interrupted" + (f"; {'; '.join(KEPT)}" if KEPT else ""), err=True)
+    return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code.
+
+    Exit codes: 0 success; 2 bad input or environment (one ``error:`` line says what); 3 internal
+    error (one ``error: internal error in ...`` line, the traceback in a log file under
+    ``~/.cache/lungedge/logs``); 130 interrupted (Ctrl-C: ``interrupted`` and what was kept).
+    Every command is registered on :data:`app` by ``lungedge.cli`` (always imported before
+    this module), so ``main`` runs the full command line.
+    """
+    from .. import io as _io
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _io.KEPT.clear()
+    _io.COMMAND = f"lungedge {command_of(argv)}".replace("lungedge lungedge", "lungedge")
+    try:
+        app(args=argv, prog_name="lungedge")
+    except SystemExit as exc:  # typer exits on its own after every command and usage error
+        code = exc.code
+        code = code if isinstance(code, int) else (0 if code is None else 1)
+        return _interrupted() if code == EXIT_INTERRUPTED else code  # typer turns Ctrl-C into exit 130
+    except LungedgeError as exc:
+        typer.echo(f"error: {one_line(exc) or type(exc).__name__}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return _interrupted()
+    except MemoryError:
+        typer.echo(f"error: out of memory in {command_of(argv)}; use smaller inputs "
+                   "(--batch-size, --image-size) or a machine with more memory", err=True)
+        return EXIT_BAD_INPUT
+    except RecursionError as exc:
+        return _internal_error(exc, argv)
+    except Exception as exc:  # noqa: BLE001 - the last-resort handler: one line, traceback to a log
+        known = _known_os_error(exc)
+        if known:
+            typer.echo(f"error: {known}", err=True)
+            return EXIT_BAD_INPUT
+        return _internal_error(exc, argv)
+    return 0
+
+
+def _known_os_error(exc: BaseException) -> str | None:
+    """One line for an environment failure that no command anticipated (full disk, read-only folder, ...)."""
+    import errno
+
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return None
+    where = exc.filename if exc.filename is not None else None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ELOOP,
+                     errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE):
+        return one_line(f"{exc.strerror}: {where}" if where is not None else exc.strerror or str(exc))
+    return None

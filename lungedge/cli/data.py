@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 
+from ..data.defaults import DEFAULT_THRESHOLD, LOOSE_THRESHOLD, SPLITS
 from .common import print_json
 
 app = typer.Typer(help="Inspect image folders, make leakage-aware splits and audit them.", no_args_is_help=True)
-
-DEFAULT_THRESHOLD = 0.88  # kept equal to lungedge.data.dedup.DEFAULT_THRESHOLD (checked by a test)
 
 
 def _table(title: str, columns: list[str], rows) -> None:
@@ -26,17 +25,37 @@ def _table(title: str, columns: list[str], rows) -> None:
     Console().print(table)
 
 
+def _warn_shortcut(result) -> None:
+    if result and result.get("warning"):
+        typer.secho(f"WARNING: {result['warning']}", err=True, fg="red", bold=True)
+
+
+def _print_shortcut(result) -> None:
+    """The shortcut check's per-class table, its verdict and (loudly, on stderr) its warning."""
+    if not result:
+        return
+    from ..data.shortcut import TABLE_COLUMNS, summary_line, table_rows
+
+    _table("shortcut check: features that carry no anatomy, per class", list(TABLE_COLUMNS), table_rows(result))
+    typer.echo(summary_line(result))
+    _warn_shortcut(result)
+
+
 @app.command("inspect")
 def inspect_cmd(
     folder: Path = typer.Argument(..., help="Data set folder (IQ-OTH/NCCD, LC25000 or one folder per class)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    shortcuts: bool = typer.Option(True, "--shortcuts/--no-shortcuts", help="Run the shortcut check: can size, "
+                                   "shape and intensity alone tell the classes apart (grouped CV)?"),
 ):
-    """Classes, counts per class, image sizes and colour modes, byte-identical and unreadable files."""
+    """Classes, counts per class, image sizes and colour modes, byte-identical and unreadable files,
+    and the shortcut check."""
     from ..data.split import inspect
 
-    info = inspect(folder)
+    info = inspect(folder, shortcuts=shortcuts)
     if as_json:
         print_json(info)
+        _warn_shortcut(info.get("shortcut"))
         return
     typer.echo(f"{info['root']}  (layout: {info['layout']}, {info['total']} images)")
     _table("classes", ["class", "images", "readable", "non-square"],
@@ -58,6 +77,7 @@ def inspect_cmd(
         typer.echo(f"non-image files ignored: {len(info['other_files'])} (first: {info['other_files'][0]})")
     for note in info["notes"]:
         typer.echo(f"note: {note}")
+    _print_shortcut(info.get("shortcut"))
 
 
 @app.command("split")
@@ -90,7 +110,7 @@ def split_cmd(
     _table(f"split of {manifest['dataset']['root']} ({manifest['groups']} groups, group-by {group_by})",
            ["split", *classes, "total"],
            [(s, *[manifest["counts"][s][c] for c in classes], sum(manifest["counts"][s].values()))
-            for s in ("train", "val", "test")])
+            for s in SPLITS])
     for bad in manifest["skipped"]:
         typer.echo(f"skipped {bad['path']}: {bad['reason']}")
     for w in manifest["warnings"]:
@@ -102,17 +122,21 @@ def split_cmd(
 def audit_cmd(
     manifest: Path = typer.Argument(..., help="Split manifest written by 'lungedge data split'."),
     threshold: Optional[list[float]] = typer.Option(
-        None, help="Near-duplicate threshold; repeat for several (default: the manifest's and 0.80)."),
+        None, help=f"Near-duplicate threshold; repeat for several (default: the manifest's and {LOOSE_THRESHOLD:.2f})."),
     data: Optional[Path] = typer.Option(None, "--data", help="Data set root, if it moved since the split."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    shortcuts: bool = typer.Option(True, "--shortcuts/--no-shortcuts", help="Run the shortcut check over the "
+                                   "manifest's groups."),
 ):
-    """Count byte-identical and near-duplicate pairs that cross splits (leakage)."""
+    """Count byte-identical and near-duplicate pairs that cross splits (leakage); the shortcut check."""
     from ..data.split import audit
 
-    result = audit(manifest, thresholds=threshold, root=data)
+    result = audit(manifest, thresholds=threshold, root=data, shortcuts=shortcuts)
     if as_json:
         print_json(result)
+        _warn_shortcut(result.get("shortcut"))
         return
+    _print_shortcut(result.get("shortcut"))
     ident = result["identical_cross_split"]
     rows = [("identical", result["identical_pairs"], ident["total"], ident["train-val"],
              ident["train-test"], ident["val-test"], "")]

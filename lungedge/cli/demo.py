@@ -20,7 +20,8 @@ def demo_cmd(
 ):
     """Run the whole job (inspect, split, train, export, eval, bench, report) and print the report's path."""
     from ..demo import demo
+    from .common import main
 
-    report = demo(data=data, out=out, models=[m.strip() for m in models.split(",") if m.strip()],
+    report = demo(main, data=data, out=out, models=[m.strip() for m in models.split(",") if m.strip()],
                   per_class=per_class, log=typer.echo)
     typer.echo(f"report: {report.resolve()}")

@@ -35,9 +35,10 @@ def build_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the engine's sidecar as JSON."),
 ):
     """Build a TensorRT engine from an exported ONNX; model and precision come from its metadata."""
-    from ..jetson import build_engine_from_onnx
+    from ..trt import build_from_onnx
 
-    path, sidecar = build_engine_from_onnx(onnx_file, max_batch=max_batch, opt_batch=opt_batch, workspace_gib=workspace_gib, out=out)
+    path, sidecar = build_from_onnx(onnx_file, max_batch=max_batch, opt_batch=opt_batch,
+                                    workspace_gib=workspace_gib, out=out)
     if json_out:
         print_json({"engine": str(path), **sidecar})
         return

@@ -13,14 +13,15 @@ def register(app: typer.Typer) -> None:
 
 
 def export_cmd(
-    model: str = typer.Argument(..., help="Model name (see 'lungedge models')."),
+    model: str = typer.Argument(..., help="Model name (see 'lungedge models'), or your own name with --custom."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (.pth/.h5); default: the best of MODEL's latest run."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an FP16 ONNX (inputs/outputs stay FP32)."),
     int8: bool = typer.Option(False, "--int8", help="Also write calibrated INT8 ONNX files (TensorRT and CPU forms)."),
     calib_data: Optional[Path] = typer.Option(None, help="Calibration images: a data folder or a split manifest "
                                               "(default: the training split of the checkpoint's run)."),
     calib_size: int = typer.Option(300, help="Number of calibration images (class-stratified)."),
-    calib_method: str = typer.Option("entropy", help="minmax, entropy or percentile."),
+    calib_method: str = typer.Option(
+        "minmax", help="minmax (measured best on IQ-OTH/NCCD), entropy (TensorRT's KL, 2048 bins) or percentile."),
     max_batch: int = typer.Option(8, help="Largest batch of the TensorRT optimisation profile."),
     opset: int = typer.Option(17, help="ONNX opset."),
     engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
@@ -33,6 +34,21 @@ def export_cmd(
                                         "without a lungedge run."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .pth holding a whole pickled model "
                                       "(it can run arbitrary code: only for files you trust)."),
+    custom: bool = typer.Option(False, "--custom", help="Your own model, any architecture (Keras .h5/.keras, "
+                                "TorchScript .pt, torch.export .pt2, plain .onnx), exported as MODEL: declare "
+                                "--classes and the preprocessing below."),
+    input_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: read from the model)."),
+    scale: Optional[str] = typer.Option(None, help="Pixel scale before mean/std, e.g. 1/255 or 1."),
+    mean: Optional[str] = typer.Option(None, help="Mean to subtract after scaling: 1 or 3 numbers, or none."),
+    std: Optional[str] = typer.Option(None, help="Std to divide by: 1 or 3 numbers, or none."),
+    channels: Optional[str] = typer.Option(None, help="Channel order the model takes: RGB, BGR or GRAY."),
+    layout: Optional[str] = typer.Option(None, help="Input layout: NCHW or NHWC (default: read from the model)."),
+    resize: Optional[str] = typer.Option(None, help="crop (centre square, then resize) or stretch (whole image)."),
+    output: Optional[str] = typer.Option(None, help="What the model outputs: logits, probabilities or sigmoid "
+                                         "(default: detected from its last layer)."),
+    transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
+                                                   help="GoogLeNet/Inception v3 state dicts from outside: torchvision's "
+                                                   "input transform (default on, as for ImageNet weights)."),
 ):
     """Export a checkpoint to ONNX (FP32, FP16, calibrated INT8) and build TensorRT engines."""
     from ..export import export
@@ -40,5 +56,8 @@ def export_cmd(
     summary = export(model, checkpoint=checkpoint, fp16=fp16, int8=int8, calib_data=calib_data,
                      calib_size=calib_size, calib_method=calib_method, max_batch=max_batch, opset=opset,
                      engine=engine, out=out, runs=runs, calibration=calibration, classes=classes, data=data,
-                     trust_pickle=trust_pickle, log=typer.echo)
+                     trust_pickle=trust_pickle, log=typer.echo,
+                     options={"custom": custom, "input_size": input_size, "scale": scale, "mean": mean, "std": std,
+                              "channels": channels, "layout": layout, "resize": resize, "output": output,
+                              "transform_input": transform_input})
     typer.echo(f"wrote {', '.join(summary['files'].values())}")

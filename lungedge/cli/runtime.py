@@ -27,11 +27,13 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
-def _targets(specs, all_models, device, backend, precision, runs, engines, include_trt_int8=False):
-    from ..runners.base import BACKENDS, PRECISIONS, check_device
+def _jobs(specs, all_models, device, backend, precision, runs, engines, include_trt_int8=False):
+    from ..errors import check_choice
+    from ..runners import BACKENDS, DEVICES, PRECISIONS
     from ..runners.discover import parse_list, resolve
 
-    check_device(device)
+    if device is not None:
+        check_choice(device, DEVICES, "device")
     if device == "cuda":
         from ..bench import check_cuda
 
@@ -49,10 +51,10 @@ def _console():
 def bench_cmd(
     models: Optional[List[str]] = typer.Argument(None, help="Model names and/or artifact files (.pth, .h5, .onnx, .engine)."),
     all_models: bool = typer.Option(False, "--all", help="Every model with a checkpoint or ONNX files."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cpu; an engine runs on cuda)."),
     backend: Optional[str] = typer.Option(None, help="Comma list of torch, keras, onnxruntime, onnxruntime-trt, "
                                           "tensorrt (default: source framework + onnxruntime, + tensorrt on cuda)."),
-    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, int8 (default: every file present)."),
+    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, bf16, int8 (default: every file present; bf16: OpenVINO on the fp32 file, where the CPU has BF16)."),
     batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     warmup: int = typer.Option(3, help="Untimed calls before timing."),
     iters: Optional[int] = typer.Option(None, help="Timed calls per measurement (default: run for --seconds)."),
@@ -73,21 +75,24 @@ def bench_cmd(
     if iters is not None and iters < 1:
         raise LungedgeError(f"--iters must be at least 1, got {iters}")
     sizes = _ints(batch_sizes, "--batch-sizes")
-    targets = _targets(models, all_models, device, backend, precision, runs, engines, trt_int8)
-    rows, path = run_bench(targets, sizes, warmup, iters, seconds, threads, data, out,
-                           not no_preprocessing, log=lambda s: typer.echo(s, err=True))
+    jobs = _jobs(models, all_models, device, backend, precision, runs, engines, trt_int8)
+    from ..results import write_rows
+
+    rows, _ = run_bench(jobs, sizes, warmup, iters, seconds, threads, data, None,
+                        not no_preprocessing, log=lambda s: typer.echo(s, err=True))
     con = _console()
     con.print(table(rows))
     includes = sorted({r["includes"] for r in rows if not r["preprocessing"]})
     con.print("times include: " + "; ".join(includes))
+    path = write_rows(rows, out, "bench")  # after the table: a failed write does not lose the measurement
     typer.echo(f"wrote {path}")
 
 
 def eval_cmd(
     model: str = typer.Argument(..., help="A model name or an artifact file (.pth, .h5, .onnx, .engine)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cpu; an engine runs on cuda)."),
     backend: Optional[str] = typer.Option(None, help="Comma list of backends (default: as bench)."),
-    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, int8 (default: every file present)."),
+    precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, bf16, int8 (default: every file present; bf16: OpenVINO on the fp32 file, where the CPU has BF16)."),
     data: Optional[Path] = typer.Option(None, help="Data folder (with --split: the manifest's root; alone: every "
                                         "image in it)."),
     split: Optional[Path] = typer.Option(None, help="Split manifest; its test part is evaluated "
@@ -97,24 +102,43 @@ def eval_cmd(
     engines: Path = typer.Option(Path("engines"), help="Exported ONNX / engine folder."),
     out: Path = typer.Option(Path("results"), help="Where the JSON-lines results go."),
     as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
+    gate: bool = typer.Option(False, "--gate", help="Exit non-zero when a reduced precision fails the release "
+                              "gate against FP32 (paired group bootstrap; see --max-bacc-drop, --max-sens-drop)."),
+    max_bacc_drop: float = typer.Option(1.0, "--max-bacc-drop", help="Gate: largest allowed drop of balanced "
+                                        "accuracy, in points, judged on the 95% interval's lower bound."),
+    max_sens_drop: float = typer.Option(2.0, "--max-sens-drop", help="Gate: largest allowed drop of each class's "
+                                        "sensitivity, in points, judged on the interval's lower bound."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% intervals."),
 ):
-    """Evaluate accuracy, balanced accuracy, sensitivity, specificity, F1, AUROC and FP16/INT8 drift."""
-    from ..bench import write_rows
-    from ..evaluate import confusion_text, run_eval, table
+    """Evaluate accuracy, balanced accuracy, sensitivity, specificity, F1, AUROC (with 95% group-bootstrap
+    intervals) and FP16/INT8 drift with a paired release gate against FP32."""
+    from ..evaluate import confusion_text, gate_lines, run_eval, table
+    from ..results import write_rows
     from .common import print_json
 
-    targets = _targets([model], False, device, backend, precision, runs, engines)
-    rows = run_eval(targets, data, split, runs, threads, log=lambda s: typer.echo(s, err=True))
-    path = write_rows(rows, out, "eval")
+    if bootstrap < 100:
+        raise LungedgeError(f"--bootstrap must be at least 100, got {bootstrap}")
+    jobs = _jobs([model], False, device, backend, precision, runs, engines)
+    rows = run_eval(jobs, data, split, runs, threads, log=lambda s: typer.echo(s, err=True), n_boot=bootstrap,
+                    max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100)
+    failed = [r for r in rows if r.get("gate") and not r["gate"]["pass"]]
     if as_json:
         print_json(rows)
-        return
-    con = _console()
-    con.print(table(rows))
-    for r in rows:
-        con.print(f"\n{r['model']} {r['backend']} {r['variant']}: confusion matrix (rows true, columns predicted)")
-        con.print(confusion_text(r), highlight=False)
-    typer.echo(f"wrote {path}")
+        write_rows(rows, out, "eval")
+    else:
+        con = _console()
+        con.print(table(rows))
+        for r in rows:
+            con.print(f"\n{r['model']} {r['backend']} {r['variant']}: confusion matrix (rows true, columns predicted)")
+            con.print(confusion_text(r), highlight=False)
+        for line in gate_lines(rows):
+            con.print(line, highlight=False)
+        path = write_rows(rows, out, "eval")  # after the tables: a failed write does not lose the measurement
+        typer.echo(f"wrote {path}")
+    if gate and failed:
+        typer.echo("error: release gate failed for " + ", ".join(f"{r['model']} {r['backend']} {r['variant']}"
+                                                              for r in failed), err=True)
+        raise typer.Exit(1)
 
 
 def report_cmd(
@@ -129,6 +153,7 @@ def report_cmd(
     for mid, label in summary["machines"].items():
         typer.echo(f"{mid}: {label}")
     typer.echo(f"wrote {summary['markdown']}, {summary['html']}" + (f", {summary['png']}" if summary["png"] else "")
+               + (f", {summary['saliency']}" if summary.get("saliency") else "")
                + f" ({summary['rows']} rows)")
 
 
@@ -136,19 +161,24 @@ def predict_cmd(
     model: str = typer.Argument(..., help="A model name or an artifact file (.pth, .h5, .onnx, .engine)."),
     images: List[Path] = typer.Argument(..., help="Image files."),
     backend: Optional[str] = typer.Option(None, help="torch, keras, onnxruntime, onnxruntime-trt or tensorrt."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cpu; an engine runs on cuda)."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (for a MODEL name: which file)."),
     runs: Path = typer.Option(Path("runs"), help="Training runs folder."),
     engines: Path = typer.Option(Path("engines"), help="Exported ONNX / engine folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    explain: Optional[Path] = typer.Option(None, "--explain", help="Write each image with its saliency map "
+                                           "overlaid into this folder."),
+    method: str = typer.Option("auto", "--method", help="Saliency: auto (Grad-CAM for PyTorch checkpoints, "
+                               "occlusion otherwise), gradcam or occlusion (any backend)."),
 ):
     """Classify images with a model, checkpoint, ONNX file or TensorRT engine: class and probabilities."""
     from ..predict import predict
     from .common import print_json
 
-    targets = _targets([model], False, device, backend, precision, runs, engines)
-    t = targets[0]
-    result = predict(t.artifact, images, t.backend, t.device, t.precision)
+    jobs = _jobs([model], False, device, backend, precision, runs, engines)
+    job = jobs[0]
+    result = predict(job.artifact, images, job.backend, job.device, job.precision, explain_dir=explain,
+                     method=method)
     if as_json:
         print_json(result)
         return
@@ -156,4 +186,6 @@ def predict_cmd(
                f"({result['artifact']})")
     for p in result["predictions"]:
         probs = "  ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
-        typer.echo(f"{p['image']}: {p['class']}  ({probs})")
+        typer.echo(f"{p['image']}: {p['class']}  ({probs})" + (f"  -> {p['overlay']}" if p.get("overlay") else ""))
+    for u in result.get("unreadable", []):
+        typer.echo(f"{u['image']}: unreadable ({u['reason']})")

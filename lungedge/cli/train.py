@@ -47,7 +47,14 @@ def models_cmd(
     """List the model registry: framework, input size, total and trainable parameters."""
     from ..models.registry import describe, names
 
-    rows = [describe(n, mode=mode) for n in names()]
+    rows, missing = [], []
+    for n in names():
+        try:
+            rows.append(describe(n, mode=mode))
+        except ModuleNotFoundError as exc:  # e.g. no keras/tensorflow here: list the others
+            missing.append(f"note: {n} not listed: {exc.name} is not installed here")
+    for line in missing:
+        typer.echo(line, err=True)
     if as_json:
         print_json(rows)
         return

@@ -26,8 +26,7 @@ import math
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.88
-LOOSE_THRESHOLD = 0.80  # a second, more sensitive look used by the audit
+from .defaults import DEFAULT_THRESHOLD, LOOSE_THRESHOLD  # noqa: F401 - re-exported
 ANGLES = tuple(range(-25, 26, 5))
 SIDE = 20  # correlation is computed on SIDE x SIDE pixels
 
@@ -93,27 +92,28 @@ def duplicate_pairs(sim: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     return list(zip(i.tolist(), j.tolist()))
 
 
-def identical_pairs(hashes: list[str]) -> list[tuple[int, int]]:
-    """Every pair of indices whose files are byte-identical (same SHA-256)."""
+def identical_sets(hashes: list[str]) -> list[list[int]]:
+    """Indices of byte-identical files (same SHA-256): one list per repeated hash, in first-seen order."""
     by_hash: dict[str, list[int]] = {}
     for idx, h in enumerate(hashes):
         by_hash.setdefault(h, []).append(idx)
-    return [pair for members in by_hash.values() for pair in itertools.combinations(members, 2)]
+    return [members for members in by_hash.values() if len(members) > 1]
+
+
+def identical_pairs(hashes: list[str]) -> list[tuple[int, int]]:
+    """Every pair of indices whose files are byte-identical."""
+    return [pair for members in identical_sets(hashes) for pair in itertools.combinations(members, 2)]
 
 
 def components(n: int, pairs) -> list[int]:
-    """Union-find over ``pairs``: component id per node, numbered by first appearance."""
-    parent = list(range(n))
+    """Connected components of the graph with edges ``pairs``: id per node, numbered by first appearance."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
+    if n == 0:
+        return []
+    edges = np.asarray(list(pairs), dtype=np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
     ids: dict[int, int] = {}
-    return [ids.setdefault(find(i), len(ids)) for i in range(n)]
+    return [ids.setdefault(int(label), len(ids)) for label in labels]

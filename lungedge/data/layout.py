@@ -79,9 +79,26 @@ def _candidates(root: Path):
         level = [sub for d in level for sub in _subdirs(d)]
 
 
+def _unreadable_folder(exc: OSError) -> None:
+    raise LungedgeError(f"cannot read folder {exc.filename}: {exc.strerror or type(exc).__name__}")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # undecodable bytes in the name (surrogate escapes)
+        return False
+
+
+def printable(name: str) -> str:
+    """A file name that can be printed and stored in JSON (undecodable bytes shown as U+FFFD)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _walk_files(folder: Path) -> list[Path]:
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_unreadable_folder):
         dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
         out += [Path(dirpath) / n for n in sorted(filenames, key=natural_key) if not n.startswith(".")]
     return out
@@ -93,16 +110,21 @@ def is_image_name(path: Path) -> bool:
 
 def _from_class_dirs(root: Path, kind: str, class_dirs: dict[str, list[Path]], notes: list[str]) -> DatasetLayout:
     classes = sorted(class_dirs, key=natural_key) if kind == "generic" else list(class_dirs)
-    files, other = [], []
+    files, other, bad_names = [], [], []
     for label in classes:
         for folder in class_dirs[label]:
             for f in _walk_files(folder):
                 rel = f.relative_to(root).as_posix()
-                if is_image_name(f):
+                if not _is_utf8(rel):
+                    bad_names.append(printable(rel))
+                elif is_image_name(f):
                     files.append(ImageFile(rel, label))
                 else:
                     other.append(rel)
     rel_dirs = {c: [d.relative_to(root).as_posix() or "." for d in ds] for c, ds in class_dirs.items()}
+    if bad_names:
+        notes = [*notes, f"{len(bad_names)} files skipped: their names are not valid UTF-8 (first: {bad_names[0]}); "
+                         "rename them to include them"]
     return DatasetLayout(root, kind, classes, rel_dirs, files, other, notes)
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..preprocess import check_pixels, pillow
+from ..limits import too_large
+
 THUMB = 64  # side of the grayscale thumbnail kept for near-duplicate search
 
 
@@ -31,13 +34,19 @@ class ScannedImage:
 
 
 def scan_file(root: Path, path: str, label: str, thumb: bool = True) -> ScannedImage:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    data = (root / path).read_bytes()
+    Image = pillow()
+
+    try:
+        data = (root / path).read_bytes()
+    except OSError as exc:  # dangling or looping symlink, permission denied, a folder named like an image
+        return ScannedImage(path, label, "", 0, error=f"cannot read the file: {exc.strerror or type(exc).__name__}")
     rec = ScannedImage(path, label, hashlib.sha256(data).hexdigest(), len(data))
     try:
         with Image.open(io.BytesIO(data)) as img:
             rec.size, rec.mode = img.size, img.mode
+            check_pixels(img)  # a decompression bomb is listed as unreadable, not decoded
             if thumb:
                 img.draft("L", (THUMB * 2, THUMB * 2))  # JPEG: decode at reduced scale, still to the end
             img.load()
@@ -45,6 +54,8 @@ def scan_file(root: Path, path: str, label: str, thumb: bool = True) -> ScannedI
                 rec.thumb = np.asarray(img.convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
     except UnidentifiedImageError:
         rec.error = "not an image file"
+    except Image.DecompressionBombError:
+        rec.error = f"unreadable image: {too_large()}"
     except (OSError, SyntaxError, ValueError) as exc:
         rec.error = f"unreadable image: {exc}"
     return rec

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import LungedgeError
+from ..errors import LungedgeError, check_choice
 from ..io import write_json
 from ..ui import progress
 from . import dedup
+from .defaults import GROUP_BY, SPLITS
 from .layout import ImageFile, detect_layout
 from .scan import ScannedImage, fingerprint, scan
 
 FORMAT = "lungedge-split/1"
-SPLITS = ("train", "val", "test")
-GROUP_BY = ("near-duplicate", "none")
 
 
 def scan_dataset(root, thumbs: bool = True, show_progress: bool | None = None):
@@ -40,19 +39,25 @@ def _unreadable(records: list[ScannedImage]) -> list[dict]:
 
 
 def _identical_sets(records: list[ScannedImage]) -> list[list[str]]:
-    by_hash: dict[str, list[str]] = {}
-    for r in records:
-        by_hash.setdefault(r.sha256, []).append(r.path)
-    return [paths for paths in by_hash.values() if len(paths) > 1]
+    return [[records[i].path for i in members] for members in dedup.identical_sets([r.sha256 for r in records])]
 
 
-def inspect(root, show_progress: bool | None = None) -> dict:
-    """What a data set holds: classes, counts, sizes, modes, identical and unreadable files."""
-    layout, records = scan_dataset(root, thumbs=False, show_progress=show_progress)
+def inspect(root, show_progress: bool | None = None, shortcuts: bool = True) -> dict:
+    """What a data set holds: classes, counts, sizes, modes, identical and unreadable files, and (with
+    ``shortcuts``) the shortcut check of :mod:`lungedge.data.shortcut` over near-duplicate groups."""
+    layout, records = scan_dataset(root, thumbs=shortcuts, show_progress=show_progress)
     readable = [r for r in records if r.ok]
     sizes = Counter(f"{r.size[0]}x{r.size[1]}" for r in readable)
     non_square = Counter(r.label for r in readable if r.size[0] != r.size[1])
+    shortcut = None
+    if shortcuts and len({r.label for r in readable}) >= 2:
+        from .shortcut import check
+
+        groups = group_images(readable, "near-duplicate", dedup.DEFAULT_THRESHOLD)
+        shortcut = check([layout.root / r.path for r in readable], [r.label for r in readable], groups,
+                         layout.classes)
     return {
+        "shortcut": shortcut,
         "root": str(layout.root),
         "layout": layout.kind,
         "classes": layout.classes,
@@ -79,10 +84,15 @@ def _check_fractions(val: float, test: float) -> None:
         raise LungedgeError(f"--val + --test must leave images for training, got {val} + {test}")
 
 
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 < threshold <= 1.0:
+        raise LungedgeError(f"--threshold must be in (0, 1], got {threshold}")
+    return threshold
+
+
 def group_images(records: list[ScannedImage], group_by: str, threshold: float) -> list[int]:
     """Group id per record: near-duplicate components, or one group per image."""
-    if group_by not in GROUP_BY:
-        raise LungedgeError(f"unknown --group-by {group_by!r} (choose from {', '.join(GROUP_BY)})")
+    check_choice(group_by, GROUP_BY, "--group-by")
     if group_by == "none":
         return list(range(len(records)))
     sim = dedup.similarity(dedup.features(np.stack([r.thumb for r in records])))
@@ -133,10 +143,8 @@ def make_split(
 ) -> dict:
     """Scan, group and split a data set; return the manifest (not yet written)."""
     _check_fractions(val, test)
-    if group_by not in GROUP_BY:
-        raise LungedgeError(f"unknown --group-by {group_by!r} (choose from {', '.join(GROUP_BY)})")
-    if not 0.0 < threshold <= 1.0:
-        raise LungedgeError(f"--threshold must be in (0, 1], got {threshold}")
+    check_choice(group_by, GROUP_BY, "--group-by")
+    _check_threshold(threshold)
     layout, records = scan_dataset(root, thumbs=group_by != "none", show_progress=show_progress)
     ok = [r for r in records if r.ok]
     present = {r.label for r in ok}
@@ -182,8 +190,13 @@ def read_manifest(path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LungedgeError(f"{path} is not a split manifest (invalid JSON: {exc})") from None
+    except OSError as exc:
+        raise LungedgeError(f"cannot read split manifest {path}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LungedgeError(f"{path} is not a lungedge split manifest (format {FORMAT!r} expected)")
+    from ..limits import validate
+
+    validate("SplitManifest", manifest, path)  # fields present and typed, labels known, paths inside the root
     return manifest
 
 
@@ -218,7 +231,7 @@ def _cross_split(pairs, splits: list[str]) -> dict:
     return {"total": sum(by_pair.values()), **{k: by_pair.get(k, 0) for k in ("train-val", "train-test", "val-test")}}
 
 
-def audit(path, thresholds=None, root=None, show_progress: bool | None = None) -> dict:
+def audit(path, thresholds=None, root=None, show_progress: bool | None = None, shortcuts: bool = True) -> dict:
     """Count byte-identical and near-duplicate pairs that cross splits.
 
     Near-duplicates are counted at each of ``thresholds`` (default: the manifest's
@@ -230,8 +243,7 @@ def audit(path, thresholds=None, root=None, show_progress: bool | None = None) -
         grouping = manifest["params"].get("threshold") or dedup.DEFAULT_THRESHOLD
         thresholds = sorted({grouping, dedup.LOOSE_THRESHOLD}, reverse=True)
     for t in thresholds:
-        if not 0.0 < t <= 1.0:
-            raise LungedgeError(f"--threshold must be in (0, 1], got {t}")
+        _check_threshold(t)
     splits = [it["split"] for it in manifest["items"]]
     identical = dedup.identical_pairs([r.sha256 for r in records])
     sim = dedup.similarity(dedup.features(np.stack([r.thumb for r in records])))
@@ -252,4 +264,17 @@ def audit(path, thresholds=None, root=None, show_progress: bool | None = None) -
         "identical_pairs": len(identical),
         "identical_cross_split": _cross_split(identical, splits),
         "near_duplicates": near,
+        "shortcut": _shortcut_of_manifest(manifest, root) if shortcuts else None,
     }
+
+
+def _shortcut_of_manifest(manifest: dict, root=None) -> dict | None:
+    """The shortcut check (:mod:`lungedge.data.shortcut`) over the manifest's images and groups."""
+    from .shortcut import check
+
+    items = manifest["items"]
+    if len({it["label"] for it in items}) < 2:
+        return None
+    root = Path(root) if root else Path(manifest["dataset"]["root"])
+    return check([root / it["path"] for it in items], [it["label"] for it in items], [it["group"] for it in items],
+                 manifest["classes"])

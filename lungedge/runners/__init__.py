@@ -5,9 +5,13 @@
 
 A runner is made from an artifact path alone (checkpoint, ONNX file or TensorRT engine) and
 takes classes and preprocessing from the artifact's metadata. Backends live one per module
-(torch, keras, onnxrt, trt); each imports its heavy library only when opened.
+(torch, keras, onnxrt, onnxrt_trt, trt), each a lazy loader and a runner, and join the table in
+``registry.py`` with one ``register(...)`` line; each imports its heavy library only when opened.
 """
 
-from .base import BACKENDS, ArtifactInfo, Runner, artifact_info, open_runner
+from .artifact import ArtifactInfo, artifact_info, artifact_kind
+from .base import Loader, Runner, TensorSpec
+from .registry import BACKENDS, DEVICES, PRECISIONS, Backend, default_backend, get_backend, open_runner, register
 
-__all__ = ["BACKENDS", "ArtifactInfo", "Runner", "artifact_info", "open_runner"]
+__all__ = ["BACKENDS", "DEVICES", "PRECISIONS", "ArtifactInfo", "Backend", "Loader", "Runner", "TensorSpec",
+           "artifact_info", "artifact_kind", "default_backend", "get_backend", "open_runner", "register"]

@@ -1,117 +1,111 @@
-"""The Runner protocol and :func:`open_runner`, the one factory bench, eval and predict use."""
+"""The runner contract (Polygraphy-like): a lazy :class:`Loader` and a :class:`Runner` that takes it.
+
+A loader is cheap to make and does the heavy work (import the library, read the file, build a
+session) only when called, inside the runner's ``with`` block. A runner is a context manager with
+one call, ``infer(batch) -> logits`` (float32, N x classes), checked against
+:meth:`Runner.get_input_metadata`. This module knows no concrete backend.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import LungedgeError
 from ..preprocess import Preprocessing
-
-# backend -> artifact kinds it runs
-BACKENDS = {
-    "torch": ("checkpoint",),
-    "keras": ("checkpoint",),
-    "onnxruntime": ("onnx",),  # CPU or CUDA execution provider, from --device
-    "onnxruntime-trt": ("onnx",),  # ONNX Runtime's TensorRT execution provider (GPU)
-    "tensorrt": ("engine",),
-}
-DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "int8")
+from .artifact import ArtifactInfo
 
 
-@dataclass
-class ArtifactInfo:
-    """What an artifact says about itself."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input of a runner: name, shape (``None`` where any size goes, e.g. the batch) and dtype."""
 
-    path: Path
-    kind: str  # checkpoint | onnx | engine
-    architecture: str
-    framework: str  # torch | keras (the source framework)
-    classes: list[str]
-    preprocessing: Preprocessing
-    precision: str  # of the artifact itself (a checkpoint is fp32)
-    source_sha256: str | None
-    variant: str = ""  # e.g. "int8-cpu" (U8S8 for ONNX Runtime CPU) or "int8" (S8S8 for TensorRT)
-    extra: dict = field(default_factory=dict)
+    name: str
+    shape: tuple
+    dtype: np.dtype
 
-
-def artifact_kind(path: Path) -> str:
-    s = path.suffix.lower()
-    if s in (".pth", ".pt", ".h5", ".hdf5"):
-        return "checkpoint"
-    if s == ".onnx":
-        return "onnx"
-    if s in (".engine", ".plan", ".trt"):
-        return "engine"
-    raise LungedgeError(f"{path}: unknown artifact type (expected .pth, .h5, .onnx or .engine)")
+    def check(self, x: np.ndarray, who: str) -> None:
+        fixed = ", ".join("N" if d is None else str(d) for d in self.shape)
+        if x.ndim != len(self.shape) or any(d is not None and d != s for d, s in zip(self.shape, x.shape)):
+            raise LungedgeError(f"{who}: expected a batch of shape ({fixed}), got {tuple(x.shape)}")
+        if x.dtype.kind != "f":
+            raise LungedgeError(f"{who}: expected a floating-point batch ({np.dtype(self.dtype).name}), "
+                                f"got {x.dtype.name} (preprocess images with runner.preprocessing.load_batch)")
 
 
-def _onnx_variant(path: Path, meta: dict) -> str:
-    precision = meta.get("precision", "fp32")
-    if precision == "int8":
-        target = (meta.get("extra") or {}).get("int8_target")
-        return "int8-cpu" if target == "cpu" else "int8"
-    return precision
+OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")  # what a model's output is (ONNX metadata ``output``)
 
 
-def artifact_info(path) -> ArtifactInfo:
-    """Read an artifact's own metadata (no model is built)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LungedgeError(f"artifact not found: {path}")
-    kind = artifact_kind(path)
-    if kind == "checkpoint":
-        from ..models.checkpoint import read_meta
-
-        m = read_meta(path)
-        return ArtifactInfo(path, kind, m["architecture"], m["framework"], list(m["classes"]),
-                            Preprocessing.from_dict(m["preprocessing"]), "fp32", m["checkpoint_sha256"], "fp32",
-                            {"meta": m})
-    if kind == "onnx":
-        from .. import onnx_meta
-
-        m = onnx_meta.read(path)
-        return ArtifactInfo(path, kind, m["architecture"], m.get("framework", "?"), list(m["classes"]),
-                            m["preprocessing"], m.get("precision", "fp32"), m.get("source_sha256"),
-                            _onnx_variant(path, m), dict(m.get("extra") or {}))
-    from .. import onnx_meta, trt
-
-    side = trt.read_sidecar(path)
-    onnx_path = path.parent / side["onnx"]
-    if not onnx_path.is_file():
-        raise LungedgeError(f"{path}: the ONNX it was built from ({onnx_path.name}) must lie next to it; "
-                            "it carries the classes and preprocessing")
-    m = onnx_meta.read(onnx_path)
-    return ArtifactInfo(path, kind, m["architecture"], m.get("framework", "?"), list(m["classes"]),
-                        m["preprocessing"], side["precision"], m.get("source_sha256"), side["precision"],
-                        {"sidecar": side, "max_batch": side.get("max_batch")})
+def class_scores(out: np.ndarray, kind: str, n_classes: int, who: str = "model") -> np.ndarray:
+    """The model's raw output as one score per class: a single-sigmoid output ``p`` (binary models)
+    becomes ``[1 - p, p]`` (the sigmoid is the probability of the second class); logits and
+    probabilities are unchanged."""
+    out = np.asarray(out, dtype=np.float32)
+    if kind == "sigmoid":
+        if n_classes != 2 or out.ndim != 2 or out.shape[1] != 1:
+            raise LungedgeError(f"{who}: a sigmoid output is one probability for 2 classes, got shape "
+                                f"{out.shape} for {n_classes} classes")
+        return np.concatenate([1.0 - out, out], axis=1)
+    return out
 
 
-def default_backend(info: ArtifactInfo) -> str:
-    if info.kind == "checkpoint":
-        return info.framework
-    return "onnxruntime" if info.kind == "onnx" else "tensorrt"
+def to_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
+    """Class probabilities from :func:`class_scores` (what ``Runner.infer`` returns): softmax of
+    logits, applied once; probabilities (softmax or sigmoid heads) are already that."""
+    from ..errors import check_choice
+
+    check_choice(kind, OUTPUT_KINDS, "output kind")
+    if kind == "logits":
+        from ..metrics import softmax
+
+        return softmax(scores)
+    return np.asarray(scores, dtype=np.float32)
+
+
+class Loader:
+    """Lazy loader: ``Loader(info, device, precision, threads)()`` returns the loaded model/session.
+
+    Subclasses implement ``__call__``; the constructor only stores the settings.
+    """
+
+    def __init__(self, info: ArtifactInfo, device: str, precision: str, threads: int | None = None):
+        self.info, self.device, self.precision, self.threads = info, device, precision, threads
+
+    def __call__(self):
+        raise NotImplementedError
 
 
 class Runner:
     """A context manager with one call, ``infer(batch) -> logits`` (float32, N x classes).
 
-    ``batch`` is the preprocessed float32 input in the artifact's layout (``preprocessing``).
-    ``includes`` says what one timed ``infer`` covers (e.g. host<->device copies).
+    ``batch`` is the preprocessed float32 input in the artifact's layout (``preprocessing``). The
+    result is one score per class: logits, or probabilities for models whose ``output`` is
+    ``probabilities`` or ``sigmoid`` (:func:`class_scores`); :meth:`probabilities` turns either into
+    probabilities, the one place that does (:func:`to_probabilities`).
+    ``includes`` says what one timed ``infer`` covers (e.g. host<->device copies). ``device`` and
+    ``precision`` are resolved by :func:`lungedge.runners.open_runner` before the runner is made and
+    never change afterwards.
     """
 
-    backend = "?"
+    loader_class: type[Loader] | None = None  # what from_artifact builds the loader with
+    includes = "model forward only"
 
-    def __init__(self, info: ArtifactInfo, device: str = "cpu", precision: str | None = None,
+    def __init__(self, loader, info: ArtifactInfo, *, backend: str, device: str, precision: str,
                  threads: int | None = None):
+        self.loader = loader
         self.info = info
+        self.backend = backend
         self.device = device
-        self.precision = precision or info.precision
+        self.precision = precision
         self.threads = threads
         self.active = False
+
+    @classmethod
+    def from_artifact(cls, info: ArtifactInfo, *, backend: str, device: str, precision: str,
+                      threads: int | None = None) -> "Runner":
+        loader = cls.loader_class(info, device, precision, threads) if cls.loader_class else None
+        return cls(loader, info, backend=backend, device=device, precision=precision, threads=threads)
 
     # the artifact's metadata, for callers that never look at the backend
     @property
@@ -123,32 +117,35 @@ class Runner:
         return self.info.preprocessing
 
     @property
-    def name(self) -> str:
-        return f"{self.info.architecture} {self.backend} {self.device} {self.variant}"
+    def output(self) -> str:
+        """What the model outputs: logits | probabilities | sigmoid (see :data:`OUTPUT_KINDS`)."""
+        return getattr(self.info, "output", "logits") or "logits"
 
     @property
     def variant(self) -> str:
-        return self.info.variant if self.info.kind != "checkpoint" else self.precision
+        return self.info.variant if self.info.fixed_precision else self.precision
 
-    includes = "model forward only"
+    @property
+    def name(self) -> str:
+        return f"{self.info.architecture} {self.backend} {self.device} {self.variant}"
 
-    def load(self) -> None:  # build sessions / move weights
-        raise NotImplementedError
+    def get_input_metadata(self) -> dict[str, TensorSpec]:
+        """The inputs ``infer`` accepts: by default the artifact's preprocessed batch, any batch size."""
+        from ..onnx_meta import INPUT_NAME
 
-    def close(self) -> None:
-        pass
+        return {INPUT_NAME: TensorSpec(INPUT_NAME, (None, *self.preprocessing.input_shape), np.dtype(np.float32))}
+
+    # --- what a backend implements -------------------------------------------------------------
+    def load(self) -> None:
+        """Call the loader (default: keep what it returns as ``self.model``)."""
+        self.model = self.loader() if self.loader is not None else None
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        if not self.active:
-            raise LungedgeError(f"{self.name}: runner used outside its 'with' block")
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.preprocessing.input_shape):
-            raise LungedgeError(f"{self.name}: expected a batch of shape (N, {', '.join(map(str, self.preprocessing.input_shape))}), "
-                                f"got {tuple(x.shape)}")
-        return np.asarray(self._infer(x), dtype=np.float32)
+    def close(self) -> None:
+        """Release what ``load`` made; must also work after a ``load`` that failed half-way."""
+        self.model = None
 
     def describe(self) -> dict:
         """Model facts for the report (parameter counts, layers) where the backend knows them."""
@@ -157,8 +154,35 @@ class Runner:
     def threads_used(self):
         return self.threads
 
+    def timing_facts(self, batch: int, iters: int) -> dict:
+        """Extra fields for a bench row at this batch size, asked after its timing (e.g. the forward
+        alone timed on the device, without the copies); default none."""
+        return {}
+
+    # --- the contract ------------------------------------------------------------------------------
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if not self.active:
+            raise LungedgeError(f"{self.name}: runner used outside its 'with' block")
+        (spec,) = self.get_input_metadata().values()
+        x = np.asarray(batch)
+        spec.check(x, self.name)
+        x = np.ascontiguousarray(x, dtype=spec.dtype)
+        out = class_scores(self._infer(x), self.output, len(self.classes), self.name)
+        if out.shape != (len(x), len(self.classes)):
+            raise LungedgeError(f"{self.name}: returned shape {out.shape}, expected ({len(x)}, {len(self.classes)}) "
+                                "(one logit per class)")
+        return out
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (N x classes): :func:`to_probabilities` of :meth:`infer`."""
+        return to_probabilities(self.infer(batch), self.output)
+
     def __enter__(self):
-        self.load()
+        try:
+            self.load()
+        except BaseException:
+            self.close()
+            raise
         self.active = True
         return self
 
@@ -166,42 +190,3 @@ class Runner:
         self.active = False
         self.close()
         return False
-
-
-def check_device(device: str) -> str:
-    if device not in DEVICES:
-        raise LungedgeError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
-    return device
-
-
-def open_runner(artifact, backend: str | None = None, device: str = "cpu", precision: str | None = None,
-                threads: int | None = None) -> Runner:
-    """A runner for ``artifact`` (a path or an :class:`ArtifactInfo`); use it in a ``with`` block."""
-    check_device(device)
-    info = artifact if isinstance(artifact, ArtifactInfo) else artifact_info(artifact)
-    backend = backend or default_backend(info)
-    if backend not in BACKENDS:
-        raise LungedgeError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if info.kind not in BACKENDS[backend]:
-        raise LungedgeError(f"backend {backend} does not run a {info.kind} ({info.path.name})")
-    if precision is not None and precision not in PRECISIONS:
-        raise LungedgeError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if info.kind != "checkpoint" and precision not in (None, info.precision):
-        raise LungedgeError(f"{info.path.name} is a {info.precision} model; precision is fixed in the file "
-                            f"(pick the {precision} file instead)")
-    if backend == "torch":
-        if info.framework != "torch":
-            raise LungedgeError(f"{info.path.name} is a {info.framework} checkpoint, not a torch one")
-        from .torch import TorchRunner as cls
-    elif backend == "keras":
-        if info.framework != "keras":
-            raise LungedgeError(f"{info.path.name} is a {info.framework} checkpoint, not a Keras one")
-        from .keras import KerasRunner as cls
-    elif backend in ("onnxruntime", "onnxruntime-trt"):
-        from .onnxrt import OnnxRuntimeRunner as cls
-    else:
-        from .trt import TensorRTRunner as cls
-    runner = cls(info, device=device, precision=precision, threads=threads)
-    if backend == "onnxruntime-trt":
-        runner.backend = "onnxruntime-trt"
-    return runner

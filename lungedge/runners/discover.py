@@ -1,8 +1,9 @@
-"""Which artifacts to run for ``bench`` / ``eval`` / ``predict MODEL``: found the way export finds them.
+"""Which artifacts to run for ``bench`` / ``eval`` / ``predict MODEL``: a list of :class:`Job`.
 
 A model's source checkpoint is the best checkpoint of its latest run (``runs/<model>/*/best.*``),
 its ONNX files are ``engines/<model>/<model>.{fp32,fp16,int8,int8-cpu}.onnx`` and its engines
-``engines/<model>/<model>.<precision>.b<N>.<gpu>.trt<ver>.engine``.
+``engines/<model>/<model>.<precision>.b<N>.<gpu>.trt<ver>.engine``. Which backend runs which of
+them comes from the backend table (:mod:`.registry`), so a new backend appears here by registering.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LungedgeError
-from .base import BACKENDS, PRECISIONS, artifact_info
+from ..errors import LungedgeError, check_choice
+from .artifact import artifact_info, is_kind
+from .registry import BACKENDS, PRECISIONS, default_backend, get_backend
 
 
 @dataclass(frozen=True)
-class Target:
+class Job:
+    """One thing to run: an artifact through a backend on a device, in a precision."""
+
     artifact: Path
     backend: str
     device: str
@@ -25,13 +29,13 @@ class Target:
 
 
 def parse_list(text: str | None, allowed, what: str) -> list[str] | None:
+    """``"a,b"`` -> ["a", "b"], each checked against ``allowed``; None stays None."""
     if text is None:
         return None
     items = [t.strip() for t in str(text).split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
-    if bad or not items:
-        raise LungedgeError(f"unknown {what} {', '.join(bad) or repr(text)} (choose from {', '.join(allowed)})")
-    return items
+    if not items:
+        check_choice(str(text), allowed, what)
+    return [check_choice(t, allowed, what) for t in items]
 
 
 def source_checkpoint(model: str, runs) -> Path | None:
@@ -53,7 +57,7 @@ def checkpoint_with_sha(model: str, runs, sha: str | None) -> Path | None:
     if not sha:
         return None
     for p in sorted(Path(runs, model).glob("*/best.*"), key=lambda q: q.stat().st_mtime, reverse=True):
-        if p.suffix.lower() not in (".pth", ".pt", ".h5", ".hdf5"):
+        if not is_kind(p, "checkpoint"):
             continue
         key = (str(p), p.stat().st_mtime_ns, p.stat().st_size)
         if key not in _SHA_CACHE:
@@ -104,55 +108,82 @@ def models_with_artifacts(runs, engines) -> list[str]:
     return [m for m in names() if has_artifacts(m, runs, engines)]
 
 
-def targets_for_model(model: str, device: str = "cpu", backends=None, precisions=None, runs="runs",
-                      engines="engines", include_trt_int8: bool = False) -> list[Target]:
-    """Default targets: the source framework (fp32; fp16 too on CUDA for torch), ONNX Runtime for
-    each precision file present (INT8: the int8-cpu file on CPU, the S8S8 int8 file on CUDA/TensorRT),
-    TensorRT engines on CUDA."""
+def onnx_variants(precision: str, device: str, include_trt_int8: bool = False) -> list[str]:
+    """Which ONNX file serves a precision on a device: INT8 is the U8S8 int8-cpu file on the CPU (plus
+    the S8S8 int8 file if asked), the S8S8 int8 file on CUDA."""
+    if precision != "int8":
+        return [precision]
+    return (["int8-cpu"] + (["int8"] if include_trt_int8 else [])) if device == "cpu" else ["int8"]
+
+
+def cpu_computes_bf16() -> bool:
+    """True where this CPU has BF16 arithmetic (AMX or AVX-512 BF16): only there do plans hold BF16 rows."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def jobs_for_model(model: str, device: str = "cpu", backends=None, precisions=None, runs="runs",
+                   engines="engines", include_trt_int8: bool = False) -> list[Job]:
+    """Default jobs: every registered backend that runs on ``device`` (without ``backends``: those
+    whose library is installed), over the artifacts of the kinds it runs: the source checkpoint (in
+    each precision the backend runs on that device), each ONNX precision file, each engine."""
     from ..models.registry import get_spec
 
-    spec = get_spec(model)
+    framework = get_spec(model).framework
     precisions = precisions or list(PRECISIONS)
-    backends = backends or list(BACKENDS)
-    out: list[Target] = []
     # the checkpoint the ONNX files came from, so that source and ONNX rows compare the same weights
     ckpt = export_source(model, runs, engines) or source_checkpoint(model, runs)
-    if ckpt is not None and spec.framework in backends:
-        for p in ("fp32", "fp16"):
-            if p in precisions and (p == "fp32" or (device == "cuda" and spec.framework == "torch")):
-                out.append(Target(ckpt, spec.framework, device, p, p, model))
-    files = onnx_files(model, engines)
-    if "onnxruntime" in backends:
-        for p in precisions:
-            variants = [p] if p != "int8" else (["int8-cpu"] + (["int8"] if include_trt_int8 else []) if device == "cpu"
-                                                 else ["int8"])
-            for v in variants:
-                if v in files:
-                    out.append(Target(files[v], "onnxruntime", device, p, v, model))
-    if device == "cuda" and "onnxruntime-trt" in backends:
-        for p in precisions:
-            if p in files:
-                out.append(Target(files[p], "onnxruntime-trt", device, p, p, model))
-    if device == "cuda" and "tensorrt" in backends:
-        for p, path in engine_files(model, engines).items():
-            if p in precisions:
-                out.append(Target(path, "tensorrt", device, p, p, model))
+    files, engine = onnx_files(model, engines), engine_files(model, engines)
+    out: list[Job] = []
+    for entry in (get_backend(b) for b in backends) if backends else BACKENDS.values():
+        if device not in entry.devices or (not backends and not entry.available()):
+            continue
+        if not backends and device not in entry.extra.get("plan_devices", entry.devices):
+            continue  # runs there when named (--backend), but is not in the default plan
+        if "checkpoint" in entry.kinds and ckpt is not None and (not entry.frameworks or framework in entry.frameworks):
+            out += [Job(ckpt, entry.name, device, p, p, model) for p in precisions
+                    if p in (entry.precisions_on(device) or ("fp32",))]
+        if "onnx" in entry.kinds:
+            out += [Job(files[v], entry.name, device, p, v, model) for p in precisions
+                    for v in onnx_variants(p, device, include_trt_int8) if v in files]
+            # precisions a backend computes from another file (OpenVINO: bf16 from the fp32 file)
+            out += [Job(files[v], entry.name, device, p, p, model) for p, v in entry.extra.get("onnx_precisions",
+                    {}).items() if p in precisions and v in files and (p != "bf16" or cpu_computes_bf16())]
+        if "engine" in entry.kinds:
+            out += [Job(path, entry.name, device, p, p, model) for p, path in engine.items() if p in precisions]
     return out
 
 
-def targets_for_artifact(path, backend=None, device="cpu", precision=None) -> list[Target]:
+def jobs_for_artifact(path, backend=None, device=None, precision=None) -> list[Job]:
+    """The one job for an artifact file; the backend, device and precision are resolved here."""
     info = artifact_info(path)
-    from .base import default_backend
+    entry = get_backend(backend) if backend else default_backend(info, device)
+    if not entry.runs(info):
+        raise LungedgeError(f"backend {entry.name} does not run {info.path.name}")
+    device = entry.resolve_device(device)
+    p = entry.resolve_precision(info, device, precision)
+    return [Job(info.path, entry.name, device, p, info.variant if info.fixed_precision else p, info.architecture)]
 
-    backend = backend or default_backend(info)
-    p = precision or info.precision
-    return [Target(info.path, backend, device, p, info.variant if info.kind != "checkpoint" else p,
-                   info.architecture)]
+
+def fp32_reference(job: Job) -> Job | None:
+    """What a reduced-precision job is compared with: the same checkpoint in FP32, or the FP32 ONNX next
+    to an ONNX file or engine, run by its default backend on the CPU (the portable reference)."""
+    info = artifact_info(job.artifact)
+    if not info.fixed_precision:
+        return Job(job.artifact, job.backend, job.device, "fp32", "fp32", job.model)
+    sibling = job.artifact.parent / f"{job.model}.fp32.onnx"
+    if not sibling.is_file():
+        return None
+    return jobs_for_artifact(sibling, device="cpu")[0]
 
 
-def resolve(specs, all_models: bool = False, device: str = "cpu", backends=None, precisions=None,
-            runs="runs", engines="engines", include_trt_int8: bool = False) -> list[Target]:
-    """MODEL names and/or artifact paths (or --all) -> the list of targets to run."""
+def resolve(specs, all_models: bool = False, device: str | None = None, backends=None, precisions=None,
+            runs="runs", engines="engines", include_trt_int8: bool = False) -> list[Job]:
+    """MODEL names and/or artifact paths (or --all) -> the jobs to run. ``device`` None: cpu for
+    models, the backend's own device for an artifact file (an engine runs on cuda)."""
     from ..models.registry import names
 
     specs = list(specs or [])
@@ -165,13 +196,13 @@ def resolve(specs, all_models: bool = False, device: str = "cpu", backends=None,
                                 "train and export one first")
     if not specs:
         raise LungedgeError("name a MODEL or an artifact path, or pass --all")
-    out: list[Target] = []
+    out: list[Job] = []
     for s in specs:
         if Path(s).is_file():
             for b in (backends or [None]):
                 for p in (precisions or [None]):
                     try:
-                        out += targets_for_artifact(s, b, device, p)
+                        out += jobs_for_artifact(s, b, device, p)
                     except LungedgeError:
                         if backends or precisions:
                             continue  # this backend/precision does not apply to this artifact
@@ -179,7 +210,7 @@ def resolve(specs, all_models: bool = False, device: str = "cpu", backends=None,
             continue
         if s not in names():
             raise LungedgeError(f"{s!r} is neither a file nor a model (models: {', '.join(names())})")
-        found = targets_for_model(s, device, backends, precisions, runs, engines, include_trt_int8)
+        found = jobs_for_model(s, device or "cpu", backends, precisions, runs, engines, include_trt_int8)
         if not found and s in optional:
             continue  # --all: this model has no artifact for the asked backends/precisions
         if not found:
@@ -188,5 +219,5 @@ def resolve(specs, all_models: bool = False, device: str = "cpu", backends=None,
         out += found
     if not out:
         raise LungedgeError(f"no artifacts match backends {','.join(backends or BACKENDS)} and precisions "
-                            f"{','.join(precisions or PRECISIONS)} on {device}")
+                            f"{','.join(precisions or PRECISIONS)} on {device or 'cpu'}")
     return out

@@ -1,11 +1,11 @@
-"""Keras runner: a lungedge ``.h5`` checkpoint on CPU or GPU (TensorFlow backend), FP32."""
+"""Keras backend: a lungedge ``.h5`` checkpoint on CPU or GPU (TensorFlow backend), FP32."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import LungedgeError
-from .base import Runner
+from .base import Loader, Runner
 
 
 def weight_layers_keras(model) -> int:
@@ -18,21 +18,17 @@ def weight_layers_keras(model) -> int:
     return n
 
 
-class KerasRunner(Runner):
-    backend = "keras"
+def device_name(device: str) -> str:
+    return "/GPU:0" if device == "cuda" else "/CPU:0"
 
-    @property
-    def includes(self) -> str:
-        if self.device == "cuda":
-            return "host->device copy, forward, device->host copy"
-        return "model forward only (eager call, training=False)"
 
-    def load(self) -> None:
+class ModelFromH5(Loader):
+    """-> (Keras model placed on the device, checkpoint metadata)."""
+
+    def __call__(self):
         from ..models.checkpoint import load_checkpoint
         from ..models.registry import import_keras
 
-        if self.precision != "fp32":
-            raise LungedgeError(f"the Keras runner runs fp32 only, not {self.precision}; use the ONNX files")
         import_keras()
         import tensorflow as tf
 
@@ -44,24 +40,38 @@ class KerasRunner(Runner):
                 pass  # TensorFlow already started: its thread pools are fixed for this process
         if self.device == "cuda" and not tf.config.list_physical_devices("GPU"):
             raise LungedgeError("--device cuda: no GPU is visible to TensorFlow here")
+        with tf.device(device_name(self.device)):
+            return load_checkpoint(self.info.path)
+
+
+class KerasRunner(Runner):
+    loader_class = ModelFromH5
+
+    @property
+    def includes(self) -> str:
+        if self.device == "cuda":
+            return "host->device copy, forward, device->host copy"
+        return "model forward only (tf.function, training=False)"
+
+    def load(self) -> None:
+        self.model, self.meta = self.loader()
+        import tensorflow as tf
+
         self._tf = tf
-        self._where = "/GPU:0" if self.device == "cuda" else "/CPU:0"
-        with tf.device(self._where):
-            self.model, self.meta = load_checkpoint(self.info.path)
+        model = self.model
 
         @tf.function(reduce_retracing=True)
         def forward(x):
-            return self.model(x, training=False)
+            return model(x, training=False)
 
         self._forward = forward
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
-        with self._tf.device(self._where):
+        with self._tf.device(device_name(self.device)):
             return self._forward(self._tf.constant(x)).numpy()
 
     def threads_used(self):
-        v = self._tf.config.threading.get_intra_op_parallelism_threads()
-        return v or self.threads
+        return self._tf.config.threading.get_intra_op_parallelism_threads() or self.threads
 
     def describe(self) -> dict:
         import keras

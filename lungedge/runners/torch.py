@@ -1,11 +1,11 @@
-"""PyTorch runner: a lungedge ``.pth`` checkpoint on CPU or CUDA, in FP32 or FP16 (CUDA only)."""
+"""PyTorch backend: a lungedge ``.pth`` checkpoint on CPU or CUDA, in FP32 or FP16 (CUDA only)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import LungedgeError
-from .base import Runner
+from .base import Loader, Runner
 
 
 def weight_layers_torch(model) -> int:
@@ -14,8 +14,27 @@ def weight_layers_torch(model) -> int:
     return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
 
 
+class ModelFromCheckpoint(Loader):
+    """-> (module in eval mode on the device, in the precision's dtype; checkpoint metadata)."""
+
+    def __call__(self):
+        from ..models.checkpoint import load_checkpoint
+        from ..models.registry import import_torch_first
+
+        import_torch_first()
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise LungedgeError("--device cuda: no CUDA GPU is visible to PyTorch here")
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        model, meta = load_checkpoint(self.info.path, device=self.device)
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        return model.to(dtype=dtype).eval(), meta
+
+
 class TorchRunner(Runner):
-    backend = "torch"
+    loader_class = ModelFromCheckpoint
 
     @property
     def includes(self) -> str:
@@ -24,44 +43,28 @@ class TorchRunner(Runner):
         return "model forward only"
 
     def load(self) -> None:
-        from ..models.checkpoint import load_checkpoint
-        from ..models.registry import import_torch_first
-
-        import_torch_first()
         import torch
 
-        if self.precision not in ("fp32", "fp16"):
-            raise LungedgeError(f"PyTorch runs fp32 or fp16, not {self.precision}; INT8 runs from the ONNX file")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise LungedgeError("--device cuda: no CUDA GPU is visible to PyTorch here")
-        if self.device == "cpu" and self.precision == "fp16":
-            raise LungedgeError("PyTorch FP16 runs on CUDA only; use --device cuda or the FP16 ONNX")
-        if self.threads:
-            torch.set_num_threads(int(self.threads))
-        model, meta = load_checkpoint(self.info.path, device=self.device)
-        self.meta = meta
-        self.dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        self.model = model.to(dtype=self.dtype).eval()
         self._torch = torch
+        self._threads_before = torch.get_num_threads()  # the loader may change it; close() puts it back
+        self.model, self.meta = self.loader()
+        self.dtype = next(self.model.parameters()).dtype
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self.device, dtype=self.dtype, non_blocking=False)
-            out = self.model(t)
-            return out.float().cpu().numpy()  # .cpu() waits for the GPU
+            return self.model(t).float().cpu().numpy()  # .cpu() waits for the GPU
 
     def threads_used(self):
         return self._torch.get_num_threads() if self.device == "cpu" else self.threads
 
     def describe(self) -> dict:
-        from ..models.registry import get_spec
+        from ..models.registry import apply_mode, get_spec
 
         spec = get_spec(self.info.architecture)
         total = sum(p.numel() for p in self.model.parameters())
         # trainable in the training run's mode (requires_grad as the checkpoint's mode set it)
-        from ..models.registry import apply_mode
-
         apply_mode(spec, self.model, self.meta.get("mode") or spec.defaults.mode)
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {"total_params": int(total), "trainable_params": int(trainable),
@@ -70,5 +73,8 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         self.model = None
-        if self.device == "cuda":
-            self._torch.cuda.empty_cache()
+        torch = getattr(self, "_torch", None)
+        if torch is not None and getattr(self, "_threads_before", None):
+            torch.set_num_threads(self._threads_before)  # a runner leaves the process as it found it
+        if self.device == "cuda" and torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()

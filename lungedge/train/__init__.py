@@ -18,9 +18,14 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
           stop_after: int | None = None, strategy=None) -> dict:
     """Train ``cfg.model`` (or, with ``resume``, continue its newest interrupted run); return the
     run summary that is also written to ``<out>/<model>/<run>/metrics.json``."""
+    import os
+
     from ..models.registry import get_spec, import_torch_first
+    from .common import default_run_name, lock_run, planned_run_dir
 
     spec = get_spec(cfg.model)
+    if cfg.run_name is not None:
+        planned_run_dir(cfg)  # refuses a --run-name that would leave the runs folder
     import_torch_first()
     resume_dir = None
     if resume:
@@ -31,6 +36,32 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
         stored.device, stored.threads = cfg.device, cfg.threads or stored.threads
         cfg = stored
     cfg = cfg.resolved(spec)
+    if cfg.split:
+        from ..data.split import read_manifest
+
+        read_manifest(cfg.split)  # a bad manifest is refused before any run folder is made
+    if resume_dir is None and not cfg.run_name:
+        cfg.run_name = default_run_name(cfg)
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0
+    lock = lock_run(resume_dir or planned_run_dir(cfg)) if main_rank else None
+    run_dir = resume_dir or planned_run_dir(cfg)
+    try:
+        return _train(cfg, spec, resume_dir, on_epoch, show_progress, stop_after, strategy)
+    except KeyboardInterrupt:
+        from ..io import note_kept
+
+        if (run_dir / "last.pth").exists() or (run_dir / "last.h5").exists():
+            note_kept(f"{run_dir} keeps its last finished epoch; continue with "
+                      f"'lungedge train {cfg.model} --out {cfg.out} --run-name {run_dir.name} --resume'")
+        else:
+            note_kept(f"{run_dir}: no epoch finished, nothing to resume")
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, spec, resume_dir, on_epoch, show_progress, stop_after, strategy) -> dict:
     if cfg.weights not in ("none", "imagenet") and not Path(cfg.weights).is_file():
         raise LungedgeError(f"--weights: {cfg.weights} is neither 'imagenet', 'none' nor an existing file")
     if spec.framework == "torch":

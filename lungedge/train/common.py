@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LungedgeError
-from ..io import write_json
+from ..io import FolderLock, clean_temp_files, safe_name, write_json
+from ..limits import check_input_size, check_positive
 from ..preprocess import Preprocessing, open_image
 from ..ui import progress
 
@@ -62,8 +64,12 @@ class TrainConfig:
         c = TrainConfig.from_dict(self.to_dict())
         c.mode = check_mode(c.mode or d.mode)
         c.epochs = int(c.epochs if c.epochs is not None else d.epochs)
-        c.batch_size = int(c.batch_size or d.batch_size)
+        c.batch_size = int(c.batch_size if c.batch_size is not None else d.batch_size)
         c.lr = float(c.lr if c.lr is not None else d.lr)
+        if c.image_size is not None:
+            check_input_size(c.image_size, "--image-size")
+        check_positive(c.lr, "--lr", upper=1.0)  # above 1 AdamW only diverges into NaN
+        check_positive(c.batch_size, "--batch-size", integer=True)
         c.image_size = spec.preprocessing_for(c.image_size).size
         if c.epochs < 1:
             raise LungedgeError(f"--epochs must be at least 1, got {c.epochs}")
@@ -86,16 +92,6 @@ def _scan_fingerprint(root) -> str:
     with progress(len(layout.files), "hashing images") as advance:
         records = scan(layout.root, layout.files, thumbs=False, progress=advance)
     return fingerprint([r for r in records if r.ok])
-
-
-def manifest_fingerprint(manifest: dict) -> str:
-    from ..data.scan import fingerprint
-
-    class _R:  # the (path, label, sha256) triple fingerprint() reads
-        def __init__(self, it):
-            self.path, self.label, self.sha256 = it["path"], it["label"], it["sha256"]
-
-    return fingerprint([_R(it) for it in manifest["items"]])
 
 
 def prepare_split(cfg: TrainConfig, run_dir: Path | None, write: bool = True) -> tuple[dict, Path]:
@@ -144,6 +140,10 @@ def load_arrays(manifest: dict, root: Path, prep: Preprocessing) -> Arrays:
     classes = manifest["classes"]
     out = Arrays()
     items = manifest["items"]
+    from ..limits import check_memory
+
+    check_memory(len(items) * prep.size ** 2 * 3 * 5, f"caching {len(items)} images at {prep.size} px",
+                 "use a smaller --image-size")  # uint8 pixels + float32 inputs
     with progress(len(items), f"loading images at {prep.size} px") as advance:
         pixels = []
         for it in items:
@@ -162,10 +162,25 @@ def load_arrays(manifest: dict, root: Path, prep: Preprocessing) -> Arrays:
 
 # -- the run folder ---------------------------------------------------------------------------------
 
+def default_run_name(cfg: TrainConfig) -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + f"-s{cfg.seed}"
+
+
+def planned_run_dir(cfg: TrainConfig) -> Path:
+    """``out/model/run_name``; the run name must be one plain folder name (it cannot leave ``out``)."""
+    return Path(cfg.out) / safe_name(cfg.model, "model") / safe_name(cfg.run_name or default_run_name(cfg), "--run-name")
+
+
+def lock_run(run_dir: Path) -> FolderLock:
+    """Hold ``run_dir`` for this training (rank 0 only under torchrun): a second ``lungedge train`` with
+    the same run folder gets one line naming this one. Litter of a killed run's writes is removed."""
+    lock = FolderLock(run_dir).acquire()
+    clean_temp_files(run_dir)
+    return lock
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
-    base = Path(cfg.out) / cfg.model
-    name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-s{cfg.seed}"
-    run_dir = base / name
+    run_dir = planned_run_dir(cfg)
     if (run_dir / "last.pth").exists() or (run_dir / "last.h5").exists():
         raise LungedgeError(f"run folder {run_dir} already holds a run; use --resume or another --run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -232,16 +247,142 @@ def env_int(name: str, default: int) -> int:
 
 
 def initial_model(cfg: TrainConfig, spec, classes: list[str]):
-    """The model a run starts from: the checkpoint being fine-tuned, or a fresh one; mode applied."""
+    """The model a run starts from, as a :class:`lungedge.models.registry.Built` (model, build record,
+    preprocessing): the checkpoint being fine-tuned (its build kept), or a fresh one; mode applied."""
     from ..models import checkpoint as ckpt
-    from ..models.registry import apply_mode, create
+    from ..models.registry import Built, apply_mode, build_model
 
     if cfg.init_checkpoint:
         model, init_meta = ckpt.load_checkpoint(cfg.init_checkpoint, mode=cfg.mode, unfreeze=cfg.unfreeze)
         if init_meta["classes"] != classes:
             raise LungedgeError(f"{cfg.init_checkpoint} has classes {init_meta['classes']}, the split has {classes}")
+        built = Built(model, ckpt.build_of(init_meta), Preprocessing.from_dict(init_meta["preprocessing"]))
     else:
-        model = create(cfg.model, num_classes=len(classes), weights=cfg.weights, mode=cfg.mode,
-                       image_size=cfg.image_size, unfreeze=cfg.unfreeze)
-    apply_mode(spec, model, cfg.mode, cfg.unfreeze)
-    return model
+        built = build_model(cfg.model, num_classes=len(classes), weights=cfg.weights, mode=cfg.mode,
+                            image_size=cfg.image_size, unfreeze=cfg.unfreeze)
+    apply_mode(spec, built.model, cfg.mode, cfg.unfreeze)
+    return built
+
+
+def run_preprocessing(cfg: TrainConfig, spec) -> Preprocessing:
+    """The input of the model a run starts from: the fine-tuned checkpoint's, else its weights'."""
+    if cfg.init_checkpoint:
+        from ..models.checkpoint import read_meta
+
+        return Preprocessing.from_dict(read_meta(cfg.init_checkpoint)["preprocessing"]).with_size(cfg.image_size)
+    return spec.preprocessing_for(cfg.image_size, "imagenet" if cfg.weights == "imagenet" else "none")
+
+
+# -- what both trainers do the same way ---------------------------------------------------------------
+
+@dataclass
+class RunData:
+    """The run folder, its split and the cached inputs (what both trainers start with)."""
+
+    run_dir: Path
+    manifest: dict
+    root: Path
+    split_path: str
+    classes: list
+    arrays: Arrays
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["dataset"]["fingerprint"]
+
+
+def open_run(cfg: TrainConfig, run_dir: Path, resuming: bool, prep: Preprocessing, write: bool = True) -> RunData:
+    """The split of ``run_dir`` (made and saved for a new run unless ``cfg.split`` is given) and its inputs."""
+    split = cfg.split or (str(run_dir / "split.json") if resuming else None)
+    manifest, root = prepare_split(TrainConfig.from_dict({**cfg.to_dict(), "split": split}), run_dir, write=write)
+    split_path = str(Path(cfg.split)) if cfg.split else str(run_dir / "split.json")
+    return RunData(run_dir, manifest, root, split_path, list(manifest["classes"]), load_arrays(manifest, root, prep))
+
+
+def score(logits: np.ndarray, y: np.ndarray, classes) -> dict:
+    """Mean cross-entropy of ``logits`` against ``y`` plus :func:`.metrics.summarize`'s metrics."""
+    from .metrics import summarize
+
+    if len(y) == 0:
+        return {"loss": float("nan"), **summarize([], [], classes)}
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return {"loss": float(-logp[np.arange(len(y)), y].mean()), **summarize(y, logits.argmax(1), classes)}
+
+
+def is_better(best: dict | None, val: dict) -> bool:
+    """Higher validation balanced accuracy, ties broken by a lower validation loss."""
+    if best is None:
+        return True
+    score_, top = val["balanced_accuracy"], best["val_balanced_accuracy"]
+    return score_ > top + 1e-12 or (score_ >= top - 1e-12 and val["loss"] < best["val_loss"])
+
+
+def epoch_record(epoch: int, train_loss: float, val: dict, seconds: float, improved: bool, **extra) -> dict:
+    return {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+            "val_balanced_accuracy": val["balanced_accuracy"], "val_accuracy": val["accuracy"], **extra,
+            "seconds": seconds, "best": bool(improved)}
+
+
+def best_record(epoch: int, val: dict) -> dict:
+    return {"epoch": epoch, "val_balanced_accuracy": val["balanced_accuracy"], "val_loss": val["loss"]}
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to zero at ``total_steps`` (a factor of the rate)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def augment(x, gen, prep: Preprocessing, max_degrees: float = 10.0, max_scale: float = 0.10, max_shift: float = 0.06,
+            contrast: float = 0.10, brightness_levels: float = 6.0):
+    """Random horizontal flip, small rotation/zoom/shift, contrast (x 1 +- ``contrast``) and brightness
+    (+- ``brightness_levels`` grey levels, converted through ``prep``'s scale and std) on a batch of
+    normalised NCHW torch inputs (train only; val/test see exactly the model's Preprocessing)."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    r = torch.rand(b, 7, generator=gen) * 2 - 1  # uniform in [-1, 1]
+    x = torch.where((r[:, 0] > 0)[:, None, None, None], x.flip(-1), x)
+    angle = r[:, 1] * math.radians(max_degrees)
+    scale = 1 + r[:, 2] * max_scale
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, r[:, 3] * max_shift], 1),
+                         torch.stack([sin, cos, r[:, 4] * max_shift], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    unit = brightness_levels * prep.scale / float(np.mean(prep.std))
+    return x * (1 + contrast * r[:, 5])[:, None, None, None] + (unit * r[:, 6])[:, None, None, None]
+
+
+def clean(v):
+    """NaN/inf -> None, recursively (JSON has no NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: clean(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [clean(x) for x in v]
+    return v
+
+
+def write_metrics(run: RunData, cfg: TrainConfig, history, best, test, status, seconds, suffix: str = ".pth",
+                  **extra) -> dict:
+    """Write (and return) the run summary ``metrics.json``."""
+    manifest = run.manifest
+    summary = {
+        "format": RUN_FORMAT, "model": cfg.model, "run_dir": str(run.run_dir), "status": status,
+        "config": cfg.to_dict(), "classes": manifest["classes"],
+        "split": {"manifest": run.split_path, "fingerprint": run.fingerprint,
+                  "group_by": manifest["params"]["group_by"],
+                  "counts": {s: sum(v.values()) for s, v in manifest["counts"].items()}},
+        "history": history, "best": best, "test": test, "wall_seconds": round(seconds, 1),
+        "checkpoints": {"best": str(run.run_dir / f"best{suffix}"), "last": str(run.run_dir / f"last{suffix}")},
+        **extra,
+    }
+    summary = clean(summary)
+    write_json(run.run_dir / "metrics.json", summary)
+    return summary

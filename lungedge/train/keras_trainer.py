@@ -1,6 +1,7 @@
-"""The Keras trainer (ResNet50): Adam with cosine decay, class-weighted loss, one ``fit`` call per
-epoch on inputs cached through the model's Preprocessing, best/last ``.h5`` checkpoints with the
-metadata inside, and an optional ``tf.distribute`` strategy.
+"""The Keras trainer (ResNet50): AdamW (``weight_decay``) with linear warm-up (``warmup_epochs``) and
+cosine decay, class-weighted loss, one ``fit`` call per epoch on inputs cached through the model's
+Preprocessing, the PyTorch trainer's augmentation (:func:`common.augment`, run on NCHW copies),
+best/last ``.h5`` checkpoints with the metadata inside, and an optional ``tf.distribute`` strategy.
 
 Resume reloads ``last.h5`` and the optimizer's variables (``last.optimizer.npz``) and continues at
 the next epoch; shuffling and augmentation are seeded by (seed, epoch).
@@ -16,24 +17,25 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batching import predict_in_batches
 from ..errors import LungedgeError
 from ..io import atomic_write_bytes
 from ..models import checkpoint as ckpt
-from ..models.registry import apply_mode, get_spec, import_keras
+from ..models.registry import Built, apply_mode, get_spec, import_keras
 from . import common
-from .metrics import class_weights, summarize
-from .torch_trainer import _clean, _write_metrics
+from .metrics import class_weights
 
 
-def _augment_nhwc(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flips and intensity jitter on a normalised NHWC batch."""
-    flip = rng.random(len(x)) < 0.5
-    x = np.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
-    gain = 1 + 0.1 * (rng.random(len(x)) * 2 - 1)
-    return (x * gain[:, None, None, None]).astype(np.float32)
+def augment_nhwc(x: np.ndarray, seed: int, prep) -> np.ndarray:
+    """:func:`common.augment` (the PyTorch trainer's definition) on a normalised NHWC batch."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return np.ascontiguousarray(common.augment(t, gen, prep).numpy().transpose(0, 2, 3, 1))
 
 
-def _save_optimizer(path: Path, optimizer) -> None:
+def save_optimizer(path: Path, optimizer) -> None:
     import io
 
     buf = io.BytesIO()
@@ -41,7 +43,7 @@ def _save_optimizer(path: Path, optimizer) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_optimizer(path: Path, optimizer, model) -> None:
+def load_optimizer(path: Path, optimizer, model) -> None:
     optimizer.build(model.trainable_variables)
     with np.load(path) as data:
         arrays = [data[f"arr_{i}"] for i in range(len(data.files))]
@@ -51,104 +53,118 @@ def _load_optimizer(path: Path, optimizer, model) -> None:
         v.assign(a)
 
 
+def make_optimizer(keras, cfg: common.TrainConfig, steps_per_epoch: int):
+    """AdamW; rate: linear warm-up to ``cfg.lr`` over ``warmup_epochs``, then cosine decay to zero
+    (the PyTorch trainer's :func:`common.lr_factor` schedule)."""
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    if warmup > 0:
+        schedule = keras.optimizers.schedules.CosineDecay(cfg.lr / warmup, decay_steps=max(1, total - warmup),
+                                                          warmup_target=cfg.lr, warmup_steps=warmup)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=total)
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+
+
 def train_keras(cfg: common.TrainConfig, on_epoch=None, show_progress: bool | None = None,
                 stop_after: int | None = None, resume_dir: Path | None = None, strategy=None) -> dict:
-    keras = import_keras()
-    spec = get_spec(cfg.model)
+    import_keras()
     common.check_device(cfg.device, "keras")
-    if show_progress is None:
-        show_progress = sys.stderr.isatty()
-    if resume_dir is not None:
-        run_dir = resume_dir
-    else:
-        run_dir = common.new_run_dir(cfg)
-        common.save_config(run_dir, cfg)
-    manifest, root = common.prepare_split(
-        common.TrainConfig.from_dict({**cfg.to_dict(), "split": cfg.split or (str(run_dir / "split.json") if resume_dir else None)}),
-        run_dir)
-    fingerprint = manifest["dataset"]["fingerprint"]
-    split_path = str(Path(cfg.split)) if cfg.split else str(run_dir / "split.json")
-    classes = list(manifest["classes"])
-    prep = spec.preprocessing_for(cfg.image_size)
-    arrays = common.load_arrays(manifest, root, prep)
+    run = KerasRun(cfg, resume_dir, strategy)
+    return run.fit(on_epoch, sys.stderr.isatty() if show_progress is None else show_progress, stop_after)
 
-    keras.utils.set_random_seed(cfg.seed)
-    n_train = len(arrays.y["train"])
-    steps = max(1, math.ceil(n_train / cfg.batch_size))
-    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
-    with scope:
+
+class KerasRun:
+    """One Keras training run: data, model, optimizer and the epoch loop's state."""
+
+    def __init__(self, cfg: common.TrainConfig, resume_dir: Path | None, strategy=None):
+        keras = self.keras = import_keras()
+        self.cfg, self.spec = cfg, get_spec(cfg.model)
+        run_dir = resume_dir or common.new_run_dir(cfg)
+        if resume_dir is None:
+            common.save_config(run_dir, cfg)
+        self.prep = common.run_preprocessing(cfg, self.spec)
+        self.data = common.open_run(cfg, run_dir, resume_dir is not None, self.prep)
+        keras.utils.set_random_seed(cfg.seed)
+        self.n_train = len(self.data.arrays.y["train"])
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+        with scope:
+            built = self._start_model(resume_dir)
+            self.model, self.build = built.model, built.build
+            self.optimizer = make_optimizer(keras, cfg, max(1, math.ceil(self.n_train / cfg.batch_size)))
+            self.model.compile(optimizer=self.optimizer,
+                               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        self.history, self.best, self.start, self.bad_epochs = [], None, 0, 0
         if resume_dir is not None:
-            model, _ = ckpt.load_checkpoint(run_dir / "last.h5", mode=cfg.mode, unfreeze=cfg.unfreeze)
-            apply_mode(spec, model, cfg.mode, cfg.unfreeze)
-        else:
-            model = common.initial_model(cfg, spec, classes)
-        schedule = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=cfg.epochs * steps)
-        optimizer = keras.optimizers.Adam(learning_rate=schedule)
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            self._restore(run_dir)
 
-    history, best, start, bad_epochs = [], None, 0, 0
-    if resume_dir is not None:
+    def _start_model(self, resume_dir: Path | None) -> Built:
+        cfg = self.cfg
+        if resume_dir is None:
+            return common.initial_model(cfg, self.spec, self.data.classes)
+        model, meta = ckpt.load_checkpoint(resume_dir / "last.h5", mode=cfg.mode, unfreeze=cfg.unfreeze)
+        apply_mode(self.spec, model, cfg.mode, cfg.unfreeze)
+        return Built(model, ckpt.build_of(meta), self.prep)
+
+    def _restore(self, run_dir: Path) -> None:
         meta = ckpt.read_keras_meta(run_dir / "last.h5")
-        history, start = list(meta["history"]), int(meta["epoch"])
-        best, bad_epochs = meta.get("best"), int(meta.get("bad_epochs", 0))
-        _load_optimizer(run_dir / "last.optimizer.npz", optimizer, model)
+        self.history, self.start = list(meta["history"]), int(meta["epoch"])
+        self.best, self.bad_epochs = meta.get("best"), int(meta.get("bad_epochs", 0))
+        load_optimizer(run_dir / "last.optimizer.npz", self.optimizer, self.model)
 
-    cw = {i: float(w) for i, w in enumerate(class_weights(arrays.y["train"], len(classes)))}
+    def meta_for(self, epoch: int) -> dict:
+        d = self.data
+        return ckpt.make_meta(self.spec, d.classes, self.prep, self.cfg.mode, d.fingerprint, epoch, self.history,
+                              build=self.build, split_manifest=d.split_path, data_root=str(d.root),
+                              config=self.cfg.to_dict(), best=self.best, bad_epochs=self.bad_epochs)
 
-    def meta_for(epoch):
-        return ckpt.make_meta(spec, classes, prep, cfg.mode, fingerprint, epoch, history, split_manifest=split_path,
-                              data_root=str(root), config=cfg.to_dict(), best=best, bad_epochs=bad_epochs)
+    def evaluate(self, model, split: str) -> dict:
+        x, y = self.data.arrays.x[split], self.data.arrays.y[split]
+        logits = predict_in_batches(lambda xb: model(xb, training=False), x, 64, len(self.data.classes))
+        return common.score(logits, y, self.data.classes)
 
-    def evaluate(split):
-        x, y = arrays.x[split], arrays.y[split]
-        if len(y) == 0:
-            return {"loss": None, **summarize([], [], classes)}
-        logits = np.asarray(model.predict(x, batch_size=64, verbose=0))
-        z = logits - logits.max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        return {"loss": float(-logp[np.arange(len(y)), y].mean()), **summarize(y, logits.argmax(1), classes)}
-
-    t_start, status = time.time(), "finished"
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
+    def train_epoch(self, epoch: int, show_progress: bool) -> float:
+        cfg, arrays = self.cfg, self.data.arrays
         rng = np.random.default_rng([cfg.seed, epoch])
-        perm = rng.permutation(n_train)
+        perm = rng.permutation(self.n_train)
         x, y = arrays.x["train"][perm], arrays.y["train"][perm]
         if cfg.augment:
-            x = _augment_nhwc(x, rng)
-        keras.utils.set_random_seed(cfg.seed * 100_003 + epoch)
-        fit = model.fit(x, y, batch_size=cfg.batch_size, epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
-                        class_weight=cw, verbose=2 if show_progress else 0)
-        val = evaluate("val")
-        score = val["balanced_accuracy"]
-        improved = best is None or score > best["val_balanced_accuracy"] + 1e-12 or (
-            score >= best["val_balanced_accuracy"] - 1e-12 and (val["loss"] or 0) < (best["val_loss"] or 0))
-        rec = {"epoch": epoch + 1, "train_loss": float(fit.history["loss"][-1]), "val_loss": val["loss"] or float("nan"),
-               "val_balanced_accuracy": score, "val_accuracy": val["accuracy"], "seconds": time.time() - t0,
-               "best": bool(improved)}
-        history.append(_clean(rec))
-        if improved:
-            best = {"epoch": epoch + 1, "val_balanced_accuracy": score, "val_loss": val["loss"]}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        if improved:
-            ckpt.save_keras_checkpoint(run_dir / "best.h5", model, meta_for(epoch + 1))
-        ckpt.save_keras_checkpoint(run_dir / "last.h5", model, meta_for(epoch + 1))
-        _save_optimizer(run_dir / "last.optimizer.npz", optimizer)
-        _write_metrics(run_dir, cfg, manifest, split_path, history, best, None, "running", time.time() - t_start)
-        if on_epoch:
-            on_epoch(rec)
-        if cfg.patience and bad_epochs >= cfg.patience:
-            break
-        if stop_after is not None and epoch + 1 - start >= stop_after and epoch + 1 < cfg.epochs:
-            return {"run_dir": str(run_dir), "status": "interrupted", "history": history}
-    best_model, _ = ckpt.load_checkpoint(run_dir / "best.h5")
-    model = best_model
-    test = evaluate("test")
-    summary = _write_metrics(run_dir, cfg, manifest, split_path, history, best, test, status, time.time() - t_start)
-    summary["checkpoints"] = {"best": str(run_dir / "best.h5"), "last": str(run_dir / "last.h5")}
-    from ..io import write_json
+            x = augment_nhwc(x, cfg.seed * 100_003 + epoch, self.prep)
+        self.keras.utils.set_random_seed(cfg.seed * 100_003 + epoch)
+        cw = {i: float(w) for i, w in enumerate(class_weights(arrays.y["train"], len(self.data.classes)))}
+        fit = self.model.fit(x, y, batch_size=cfg.batch_size, epochs=epoch + 1, initial_epoch=epoch, shuffle=False,
+                             class_weight=cw, verbose=2 if show_progress else 0)
+        return float(fit.history["loss"][-1])
 
-    write_json(run_dir / "metrics.json", summary)
-    return summary
+    def end_epoch(self, epoch: int, train_loss: float, seconds: float) -> dict:
+        """Validate, update best/patience, write best.h5, last.h5 (+ optimizer) and metrics.json."""
+        val = self.evaluate(self.model, "val")
+        improved = common.is_better(self.best, val)
+        rec = common.epoch_record(epoch + 1, train_loss, val, seconds, improved)
+        self.history.append(common.clean(rec))
+        self.best, self.bad_epochs = (common.best_record(epoch + 1, val), 0) if improved else (self.best, self.bad_epochs + 1)
+        run_dir = self.data.run_dir
+        if improved:
+            ckpt.save_keras_checkpoint(run_dir / "best.h5", self.model, self.meta_for(epoch + 1))
+        ckpt.save_keras_checkpoint(run_dir / "last.h5", self.model, self.meta_for(epoch + 1))
+        save_optimizer(run_dir / "last.optimizer.npz", self.optimizer)
+        common.write_metrics(self.data, self.cfg, self.history, self.best, None, "running",
+                             time.time() - self.t_start, suffix=".h5")
+        return rec
+
+    def fit(self, on_epoch, show_progress: bool, stop_after: int | None) -> dict:
+        cfg, self.t_start = self.cfg, time.time()
+        for epoch in range(self.start, cfg.epochs):
+            t0 = time.time()
+            train_loss = self.train_epoch(epoch, show_progress)
+            rec = self.end_epoch(epoch, train_loss, time.time() - t0)
+            if on_epoch:
+                on_epoch(rec)
+            if cfg.patience and self.bad_epochs >= cfg.patience:
+                break
+            if stop_after is not None and epoch + 1 - self.start >= stop_after and epoch + 1 < cfg.epochs:
+                return {"run_dir": str(self.data.run_dir), "status": "interrupted", "history": self.history}
+        best_model, _ = ckpt.load_checkpoint(self.data.run_dir / "best.h5")
+        test = self.evaluate(best_model, "test")
+        return common.write_metrics(self.data, self.cfg, self.history, self.best, test, "finished",
+                                    time.time() - self.t_start, suffix=".h5",
+                                    early_stopped=bool(cfg.patience and self.bad_epochs >= cfg.patience))

@@ -5,12 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def confusion(y_true, y_pred, k: int) -> np.ndarray:
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
-    return cm
-
-
 def summarize(y_true, y_pred, classes) -> dict:
     """Accuracy, balanced accuracy (mean sensitivity over classes present), per-class sensitivity and
     specificity, macro-F1 and the confusion matrix (rows: true class, columns: predicted).

@@ -16,26 +16,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ..batching import predict_in_batches
 from ..errors import LungedgeError
-from ..io import sha256_bytes, write_json
+from ..io import sha256_bytes
 from ..models import checkpoint as ckpt
 from ..models.registry import get_spec
 from . import common
-from .metrics import class_weights, summarize
+from .metrics import class_weights
 
 
 # -- distributed helpers ----------------------------------------------------------------------------
 
 class Dist:
-    """rank / world size; a no-op when not started by torchrun."""
+    """rank / world size; a no-op when not started by torchrun. On CUDA each rank binds its GPU
+    (``torch.cuda.set_device(local_rank)``) before NCCL starts, so collectives use the right device."""
 
     def __init__(self, device: str):
+        import torch
         import torch.distributed as dist
 
         self.world = common.env_int("WORLD_SIZE", 1)
         self.rank = common.env_int("RANK", 0)
         self.local_rank = common.env_int("LOCAL_RANK", 0)
         self.active = self.world > 1
+        if device == "cuda":
+            torch.cuda.set_device(self.local_rank)
         if self.active and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
         self.dist = dist
@@ -75,25 +80,6 @@ class Dist:
 
 # -- pieces ----------------------------------------------------------------------------------------
 
-def augment(x, gen, max_degrees: float = 10.0, max_scale: float = 0.10, max_shift: float = 0.06, jitter: float = 0.10):
-    """Random horizontal flip, small rotation/zoom/shift and brightness/contrast jitter on a batch
-    of normalised NCHW inputs (train only; val/test see exactly the model's Preprocessing)."""
-    import torch
-    import torch.nn.functional as F
-
-    b = x.shape[0]
-    r = torch.rand(b, 7, generator=gen) * 2 - 1  # uniform in [-1, 1]
-    x = torch.where((r[:, 0] > 0)[:, None, None, None], x.flip(-1), x)
-    angle = r[:, 1] * math.radians(max_degrees)
-    scale = 1 + r[:, 2] * max_scale
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, r[:, 3] * max_shift], 1),
-                         torch.stack([sin, cos, r[:, 4] * max_shift], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return x * (1 + jitter * r[:, 5])[:, None, None, None] + (jitter * r[:, 6])[:, None, None, None]
-
-
 def set_train_mode(model) -> None:
     """train(), except BatchNorm layers whose parameters are frozen keep their running statistics."""
     import torch.nn as nn
@@ -106,34 +92,17 @@ def set_train_mode(model) -> None:
                 m.eval()
 
 
-def predict_logits(model, x: np.ndarray, device, batch: int = 64) -> np.ndarray:
+def evaluate(model, x, y, classes, device) -> dict:
+    """Loss and metrics of ``model`` on cached inputs (batched through :func:`lungedge.batching.predict_in_batches`)."""
     import torch
 
     model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(x[i:i + batch]).to(device)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
+    def forward(xb):
+        with torch.no_grad():
+            return model(torch.from_numpy(xb).to(device)).float().cpu().numpy()
 
-def evaluate(model, x, y, classes, device) -> dict:
-    if len(y) == 0:
-        return {"loss": float("nan"), **summarize([], [], classes)}
-    logits = predict_logits(model, x, device)
-    z = logits - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    loss = float(-logp[np.arange(len(y)), y].mean())
-    return {"loss": loss, **summarize(y, logits.argmax(1), classes)}
-
-
-def lr_lambda(total_steps: int, warmup_steps: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
+    return common.score(predict_in_batches(forward, x, 64, len(classes)), y, classes)
 
 
 def state_digest(model) -> str:
@@ -171,182 +140,166 @@ def train_torch(cfg: common.TrainConfig, on_epoch=None, show_progress: bool | No
     """
     import torch
 
-    spec = get_spec(cfg.model)
     common.check_device(cfg.device, "torch")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     dist = Dist(cfg.device)
     try:
-        return _run(cfg, spec, dist, on_epoch, show_progress, stop_after, resume_dir)
+        run = TorchRun(cfg, dist, resume_dir)
+        if show_progress is None:
+            show_progress = sys.stderr.isatty()
+        return run.fit(on_epoch, show_progress and dist.main, stop_after)
     finally:
         dist.close()
 
 
-def _run(cfg, spec, dist: Dist, on_epoch, show_progress, stop_after, resume_dir):
-    import torch
-    import torch.nn as nn
+class TorchRun:
+    """One training run: data, model, optimizer and the epoch loop's state."""
 
-    device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" else "cpu")
-    if show_progress is None:
-        show_progress = sys.stderr.isatty()
-    show_progress = show_progress and dist.main
+    def __init__(self, cfg: common.TrainConfig, dist: Dist, resume_dir: Path | None):
+        import torch
 
-    # run folder (rank 0 names it; the others follow)
-    resume_state = None
-    if resume_dir is not None:
-        run_dir = resume_dir
-        last = run_dir / "last.pth"
-        payload = ckpt.read_torch_checkpoint(last)
-        resume_state = payload
-    else:
-        run_dir = Path(dist.broadcast(str(common.new_run_dir(cfg)) if dist.main else None))
-        if dist.main:
-            common.save_config(run_dir, cfg)
-    manifest, root = common.prepare_split(
-        common.TrainConfig.from_dict({**cfg.to_dict(), "split": cfg.split or (str(run_dir / "split.json") if resume_dir else None)}),
-        run_dir, write=dist.main)
-    fingerprint = manifest["dataset"]["fingerprint"]
-    split_path = str(Path(cfg.split)) if cfg.split else str(run_dir / "split.json")
-    classes = list(manifest["classes"])
-    prep = spec.preprocessing_for(cfg.image_size)
-    arrays = common.load_arrays(manifest, root, prep)
+        self.cfg, self.dist, self.spec = cfg, dist, get_spec(cfg.model)
+        self.device = torch.device(f"cuda:{dist.local_rank}" if cfg.device == "cuda" else "cpu")
+        if resume_dir is None:  # rank 0 names the run folder; the others follow
+            run_dir = Path(dist.broadcast(str(common.new_run_dir(cfg)) if dist.main else None))
+            if dist.main:
+                common.save_config(run_dir, cfg)
+        else:
+            run_dir = resume_dir
+        torch.manual_seed(cfg.seed)
+        self.data = self._open_data(run_dir, resume_dir is not None)
+        self._build_model()
+        self._build_optimizer()
+        self.history, self.best, self.start, self.bad_epochs = [], None, 0, 0
+        if resume_dir is not None:
+            self._restore(ckpt.read_torch_checkpoint(run_dir / "last.pth"))
 
-    # model: fresh, or the checkpoint being fine-tuned
-    torch.manual_seed(cfg.seed)
-    model = common.initial_model(cfg, spec, classes)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise LungedgeError(f"nothing to train: {cfg.model} in {cfg.mode} mode has no trainable parameters")
-    net = model
-    if dist.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def _open_data(self, run_dir: Path, resuming: bool) -> common.RunData:
+        self.prep = common.run_preprocessing(self.cfg, self.spec)
+        return common.open_run(self.cfg, run_dir, resuming, self.prep, write=self.dist.main)
 
-        net = DDP(model, device_ids=[dist.local_rank] if cfg.device == "cuda" else None)
+    def _build_model(self) -> None:
+        built = common.initial_model(self.cfg, self.spec, self.data.classes)
+        self.model, self.build = built.model.to(self.device), built.build
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise LungedgeError(f"nothing to train: {self.cfg.model} in {self.cfg.mode} mode has no trainable parameters")
+        self.net = self.model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    n_train = len(arrays.y["train"])
-    per_rank = n_train // dist.world
-    local_batch = max(1, cfg.batch_size // dist.world)
-    steps_per_epoch = max(1, math.ceil(per_rank / local_batch))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)))
-    weights = torch.from_numpy(class_weights(arrays.y["train"], len(classes))).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    x_train = torch.from_numpy(arrays.x["train"])
-    y_train = torch.from_numpy(arrays.y["train"])
+            self.net = DDP(self.model, device_ids=[self.dist.local_rank] if self.cfg.device == "cuda" else None)
 
-    history, best, start, bad_epochs = [], None, 0, 0
-    if resume_state is not None:
-        ts = resume_state["train_state"]
-        model.load_state_dict(resume_state["state_dict"])
-        opt.load_state_dict(ts["optimizer"])
-        sched.load_state_dict(ts["scheduler"])
-        history, start, bad_epochs = list(resume_state["meta"]["history"]), int(ts["epoch"]), int(ts["bad_epochs"])
-        best = ts.get("best") or None
+    def _build_optimizer(self) -> None:
+        import torch
+        import torch.nn as nn
 
-    def meta_for(epoch):
-        return ckpt.make_meta(spec, classes, prep, cfg.mode, fingerprint, epoch, history,
-                              split_manifest=split_path, data_root=str(root), config=cfg.to_dict(),
-                              best=best, world_size=dist.world)
+        cfg, y = self.cfg, self.data.arrays.y["train"]
+        self.n_train = len(y)
+        self.per_rank = self.n_train // self.dist.world
+        self.local_batch = max(1, cfg.batch_size // self.dist.world)
+        self.steps = max(1, math.ceil(self.per_rank / self.local_batch))
+        total, warmup = cfg.epochs * self.steps, int(cfg.warmup_epochs * self.steps)
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: common.lr_factor(s, total, warmup))
+        weights = torch.from_numpy(class_weights(y, len(self.data.classes))).to(self.device)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weights)
 
-    t_start = time.time()
-    status = "running"
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
+    def _restore(self, payload: dict) -> None:
+        ts = payload["train_state"]
+        self.model.load_state_dict(payload["state_dict"])
+        self.opt.load_state_dict(ts["optimizer"])
+        self.sched.load_state_dict(ts["scheduler"])
+        self.history, self.start = list(payload["meta"]["history"]), int(ts["epoch"])
+        self.bad_epochs, self.best = int(ts["bad_epochs"]), ts.get("best") or None
+
+    def meta_for(self, epoch: int) -> dict:
+        d = self.data
+        return ckpt.make_meta(self.spec, d.classes, self.prep, self.cfg.mode, d.fingerprint, epoch, self.history,
+                              build=self.build, split_manifest=d.split_path, data_root=str(d.root),
+                              config=self.cfg.to_dict(), best=self.best, world_size=self.dist.world)
+
+    def train_epoch(self, epoch: int, show_progress: bool) -> float:
+        """One pass over this rank's share of the training set; the mean training loss."""
+        import torch
+
+        cfg, dist = self.cfg, self.dist
+        x_train, y_train = torch.from_numpy(self.data.arrays.x["train"]), torch.from_numpy(self.data.arrays.y["train"])
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         torch.manual_seed(cfg.seed * 100_003 + epoch + 1)  # dropout
-        perm = torch.randperm(n_train, generator=gen)[: per_rank * dist.world][dist.rank::dist.world]
-        set_train_mode(net)
+        perm = torch.randperm(self.n_train, generator=gen)[: self.per_rank * dist.world][dist.rank::dist.world]
+        set_train_mode(self.net)
         total_loss, seen = 0.0, 0
-        with _epoch_bar(steps_per_epoch, epoch + 1, cfg.epochs, show_progress) as advance:
-            for s in range(steps_per_epoch):
-                idx = perm[s * local_batch:(s + 1) * local_batch]
+        bacc = f"{self.history[-1]['val_balanced_accuracy']:.3f}" if self.history else "-"
+        with _epoch_bar(self.steps, epoch + 1, cfg.epochs, show_progress) as advance:
+            for s in range(self.steps):
+                idx = perm[s * self.local_batch:(s + 1) * self.local_batch]
                 xb, yb = x_train[idx], y_train[idx]
                 if cfg.augment:
-                    xb = augment(xb, gen)
-                if len(idx) < 2 and s > 0:  # a lone last sample would break BatchNorm; skip it
-                    advance(loss=f"{total_loss / max(seen, 1):.4f}")
-                    continue
-                logits = net(xb.to(device))
-                loss = loss_fn(logits, yb.to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total_loss += float(loss.detach()) * len(idx)
-                seen += len(idx)
-                advance(loss=f"{total_loss / max(seen, 1):.4f}",
-                        bacc=f"{history[-1]['val_balanced_accuracy']:.3f}" if history else "-")
-        dist.sync_buffers(model)
-        val = evaluate(model, arrays.x["val"], arrays.y["val"], classes, device)
+                    xb = common.augment(xb, gen, self.prep)
+                if len(idx) >= 2 or s == 0:  # a lone last sample would break BatchNorm; skip it
+                    total_loss += self._step(xb, yb) * len(idx)
+                    seen += len(idx)
+                advance(loss=f"{total_loss / max(seen, 1):.4f}", bacc=bacc)
         train_loss = total_loss / max(seen, 1)
         if dist.active:  # mean training loss over ranks (for the record only)
             train_loss = float(np.mean(dist.gather(train_loss)))
-        score = val["balanced_accuracy"]
-        improved = best is None or score > best["val_balanced_accuracy"] + 1e-12 or (
-            score >= best["val_balanced_accuracy"] - 1e-12 and val["loss"] < best["val_loss"])
-        rec = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-               "val_balanced_accuracy": score, "val_accuracy": val["accuracy"], "lr": opt.param_groups[0]["lr"],
-               "seconds": time.time() - t0, "best": bool(improved)}
-        history.append(rec)
-        if improved:
-            best = {"epoch": epoch + 1, "val_balanced_accuracy": score, "val_loss": val["loss"]}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        if dist.main:
+        return train_loss
+
+    def _step(self, xb, yb) -> float:
+        loss = self.loss_fn(self.net(xb.to(self.device)), yb.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return float(loss.detach())
+
+    def end_epoch(self, epoch: int, train_loss: float, seconds: float) -> dict:
+        """Validate, update best/patience, write best.pth, last.pth and metrics.json (rank 0)."""
+        self.dist.sync_buffers(self.model)
+        arrays = self.data.arrays
+        val = evaluate(self.model, arrays.x["val"], arrays.y["val"], self.data.classes, self.device)
+        improved = common.is_better(self.best, val)
+        rec = common.epoch_record(epoch + 1, train_loss, val, seconds, improved, lr=self.opt.param_groups[0]["lr"])
+        self.history.append(common.clean(rec))
+        self.best, self.bad_epochs = (common.best_record(epoch + 1, val), 0) if improved else (self.best, self.bad_epochs + 1)
+        if self.dist.main:
+            run_dir = self.data.run_dir
             if improved:
-                ckpt.save_torch_checkpoint(run_dir / "best.pth", model, meta_for(epoch + 1))
-            train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                           "bad_epochs": bad_epochs, "best": best}
-            ckpt.save_torch_checkpoint(run_dir / "last.pth", model, meta_for(epoch + 1), train_state)
-            _write_metrics(run_dir, cfg, manifest, split_path, history, best, None, "running", time.time() - t_start)
-        if on_epoch and dist.main:
-            on_epoch(rec)
-        if cfg.patience and bad_epochs >= cfg.patience:
-            status = "stopped-early"
-            break
-        if stop_after is not None and epoch + 1 - start >= stop_after and epoch + 1 < cfg.epochs:
-            dist.barrier()
-            return {"run_dir": str(run_dir), "status": "interrupted", "history": history}
-    else:
-        status = "finished"
-    if status == "stopped-early":
-        status = "finished"  # early stopping is a normal end
-    digests = dist.gather(state_digest(model))
-    test = None
-    if dist.main:
-        best_model, _ = ckpt.load_checkpoint(run_dir / "best.pth", device=str(device))
-        test = evaluate(best_model, arrays.x["test"], arrays.y["test"], classes, device)
-        test["loss"] = None if math.isnan(test["loss"]) else test["loss"]
-    summary = _write_metrics(run_dir, cfg, manifest, split_path, history, best, test, status,
-                             time.time() - t_start, rank_digests=digests if dist.active else None,
-                             early_stopped=bool(cfg.patience and bad_epochs >= cfg.patience)) if dist.main else None
-    dist.barrier()
-    return summary or {"run_dir": str(run_dir), "status": status, "rank_digests": digests}
+                ckpt.save_torch_checkpoint(run_dir / "best.pth", self.model, self.meta_for(epoch + 1))
+            train_state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                           "epoch": epoch + 1, "bad_epochs": self.bad_epochs, "best": self.best}
+            ckpt.save_torch_checkpoint(run_dir / "last.pth", self.model, self.meta_for(epoch + 1), train_state)
+            common.write_metrics(self.data, self.cfg, self.history, self.best, None, "running", time.time() - self.t_start)
+        return rec
 
+    def fit(self, on_epoch, show_progress: bool, stop_after: int | None) -> dict:
+        cfg, self.t_start = self.cfg, time.time()
+        for epoch in range(self.start, cfg.epochs):
+            t0 = time.time()
+            train_loss = self.train_epoch(epoch, show_progress)
+            rec = self.end_epoch(epoch, train_loss, time.time() - t0)
+            if on_epoch and self.dist.main:
+                on_epoch(rec)
+            if cfg.patience and self.bad_epochs >= cfg.patience:
+                break
+            if stop_after is not None and epoch + 1 - self.start >= stop_after and epoch + 1 < cfg.epochs:
+                self.dist.barrier()
+                return {"run_dir": str(self.data.run_dir), "status": "interrupted", "history": self.history}
+        return self.finish()
 
-def _clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_clean(x) for x in v]
-    return v
-
-
-def _write_metrics(run_dir, cfg, manifest, split_path, history, best, test, status, seconds, **extra) -> dict:
-    summary = {
-        "format": common.RUN_FORMAT, "model": cfg.model, "run_dir": str(run_dir), "status": status,
-        "config": cfg.to_dict(), "classes": manifest["classes"],
-        "split": {"manifest": split_path, "fingerprint": manifest["dataset"]["fingerprint"],
-                  "group_by": manifest["params"]["group_by"],
-                  "counts": {s: sum(v.values()) for s, v in manifest["counts"].items()}},
-        "history": history, "best": best, "test": test, "wall_seconds": round(seconds, 1),
-        "checkpoints": {"best": str(run_dir / "best.pth"), "last": str(run_dir / "last.pth")}, **extra,
-    }
-    summary = _clean(summary)
-    write_json(run_dir / "metrics.json", summary)
-    return summary
+    def finish(self) -> dict:
+        """Test the best checkpoint (rank 0), write the final metrics.json; early stopping is a normal end."""
+        digests = self.dist.gather(state_digest(self.model))
+        summary = None
+        if self.dist.main:
+            best_model, _ = ckpt.load_checkpoint(self.data.run_dir / "best.pth", device=str(self.device))
+            arrays = self.data.arrays
+            test = evaluate(best_model, arrays.x["test"], arrays.y["test"], self.data.classes, self.device)
+            summary = common.write_metrics(
+                self.data, self.cfg, self.history, self.best, test, "finished", time.time() - self.t_start,
+                rank_digests=digests if self.dist.active else None,
+                early_stopped=bool(self.cfg.patience and self.bad_epochs >= self.cfg.patience))
+        self.dist.barrier()
+        return summary or {"run_dir": str(self.data.run_dir), "status": "finished", "rank_digests": digests}

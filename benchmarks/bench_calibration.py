@@ -1,0 +1,112 @@
+"""Peak memory and time of `lungedge export MODEL --int8` with 300 calibration images (issue #14).
+
+Each export runs in its own child process (a fresh Python per model, so nothing of one model's
+framework is resident during the next); its peak resident memory is the child's ``ru_maxrss``
+(``RUSAGE_CHILDREN`` of a fresh probe process): conversion, parity, calibration and both INT8 files
+included. A watchdog samples the child's memory and kills it above ``--limit-gb`` (a shared
+machine), which the table then says. Random-init checkpoints: a torchvision state dict for
+DenseNet121, a Keras .h5 for ResNet50 (each made in a child too, so this process stays small).
+``--phases`` adds the resident memory the watchdog saw at each line the export printed
+(conversion / parity done, each INT8 file written), to tell conversion from calibration.
+
+    .venv/bin/python benchmarks/bench_calibration.py --models densenet121,resnet50 \\
+        --calib-data ../shared/data/iq-oth-nccd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CLASSES = "Benign,Malignant,Normal"
+
+MAKE = {
+    "densenet121": ("densenet121.pth", "import torch, torchvision, sys; torch.manual_seed(0); "
+                    "torch.save(torchvision.models.densenet121(weights=None, num_classes=3).state_dict(), sys.argv[1])"),
+    "resnet50": ("resnet50.h5", "import torch, sys; from lungedge.models.registry import create; "
+                 "create('resnet50', num_classes=3, weights='none').save(sys.argv[1])"),
+}
+
+# runs the export, samples its RSS every 0.1 s (watchdog), prints one JSON line: seconds, ru_maxrss, rc, phases
+PROBE = r"""
+import json, os, resource, signal, subprocess, sys, threading, time
+limit = float(sys.argv[1]) * 1024**3
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+state = {"rss": 0, "killed": False}
+def rss():
+    try:
+        return int(open(f"/proc/{p.pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError):
+        return 0
+def watch():
+    while p.poll() is None:
+        r = rss(); state["rss"] = r
+        if r > limit:
+            state["killed"] = True; p.send_signal(signal.SIGKILL)
+        time.sleep(0.1)
+threading.Thread(target=watch, daemon=True).start()
+phases, tail = [], []
+for line in p.stdout:
+    tail = (tail + [line.rstrip()])[-5:]
+    phases.append([round(time.perf_counter() - t0, 1), round(rss() / 1024**3, 2), line.strip()[:90]])
+rc = p.wait()
+print(json.dumps({"seconds": time.perf_counter() - t0, "kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "rc": rc, "killed": state["killed"], "phases": phases, "tail": tail}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib-data", required=True, help="calibration image folder (IQ-OTH/NCCD)")
+    ap.add_argument("--data", default=None, help="also compare on this folder's images (loads them all: "
+                    "not part of the issue's command)")
+    ap.add_argument("--models", default="densenet121,resnet50")
+    ap.add_argument("--calib-size", type=int, default=300)
+    ap.add_argument("--method", default="minmax")
+    ap.add_argument("--limit-gb", type=float, default=3.8, help="watchdog: kill an export above this RSS")
+    ap.add_argument("--phases", action="store_true")
+    args = ap.parse_args()
+    print("| model | calibration images | method | peak RSS (GB) | time (s) | int8-cpu / int8 top-1 agreement with fp32 |")
+    print("|---|---|---|---|---|---|")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / MAKE[name][0]
+            subprocess.run([PY, "-c", MAKE[name][1], str(ckpt)], cwd=ROOT, check=True, env=env)
+            cmd = [PY, "-u", "-m", "lungedge", "export", name, "--checkpoint", str(ckpt), "--classes", CLASSES,
+                   "--int8", "--calib-data", args.calib_data, "--calib-size", str(args.calib_size),
+                   "--calib-method", args.method, "--no-engine", "--out", f"{tmp}/engines",
+                   "--calibration", f"{tmp}/calibration"] + (["--data", args.data] if args.data else [])
+            out = subprocess.run([PY, "-c", PROBE, str(args.limit_gb), *cmd], cwd=ROOT, capture_output=True,
+                                 text=True, env=env)
+            try:
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                print(f"| {name} | {args.calib_size} | {args.method} | probe failed: {out.stderr.strip()[-200:]} | | |")
+                continue
+            gb = res["kb"] / 1024**2
+            status = f" (killed above {args.limit_gb} GB)" if res["killed"] else \
+                ("" if res["rc"] == 0 else f" (exit {res['rc']}: {' / '.join(res['tail'])[-200:]})")
+            agree = ""
+            summary = Path(tmp) / "engines" / name / f"{name}.export.json"
+            if summary.is_file():
+                par = json.loads(summary.read_text())["parity"]
+                agree = " / ".join(f"{par[k]['top1_agreement']:.1%}" for k in ("int8-cpu_vs_fp32", "int8_vs_fp32")
+                                   if k in par)
+            print(f"| {name} | {args.calib_size} | {args.method} | {gb:.2f}{status} | {res['seconds']:.0f} | "
+                  f"{agree} |", flush=True)
+            if args.phases:
+                for t, r, line in res["phases"]:
+                    print(f"    {t:7.1f} s  {r:5.2f} GB  {line}")
+
+
+if __name__ == "__main__":
+    main()

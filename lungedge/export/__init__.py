@@ -1,0 +1,198 @@
+"""Export a model to ONNX (FP32), FP16 and calibrated INT8, then (on the target) an engine.
+
+``export(...)`` is the library entry point the CLI calls. Its steps, each in its own module:
+
+1. :mod:`.sources` — the file is read by the source kind that recognises it (one module per
+   kind: :mod:`.sources.torch`, :mod:`.sources.keras`) into a :class:`~.source.Source`, which
+   the same kind runs and converts to an FP32 ONNX (dynamic batch, input ``input``, output
+   ``logits``); :mod:`.metadata` stamps the lungedge metadata (including the build record);
+2. :mod:`.compare` — parity of the source framework and ONNX Runtime on test images
+   (:mod:`lungedge.testset`); fails below 100 % decisive top-1 agreement or above 1e-3
+   relative error;
+3. :mod:`.precision` — FP16 / INT8 through :mod:`lungedge.quantize`, each compared with FP32;
+4. the TensorRT engine through :func:`lungedge.trt.build_from_onnx`, only where TensorRT and a
+   GPU are present (elsewhere the command to run on the target is printed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import onnx_meta, quantize, trt
+from ..errors import LungedgeError
+from ..io import staged_folder, write_json
+from . import compare, metadata, precision
+from .compare import PARITY_MAX_REL
+from .source import Request, Source, resolve_checkpoint
+from .sources import load_source, run_source, source_to_onnx
+
+PARITY_IMAGES = 32
+
+__all__ = ["export", "load_source", "resolve_checkpoint", "Request", "Source", "evaluation_set", "EvalSet"]
+
+
+@dataclass
+class EvalSet:
+    """Preprocessed inputs to compare on, their labels (indices) where known, and what they are."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    where: str
+
+    def head(self, n: int) -> "EvalSet":
+        if len(self.x) <= n:
+            return self
+        return EvalSet(self.x[:n], None if self.y is None else self.y[:n], f"first {n} of {self.where}")
+
+
+def evaluation_set(source: Source, data=None, limit: int | None = None, seed: int = 0, log=print) -> EvalSet:
+    """Test images of the run's split, else images of --data, else random inputs (said so)."""
+    from ..testset import load_test_set
+
+    if source.split_path is not None:
+        try:
+            ts = load_test_set(split=source.split_path, data=data, limit=limit)
+            return EvalSet(ts.inputs(source.preprocessing), ts.label_indices(source.classes), ts.where)
+        except LungedgeError as exc:
+            log(f"note: not comparing on the run's test images ({exc})")
+    if data:
+        ts = load_test_set(data=data, limit=limit or PARITY_IMAGES)
+        return EvalSet(ts.inputs(source.preprocessing), ts.label_indices(source.classes), ts.where)
+    x = np.random.default_rng(seed).normal(size=(limit or PARITY_IMAGES, *source.preprocessing.input_shape))
+    return EvalSet(x.astype(np.float32), None, f"{len(x)} random inputs (no test images known: pass --data DIR)")
+
+
+def _scores(outputs: np.ndarray, source: Source) -> np.ndarray:
+    """One score per class (a single sigmoid output becomes two), for accuracy."""
+    from ..runners.base import class_scores
+
+    return class_scores(outputs, source.output, len(source.classes))
+
+
+def _check_settings(calib_method: str, max_batch: int) -> None:
+    quantize.check_calib_method(calib_method)
+    if max_batch < 1:
+        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
+
+
+def _check_fp32(source: Source, fp32: Path, base: Path, check: EvalSet, summary: dict, log) -> None:
+    """The FP32 ONNX against the source framework on the same inputs; refuse a mismatch."""
+    summary["parity_images"] = check.where
+    p = compare.compare_outputs(run_source(source, check.x), compare.run_onnx(fp32, check.x))
+    summary["parity"]["fp32_vs_source"] = p
+    log(f"fp32 ONNX {fp32}: top-1 agreement {p['top1_agreement']:.1%}, max rel error {p['max_rel']:.2e} "
+        f"on {check.where}")
+    if not compare.within(p):
+        write_json(f"{base}.export.json", summary)
+        raise LungedgeError(f"ONNX export of {source.path} does not match the source (top-1 agreement "
+                            f"{p['top1_agreement']:.1%}, relative error {p['max_rel']:.1e} > {PARITY_MAX_REL})")
+
+
+def _compare_variants(variants: list[tuple[str, Path]], fp32: Path, test: EvalSet, source: Source, summary: dict,
+                      log) -> None:
+    """Each reduced-precision file against FP32 on the whole test set (and its accuracy where labelled)."""
+    ref = compare.run_onnx(fp32, test.x)
+    if test.y is not None:
+        summary["accuracy"]["fp32"] = compare.accuracy(_scores(ref, source), test.y, source.classes)
+    for name, file in variants:
+        summary["files"][name] = str(file)
+        got = compare.run_onnx(file, test.x)
+        agreement = compare.compare_outputs(ref, got)
+        summary["parity"][f"{name}_vs_fp32"] = agreement
+        line = f"{name} {file}: top-1 agreement with fp32 {agreement['top1_agreement']:.1%}"
+        if test.y is not None:
+            summary["accuracy"][name] = compare.accuracy(_scores(got, source), test.y, source.classes)
+            line += f", balanced accuracy {summary['accuracy'][name]['balanced_accuracy']:.3f}" \
+                    f" (fp32 {summary['accuracy']['fp32']['balanced_accuracy']:.3f})"
+        log(line + f" on {test.where}")
+
+
+OPSETS = (13, 18)  # opsets every exporter here writes: torch (7-20), tf2onnx 1.17 (up to 18); Q/DQ per channel needs 13
+
+
+def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = False, calib_data=None,
+           calib_size: int = 300, calib_method: str = "minmax", max_batch: int = 8, opset: int = 17,
+           engine: bool | None = None, out="engines", runs="runs", calibration="calibration",
+           classes: str | None = None, data=None, trust_pickle: bool = False, log=print,
+           options: dict | None = None) -> dict:
+    """Export MODEL; returns the summary that is also written as ``<model>.export.json``.
+
+    ``options``: declared facts for the source kinds (``Request.options``: --custom, preprocessing, output)."""
+    _check_settings(calib_method, max_batch)  # before any work
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
+        raise LungedgeError(f"--opset must be from {OPSETS[0]} to {OPSETS[1]} (what the torch and Keras "
+                            f"exporters and the INT8 Q/DQ writer all support), got {opset}")
+    path = resolve_checkpoint(model_name, checkpoint, runs)
+    source = load_source(path, Request(model_name, classes=classes, data=data, trust_pickle=trust_pickle,
+                                         options=dict(options or {})))
+    for note in source.notes:
+        log(f"note: {note}")
+    final = Path(out) / source.architecture
+    summary = {"model": source.architecture, "checkpoint": str(path), "checkpoint_sha256": source.sha256,
+               "classes": source.classes, "build": source.build, "notes": list(source.notes), "files": {},
+               "parity": {}, "accuracy": {}}
+    # the set is written into a locked staging folder and replaces OUT/MODEL only once all of it is
+    # written and checked: a kill or a failure leaves the previous complete set (issue #13)
+    with staged_folder(final, "lungedge export", check=lambda stage: _check_set(stage, source)) as stage:
+        base = stage / source.architecture
+        shown = lambda line: log(line.replace(str(stage), str(final)))  # noqa: E731 - paths as they will be
+        fp32 = metadata.write(source_to_onnx(source, opset), source, Path(f"{base}.fp32.onnx"))
+        summary["files"]["fp32"] = str(fp32)
+        # the whole test part when other precisions are compared, its first images for parity
+        test = evaluation_set(source, data, log=log) if (fp16 or int8) else None
+        check = test.head(PARITY_IMAGES) if test is not None else evaluation_set(source, data, PARITY_IMAGES, log=log)
+        _check_fp32(source, fp32, base, check, summary, shown)
+        _release_source(source)  # the framework's model is not run again: free it before calibrating (#14)
+        variants = [precision.write_fp16(fp32, base, source)] if fp16 else []
+        if int8:
+            cal = precision.calibration(source, calib_data, calib_size, Path(calibration), calib_method)
+            summary["calibration"] = cal.summary()
+            variants += precision.write_int8(fp32, base, source, cal, shown)
+        if test is not None:
+            _compare_variants(variants, fp32, test, source, summary, shown)
+        summary["files"] = {v: str(final / Path(f).name) for v, f in summary["files"].items()}
+        summary["engines"] = []
+        write_json(stage / f"{source.architecture}.export.json", summary)
+    summary["engines"] = _engines(summary["files"], fp16, int8, engine, max_batch, out, log)
+    if summary["engines"]:
+        write_json(final / f"{source.architecture}.export.json", summary)
+    return summary
+
+
+def _release_source(source: Source) -> None:
+    """Drop the framework's model (and Keras's graph state) once parity is checked, and hand the freed
+    memory back, so that calibration runs beside the ONNX files only (issue #14)."""
+    import sys
+
+    source.model = None
+    keras = sys.modules.get("keras")
+    if source.framework == "keras" and keras is not None:
+        keras.backend.clear_session()
+    quantize.trim_memory()
+
+
+def _check_set(stage: Path, source) -> None:
+    """Every ONNX file of the staged set carries this source's checkpoint hash and input size."""
+    for f in sorted(stage.glob("*.onnx")):
+        meta = onnx_meta.read(f)
+        if meta["source_sha256"] != source.sha256 or meta["preprocessing"].size != source.preprocessing.size:
+            raise LungedgeError(f"{f.name} does not match the exported source; nothing was replaced")
+
+
+def _engines(files: dict, fp16: bool, int8: bool, engine: bool | None, max_batch: int, out, log) -> list[str]:
+    """Engines of the asked precisions where TensorRT and a GPU are here; else the command to run there."""
+    if engine is False:
+        return []
+    variants = [v for v, asked in ((onnx_meta.variant_of("int8", "trt"), int8), ("fp16", fp16)) if asked] or ["fp32"]
+    try:
+        trt.detect_target()
+    except LungedgeError as exc:
+        if engine:
+            raise
+        builds = "; ".join(f"lungedge engine build {files[v]} --max-batch {max_batch}" for v in variants)
+        log(f"no TensorRT engine built here ({exc}); on the target run: {builds}")
+        return []
+    return [str(trt.build_from_onnx(files[v], max_batch=max_batch, out=out)[0]) for v in variants]

@@ -1,0 +1,140 @@
+"""What every source kind hands to the export: a :class:`Source`, loaded from a :class:`Request`.
+
+A source kind (see :mod:`lungedge.export.sources`) reads one kind of file into a ``Source``:
+the model object, which kind and framework it is, its class names, preprocessing, the file's
+SHA-256 and how it was built (the checkpoint's build record, stored in every ONNX made from it).
+The helpers here are shared by the kinds: the registry spec a request names, class names from
+``--classes``/``--data``, and a lungedge checkpoint's own metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LungedgeError
+from ..preprocess import Preprocessing
+
+
+@dataclass
+class Request:
+    """What the user asked for: the model name and the facts a file without metadata lacks."""
+
+    model: str  # the name the export is stored under (for now a registry architecture)
+    classes: str | None = None  # "A,B,C" in output order
+    data: Path | None = None  # a data folder: class names (and test images)
+    trust_pickle: bool = False
+    options: dict = field(default_factory=dict)  # kind-specific declared facts (e.g. preprocessing)
+
+
+@dataclass
+class Source:
+    """A loaded model, ready to run and to convert."""
+
+    model: object  # the framework's model object (torch.nn.Module, keras.Model, ...)
+    kind: str  # the source kind that loaded it (its module in lungedge.export.sources)
+    framework: str  # "torch" | "keras": what the ONNX metadata says it came from
+    architecture: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    path: Path
+    sha256: str
+    build: dict = field(default_factory=dict)  # how the model was built (checkpoint meta["build"])
+    split_path: Path | None = None  # the split manifest of the run that trained it
+    split_fingerprint: str | None = None
+    notes: list[str] = field(default_factory=list)  # one line each, printed as "note: ..."
+    output: str = "logits"  # logits | probabilities | sigmoid (ONNX metadata "output"; runners.base.OUTPUT_KINDS)
+    keep: int | None = None  # more outputs than classes: the first ``keep`` are labelled (run_source, source_to_onnx)
+
+
+def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str | Path = "runs") -> Path:
+    """``checkpoint`` if given, else the best checkpoint of MODEL's latest run under ``runs``."""
+    from ..models.registry import get_spec
+
+    if checkpoint:  # any name: a registry model's file or (--custom) the user's own
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise LungedgeError(f"checkpoint not found: {path}")
+        return path
+    spec = get_spec(model_name)
+    suffix = ".h5" if spec.framework == "keras" else ".pth"
+    found = sorted(Path(runs, model_name).glob(f"*/best{suffix}"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise LungedgeError(f"no trained {model_name} under {Path(runs, model_name)}; train one with "
+                            f"'lungedge train {model_name} --data DIR' or pass --checkpoint PATH")
+    return found[-1]
+
+
+def registry_spec(request: Request, framework: str, path: Path):
+    """The registry spec ``request.model`` names, refused when it is not a ``framework`` model."""
+    from ..models.registry import get_spec
+
+    spec = get_spec(_registry_name(request))
+    if spec.framework != framework:
+        raise LungedgeError(f"{path} is not a {spec.framework} checkpoint, which {spec.name} needs")
+    return spec
+
+
+def _registry_name(request: Request) -> str:
+    """``request.model``, refused in one line when it is neither a registry model nor declared ``--custom``."""
+    import re
+
+    from ..models.registry import REGISTRY
+
+    if request.options.get("custom"):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", request.model):
+            raise LungedgeError(f"model name {request.model!r}: use letters, digits, '_', '-' or '.' (it names "
+                                "the output folder and files)")
+        return request.model
+    if request.model not in REGISTRY:
+        raise LungedgeError(f"{request.model!r} is not a registry model ({', '.join(REGISTRY)}); for your own "
+                            "model add --custom and declare its classes and preprocessing")
+    return request.model
+
+
+def declared_base(request: Request):
+    """The preprocessing a file from outside starts from: the registry entry's when ``request.model``
+    names one (and ``--custom`` is not given), else none (everything declared or read from the model)."""
+    from ..models.registry import REGISTRY
+
+    name = _registry_name(request)
+    return None if request.options.get("custom") else REGISTRY[name].preprocessing
+
+
+def class_names(request: Request, path: Path) -> list[str]:
+    """Class names from ``--classes`` (in output order), else from ``--data``'s folders."""
+    if request.classes:
+        names = [c.strip() for c in request.classes.split(",") if c.strip()]
+        if len(names) < 2:
+            raise LungedgeError(f"--classes needs at least 2 comma-separated names, got {request.classes!r}")
+        return names
+    if request.data:
+        from ..data.layout import detect_layout
+
+        return detect_layout(request.data).classes
+    raise LungedgeError(f"{path} carries no class names; give --classes A,B,C (in output order) or --data DIR")
+
+
+def lungedge_meta(path: Path) -> dict | None:
+    """A lungedge checkpoint's metadata, or ``None`` for a file lungedge did not write."""
+    from ..models.checkpoint import read_meta
+
+    try:
+        meta = read_meta(path)
+    except LungedgeError:
+        return None
+    return meta if meta.get("format") is not None else None
+
+
+def from_lungedge_checkpoint(path: Path, kind: str, spec, meta: dict) -> Source:
+    """A lungedge checkpoint: the model rebuilt from the file alone, with everything it records."""
+    from ..models.checkpoint import build_of, load_checkpoint
+    from ..testset import split_of_run
+
+    if meta["architecture"] != spec.name:
+        raise LungedgeError(f"{path} is a checkpoint of {meta['architecture']}, not {spec.name}")
+    model, meta = load_checkpoint(path)
+    return Source(model, kind, spec.framework, spec.name, list(meta["classes"]),
+                  Preprocessing.from_dict(meta["preprocessing"]), path, meta["checkpoint_sha256"],
+                  build=dict(build_of(meta)), split_path=split_of_run(path),
+                  split_fingerprint=meta.get("split_fingerprint"))

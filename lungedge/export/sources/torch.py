@@ -1,0 +1,161 @@
+"""PyTorch ``.pth``/``.pt`` files: a lungedge checkpoint, a bare torchvision state dict (head
+size read from the weights), or a whole pickled model (only with ``--trust-pickle``)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import LungedgeError
+from ...io import sha256_file
+from .. import declared
+from .. import source as src
+from ..kind import SourceKind
+from ..source import Request, Source
+
+SUFFIXES = (".pth", ".pt")
+
+
+def recognise(path: Path) -> bool:
+    return path.suffix.lower() in SUFFIXES
+
+
+def load(path: Path, request: Request) -> Source:
+    from ...models.sniff import expect
+
+    expect(path, ("torch-zip", "torch-pickle"), "a PyTorch file (torch.save)")
+    if request.options.get("custom"):
+        raise LungedgeError(f"{path.name} is a torch.save file, which carries no architecture: for your own "
+                            f"model use {ACCEPTED_CUSTOM}, or name a registry model instead of --custom")
+    spec = src.registry_spec(request, "torch", path)
+    meta = src.lungedge_meta(path)
+    if meta is not None:
+        return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
+    return _foreign(path, spec, request)
+
+
+ACCEPTED_CUSTOM = "TorchScript, torch.export (.pt2) or ONNX, with --custom"
+
+
+def _payload(path: Path, trust_pickle: bool, notes: list[str]):
+    """torch.load without running code; a whole pickled model only when trusted."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+        if "weights_only" not in str(exc) and not isinstance(exc, pickle.UnpicklingError):
+            raise LungedgeError(f"{path} is not a readable .pth file ({str(exc).splitlines()[0][:120]})") from None
+        if not trust_pickle:
+            raise LungedgeError(f"{path} holds a whole pickled model, which runs code when loaded; refusing it. "
+                                "If you trust its origin, pass --trust-pickle") from None
+    notes.append("loaded a whole pickled model (--trust-pickle)")
+    return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
+def _accepted(spec) -> str:
+    return (f"accepted: a lungedge checkpoint, torchvision's {spec.name} state dict, a pickled model "
+            f"(--trust-pickle); other architectures: {ACCEPTED_CUSTOM}")
+
+
+def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: list[str]):
+    """The registry architecture rebuilt around a bare state dict (torchvision's layout): aux heads
+    dropped, the constructor arguments torchvision sets for pretrained weights assumed (said, and
+    overridable); (model, build record, head outputs)."""
+    from ...models.registry import foreign_build, rebuild
+
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    head_key = f"{spec.head}.weight"
+    if head_key not in state:
+        raise LungedgeError(f"{path.name} is not a {spec.name} state dict (no {head_key}); {_accepted(spec)}")
+    aux = tuple(getattr(spec.builder, "aux_heads", ()))
+    dropped = sorted({k.split(".")[0] for k in state if k.split(".")[0] in aux})
+    if dropped:
+        n = sum(1 for k in state if k.split(".")[0] in aux)
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in aux}
+        notes.append(f"dropped the auxiliary head{'s' if len(dropped) > 1 else ''} {', '.join(dropped)} "
+                     f"({n} tensors): they only matter in training")
+    out_features = int(state[head_key].shape[0])
+    overrides = {}
+    if request.options.get("transform_input") is not None and "transform_input" in getattr(
+            spec.builder, "foreign_kwargs", {}):
+        overrides["transform_input"] = bool(request.options["transform_input"])
+    size = request.options.get("input_size")
+    build = foreign_build(spec, out_features, size, overrides)
+    if "transform_input" in getattr(spec.builder, "foreign_kwargs", {}):
+        ti = build["kwargs"]["transform_input"]
+        notes.append(f"transform_input={ti}" + (" assumed (torchvision's setting for ImageNet-initialised "
+                     f"{spec.name}, which such files almost always come from); pass --no-transform-input if it was "
+                     "trained without it" if "transform_input" not in overrides else " (--transform-input given)"))
+    model = rebuild(build)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "num_batches_tracked" not in k]
+    if missing or unexpected:
+        some = ", ".join((list(unexpected) + missing)[:3])
+        raise LungedgeError(f"{path.name} does not fit {spec.name}: {len(missing)} missing and {len(unexpected)} "
+                            f"unexpected tensors (e.g. {some}); {_accepted(spec)}")
+    return model.eval(), build, out_features
+
+
+def _foreign(path: Path, spec, request: Request) -> Source:
+    import torch
+
+    notes: list[str] = []
+    payload = _payload(path, request.trust_pickle, notes)
+    if isinstance(payload, torch.nn.Module):
+        model, build, out_features = payload.eval(), {}, None  # a pickled model records no build
+    elif isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        model, build, out_features = _from_state_dict(path, spec, payload, request, notes)
+    else:
+        raise LungedgeError(f"{path.name} is neither a lungedge checkpoint nor a plain state dict of tensors; "
+                            f"{_accepted(spec)}")
+    names = src.class_names(request, path)
+    base = spec.preprocessing_for(request.options.get("input_size") or (build or {}).get("input_size"))
+    prep, more = declared.preprocessing(request.options, path, base=base)
+    kind, keep, more2 = declared.output_kind("logits", request.options.get("output"), out_features, names, path)
+    return Source(model, KIND.name, "torch", spec.name, names, prep, path, sha256_file(path),
+                  build=dict(build), notes=notes + more + more2, output=kind, keep=keep)
+
+
+def first_outputs(model, k: int):
+    """Wrap a torch model whose head has more outputs than labelled classes: keep the first k."""
+    import torch
+
+    class FirstOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x)[:, :k]
+
+    return FirstOutputs().eval()
+
+
+def run(source: Source, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return source.model(torch.from_numpy(x)).float().numpy()
+
+
+def to_onnx(source: Source, opset: int):
+    import onnx
+    import torch
+
+    from ... import onnx_meta
+
+    buf = io.BytesIO()
+    torch.onnx.export(source.model, torch.zeros(1, *source.preprocessing.input_shape), buf,
+                      input_names=[onnx_meta.INPUT_NAME], output_names=[onnx_meta.OUTPUT_NAME],
+                      opset_version=opset, dynamo=False,
+                      dynamic_axes={onnx_meta.INPUT_NAME: {0: "batch"}, onnx_meta.OUTPUT_NAME: {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+KIND = SourceKind("torch", "PyTorch .pth/.pt (lungedge checkpoint, state dict, pickled model)",
+                  recognise, load, run, to_onnx)

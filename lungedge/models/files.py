@@ -1,0 +1,191 @@
+"""Checkpoint files on disk: ``.pth`` (torch) and ``.h5`` (Keras), each carrying its own metadata.
+
+A ``.pth`` is a plain dictionary of tensors and JSON-like values::
+
+    {"format": "lungedge-checkpoint/1", "meta": {...}, "state_dict": {...}, "train_state": {...}?}
+
+and is only ever read with ``torch.load(weights_only=True)``: a file that needs
+arbitrary unpickling (code execution) is refused. A Keras checkpoint is the model
+saved as HDF5 with the same metadata as a JSON string in the file's ``lungedge_meta``
+attribute. This module only reads and writes; rebuilding a model is
+:func:`lungedge.models.checkpoint.load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from .. import __version__
+from ..errors import LungedgeError
+from ..io import atomic_write_bytes, sha256_file
+
+FORMAT = "lungedge-checkpoint/1"
+TORCH_SUFFIXES = (".pth", ".pt")
+KERAS_SUFFIXES = (".h5", ".hdf5")
+META_ATTR = "lungedge_meta"
+
+
+def versions(framework: str) -> dict:
+    import numpy
+
+    v = {"lungedge": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
+    import torch
+    import torchvision
+
+    v.update(torch=torch.__version__, torchvision=torchvision.__version__)
+    if framework == "keras":
+        import keras
+        import tensorflow as tf
+
+        v.update(keras=keras.__version__, tensorflow=tf.__version__)
+    return v
+
+
+# -- torch ------------------------------------------------------------------------------------------
+
+def read_pth(path: Path):
+    """torch.load with weights_only=True; anything that needs arbitrary unpickling is refused."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    from .sniff import check_model_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise LungedgeError(f"checkpoint not found: {path}")
+    check_model_file(path)  # LFS pointer, empty, HTML page, random bytes: said in one line
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LungedgeError(f"{path} is not a plain state-dict checkpoint; refusing to unpickle it "
+                            "(it holds objects that would run code when loaded)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise LungedgeError(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+
+
+def is_tensor_dict(obj) -> bool:
+    import torch
+
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def is_lungedge_payload(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def read_torch_checkpoint(path) -> dict:
+    """The payload of a lungedge ``.pth`` (format, meta, state_dict, optional train_state)."""
+    path = Path(path)
+    payload = read_pth(path)
+    if not (is_lungedge_payload(payload) and isinstance(payload.get("meta"), dict)
+            and is_tensor_dict(payload.get("state_dict"))):
+        raise LungedgeError(f"{path} is not a lungedge checkpoint (format {FORMAT!r} expected)")
+    return payload
+
+
+def save_torch_checkpoint(path, model, meta: dict, train_state: dict | None = None) -> Path:
+    """Atomically write a ``.pth``: state dict (CPU tensors) + metadata (+ optimizer/RNG state to resume)."""
+    import torch
+
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    payload = {"format": FORMAT, "meta": meta,
+               "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    if train_state is not None:
+        payload["train_state"] = train_state
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# -- keras ------------------------------------------------------------------------------------------
+
+def save_keras_checkpoint(path, model, meta: dict) -> Path:
+    """Atomically write the Keras model as HDF5 with the metadata JSON in its attributes."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".h5", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp, include_optimizer=False) if _accepts_include_optimizer(model) else model.save(tmp)
+        with h5py.File(tmp, "a") as fh:
+            fh.attrs[META_ATTR] = json.dumps(meta, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _accepts_include_optimizer(model) -> bool:
+    import inspect
+
+    return "include_optimizer" in inspect.signature(model.save).parameters
+
+
+def has_keras_meta(path) -> bool:
+    import h5py
+
+    from .sniff import check_model_file
+
+    check_model_file(path)
+    try:
+        with h5py.File(path, "r") as fh:
+            return META_ATTR in fh.attrs
+    except OSError:
+        raise LungedgeError(f"{path} is not an HDF5 file") from None
+
+
+def read_keras_meta(path) -> dict:
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise LungedgeError(f"checkpoint not found: {path}")
+    try:
+        with h5py.File(path, "r") as fh:
+            raw = fh.attrs.get(META_ATTR)
+    except OSError:
+        raise LungedgeError(f"{path} is not an HDF5 file") from None
+    if raw is None:
+        raise LungedgeError(f"{path} is not a lungedge checkpoint (no {META_ATTR} attribute)")
+    meta = json.loads(raw if isinstance(raw, str) else raw.decode("utf-8"))
+    if meta.get("format") != FORMAT:
+        raise LungedgeError(f"{path} is not a lungedge checkpoint (format {FORMAT!r} expected)")
+    return meta
+
+
+def load_keras_file(path):
+    """The Keras model stored in ``path`` (architecture and weights), uncompiled."""
+    from .frameworks import import_keras
+
+    keras = import_keras()
+    try:
+        return keras.models.load_model(str(path), compile=False)
+    except Exception as exc:  # noqa: BLE001
+        raise LungedgeError(f"{path}: cannot load the Keras model ({str(exc).splitlines()[0][:160]})") from None
+
+
+# -- any checkpoint -------------------------------------------------------------------------------
+
+def read_meta(path) -> dict:
+    """Metadata of a checkpoint without building the model."""
+    path = Path(path)
+    if path.suffix.lower() in KERAS_SUFFIXES:
+        meta = read_keras_meta(path)
+    elif path.suffix.lower() in TORCH_SUFFIXES:
+        meta = read_torch_checkpoint(path)["meta"]
+    else:
+        raise LungedgeError(f"{path}: unknown checkpoint type (expected .pth or .h5)")
+    meta = dict(meta)
+    meta["checkpoint_sha256"] = sha256_file(path)
+    meta["checkpoint_path"] = str(path)
+    return meta

@@ -1,0 +1,33 @@
+"""Result rows of bench and eval: their common fields and the one writer (JSON lines under ``results/``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import provenance
+from .io import atomic_write_text, sha256_file
+
+FORMAT = "lungedge-result/1"
+
+
+def job_row(kind: str, job, runner) -> dict:
+    """The fields every row has: what ran (model, backend, device, precision, file) and where it came from."""
+    return {"format": FORMAT, "kind": kind, "model": job.model, "backend": runner.backend,
+            "source_framework": runner.info.framework, "device": runner.device, "precision": job.precision,
+            "variant": runner.variant, "artifact": str(job.artifact), "artifact_sha256": sha256_file(job.artifact),
+            "source_sha256": runner.info.source_sha256}
+
+
+def write_rows(rows: list[dict], out, kind: str) -> Path:
+    """results/<kind>-<host>-<UTC time>.jsonl (one JSON object a line); never overwrites."""
+    host = provenance.slug_host()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = Path(out) / f"{kind}-{host}-{stamp}.jsonl"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(out) / f"{kind}-{host}-{stamp}-{n}.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
+    return path

@@ -1,0 +1,241 @@
+"""The shapes of lungedge's own files, checked with pydantic.
+
+Every file lungedge reads back -- split manifests, result rows, ONNX metadata, engine sidecars,
+calibration manifests -- is validated here with :func:`check`, which turns the first problem
+into one line naming the file and the field (``split.json: items.3.split: Input should be
+'train', 'val' or 'test'``). Models allow extra keys (newer writers may add fields); what the
+readers rely on is required.
+
+Limits (sizes, memory, numeric options) are in :mod:`lungedge.limits`, which needs no pydantic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import LungedgeError
+from .io import relative_inside
+from .limits import max_input_size
+
+# -- validation ---------------------------------------------------------------------------------------
+
+def _problem(err: dict) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = err.get("msg", "invalid")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{loc}: {msg}" if loc else msg
+
+
+def check(model: type[BaseModel], data: Any, where) -> BaseModel:
+    """``model`` validated from ``data``; a :class:`LungedgeError` naming ``where`` and the field otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        raise LungedgeError(f"{where}: {_problem(errors[0])}{more}") from None
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+SHA256 = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def _relative(path: str) -> str:
+    why = relative_inside(path)
+    if why:
+        raise ValueError(f"{path!r} is not inside the data root ({why})")
+    return path
+
+
+# -- split manifests (lungedge data split) -------------------------------------------------------------
+
+class SplitItem(_Open):
+    path: str
+    label: str
+    split: Literal["train", "val", "test"]
+    group: int
+    sha256: str = SHA256
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _relative(v)
+
+
+class SplitParams(_Open):
+    val: float = Field(ge=0, lt=1)
+    test: float = Field(ge=0, lt=1)
+    seed: int
+    group_by: str
+    threshold: float | None = None
+
+
+class SplitDataset(_Open):
+    root: str
+    layout: str
+    fingerprint: str
+    images: int = Field(ge=0)
+
+
+class SplitManifest(_Open):
+    format: Literal["lungedge-split/1"]
+    params: SplitParams
+    dataset: SplitDataset
+    classes: list[str] = Field(min_length=2)
+    counts: dict[str, dict[str, int]]
+    items: list[SplitItem]
+
+    @model_validator(mode="after")
+    def _labels_known(self):
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: class names repeat")
+        known = set(self.classes)
+        for i, it in enumerate(self.items):
+            if it.label not in known:
+                raise ValueError(f"items.{i}.label: {it.label!r} is not one of the classes {self.classes}")
+        return self
+
+
+# -- calibration manifests (calibration/<key>/manifest.json) --------------------------------------------
+
+class CalibrationFile(_Open):
+    path: str
+    label: str
+    sha256: str = SHA256
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _relative(v)
+
+
+class CalibrationManifest(_Open):
+    format: Literal["lungedge-calibration/1"]
+    key: str
+    dataset_fingerprint: str
+    method: str
+    size: int = Field(ge=1)
+    files_sha256: str
+    preprocessing: dict
+    files: list[CalibrationFile]
+
+    @model_validator(mode="after")
+    def _size_matches(self):
+        if len(self.files) != self.size:
+            raise ValueError(f"size: {self.size} but {len(self.files)} files are listed")
+        return self
+
+
+# -- ONNX metadata (metadata_props "lungedge.*") ----------------------------------------------------------
+
+class PreprocessingFields(_Open):
+    size: int
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    scale: float = Field(gt=0)
+    channel_order: Literal["RGB", "BGR", "GRAY"]
+    layout: Literal["NCHW", "NHWC"]
+    resize: Literal["center-crop-bilinear", "stretch-bilinear"] = "center-crop-bilinear"
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        cap = max_input_size()
+        if not 8 <= v <= cap:
+            raise ValueError(f"input size {v} is outside 8..{cap} pixels (LUNGEDGE_MAX_INPUT_SIZE)")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, v: list[float]) -> list[float]:
+        if any(not math.isfinite(s) or s <= 0 for s in v):
+            raise ValueError("every std must be finite and greater than 0")
+        return v
+
+
+class OnnxMetadata(_Open):
+    format: Literal["lungedge-onnx/1"]
+    architecture: str
+    framework: str
+    classes: list[str] = Field(min_length=1)
+    preprocessing: PreprocessingFields
+    precision: Literal["fp32", "fp16", "int8"]
+    source_sha256: str
+    build: dict = Field(default_factory=dict)
+    output: Literal["logits", "probabilities", "sigmoid"] = "logits"  # what the model outputs (#12)
+    extra: dict = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("class names repeat")
+        return v
+
+
+# -- TensorRT engine sidecars (<engine>.json) --------------------------------------------------------------
+
+class EngineSidecar(_Open):
+    format: str
+    model: str
+    precision: Literal["fp32", "fp16", "int8"]
+    max_batch: int = Field(ge=1)
+    onnx: str
+    onnx_sha256: str = SHA256
+    gpu: str
+    compute_capability: str
+    trt_version: str
+
+
+# -- result rows (results/*.jsonl from bench and eval) ------------------------------------------------------
+
+class _Row(_Open):
+    format: str | None = None
+    model: str
+    backend: str
+    device: str
+    variant: str
+    artifact_sha256: str
+    provenance: dict = Field(default_factory=dict)
+
+
+class BenchRow(_Row):
+    kind: Literal["bench"]
+    batch_size: int = Field(ge=1)
+    preprocessing: bool
+    latency_ms: dict
+
+
+class EvalMetrics(_Open):
+    confusion_matrix: list[list[int]]
+
+
+class EvalRow(_Row):
+    kind: Literal["eval"]
+    classes: list[str] = Field(min_length=1)
+    metrics: EvalMetrics
+
+    @model_validator(mode="after")
+    def _matrix_matches(self):
+        cm = self.metrics.confusion_matrix
+        n = len(self.classes)
+        if len(cm) != n or any(len(r) != n for r in cm):
+            raise ValueError(f"metrics.confusion_matrix: not {n}x{n} for {n} classes")
+        return self
+
+
+def check_row(row: Any, where) -> dict:
+    """A bench or eval row, validated; returned as the same dict."""
+    kind = row.get("kind") if isinstance(row, dict) else None
+    model = {"bench": BenchRow, "eval": EvalRow}.get(kind)
+    if model is None:
+        raise LungedgeError(f"{where}: kind: must be 'bench' or 'eval', got {kind!r}")
+    check(model, row, where)
+    return row

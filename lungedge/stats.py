@@ -1,0 +1,303 @@
+"""Uncertainty for every figure: bootstrap over groups, paired comparisons and the release gate.
+
+Images of one scan (IQ-OTH/NCCD) or augmented copies of one tile (LC25000) are not independent,
+so intervals resample whole **groups** (the near-duplicate groups of the split manifest), never
+single images. One bootstrap replicate draws G groups with replacement; each group then counts
+as often as it was drawn. Because every metric here is a function of the confusion matrix, a
+replicate's confusion matrix is the draw-weighted sum of the per-group confusion matrices, so a
+thousand replicates cost one matrix product (the formulas are checked against scikit-learn in
+the tests). Intervals are percentile intervals (2.5th and 97.5th percentile for 95%).
+
+A reduced-precision model (FP16, INT8, BF16) is compared with FP32 on the *same* images: the
+paired bootstrap resamples groups once and computes both models' metrics on that draw, so the
+interval is that of the difference. McNemar's exact test (a binomial test on the discordant
+pairs, from SciPy) asks whether the images one model gets right and the other wrong lean one way.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .errors import LungedgeError
+
+N_BOOT = 1000
+CONFIDENCE = 0.95
+# release gate defaults: largest allowed drop, judged on the interval's lower bound
+MAX_BACC_DROP = 0.01
+MAX_SENS_DROP = 0.02
+
+
+# -- metrics from (many) confusion matrices -----------------------------------------------------------
+
+def _div(a, b):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
+
+
+def metrics_from_confusion(cm: np.ndarray) -> dict:
+    """Metrics of one or many confusion matrices (..., K, K; rows true, columns predicted).
+
+    Returns arrays with the leading shape: accuracy, balanced_accuracy, macro_f1 and per class
+    (last axis K) sensitivity, specificity, precision, f1. Classes absent from the truth get NaN
+    sensitivity and are left out of balanced accuracy and macro-F1, as in
+    :func:`lungedge.metrics.classification_metrics`.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    support = cm.sum(-1)
+    predicted = cm.sum(-2)
+    n = cm.sum((-2, -1))
+    fp, fn = predicted - tp, support - tp
+    tn = n[..., None] - tp - fp - fn
+    sens = _div(tp, support)
+    spec = _div(tn, tn + fp)
+    prec = np.where(predicted > 0, _div(tp, predicted), 0.0)
+    f1 = np.where(2 * tp + fp + fn > 0, _div(2 * tp, 2 * tp + fp + fn), 0.0)
+    present = support > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bacc = np.nanmean(np.where(present, sens, np.nan), axis=-1)
+        mf1 = np.nanmean(np.where(present, f1, np.nan), axis=-1)
+    return {"accuracy": _div(tp.sum(-1), n), "balanced_accuracy": bacc, "macro_f1": mf1,
+            "sensitivity": sens, "specificity": spec, "precision": prec, "f1": f1}
+
+
+def group_confusions(y_true, y_pred, groups, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(group ids, G x K x K confusion matrix of each group)."""
+    y_true, y_pred = np.asarray(y_true, int).ravel(), np.asarray(y_pred, int).ravel()
+    ids, g = np.unique(np.asarray(groups).ravel(), return_inverse=True)
+    cms = np.zeros((len(ids), k, k), np.int64)
+    np.add.at(cms, (g, y_true, y_pred), 1)
+    return ids, cms
+
+
+def group_draws(n_groups: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """B x G: how often each group is drawn in each replicate (G draws with replacement)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+
+
+def _check(y_true, groups):
+    if len(y_true) == 0:
+        raise LungedgeError("no predictions to bootstrap")
+    if groups is not None and len(groups) != len(y_true):
+        raise LungedgeError(f"{len(groups)} group ids for {len(y_true)} predictions")
+
+
+def _interval(samples: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    a = (1 - confidence) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo = np.nanpercentile(samples, 100 * a, axis=0)
+        hi = np.nanpercentile(samples, 100 * (1 - a), axis=0)
+    return lo, hi
+
+
+def _num(v):
+    v = float(v)
+    return None if np.isnan(v) else v
+
+
+def _pack(point: dict, lo: dict, hi: dict, classes) -> dict:
+    out = {}
+    for key in point:
+        if np.ndim(point[key]) == 0:
+            out[key] = [_num(lo[key]), _num(hi[key])]
+        else:
+            out[key] = {c: [_num(lo[key][i]), _num(hi[key][i])] if not np.isnan(point[key][i]) else None
+                        for i, c in enumerate(classes)}
+    return out
+
+
+def bootstrap_metrics(y_true, y_pred, groups, classes, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
+                      seed: int = 0, scores=None) -> dict:
+    """95% (``confidence``) percentile intervals, by resampling whole groups, of every metric
+    ``classification_metrics`` reports: {"accuracy": [lo, hi], "sensitivity": {class: [lo, hi]}, ...,
+    "n_boot", "groups", "confidence"}. With ``scores`` (N x K), AUROC intervals as well.
+    ``groups=None`` treats every image as its own group (the classic image bootstrap)."""
+    y_true = np.asarray(y_true, int).ravel()
+    _check(y_true, groups)
+    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    k = len(classes)
+    ids, cms = group_confusions(y_true, y_pred, groups, k)
+    draws = group_draws(len(ids), n_boot, seed)
+    reps = metrics_from_confusion(np.tensordot(draws, cms, axes=(1, 0)))
+    point = metrics_from_confusion(cms.sum(0))
+    lo, hi = _interval_dict(reps, confidence)
+    out = _pack(point, lo, hi, classes)
+    if scores is not None:
+        out.update(_auroc_intervals(y_true, np.asarray(scores, float), groups, ids, draws, classes, confidence))
+    out.update({"n_boot": int(n_boot), "groups": int(len(ids)), "confidence": confidence,
+                "method": "percentile bootstrap over groups"})
+    return out
+
+
+def _interval_dict(reps: dict, confidence: float):
+    lo, hi = {}, {}
+    for key, v in reps.items():
+        lo[key], hi[key] = _interval(v, confidence)
+    return lo, hi
+
+
+def _auroc_intervals(y, scores, groups, ids, draws, classes, confidence, max_reps: int = 300) -> dict:
+    """One-vs-rest AUROC intervals: each replicate weights every image by its group's draw count
+    (scikit-learn's ``sample_weight``). Capped at ``max_reps`` replicates (AUROC is costlier)."""
+    from sklearn.metrics import roc_auc_score
+
+    g = np.searchsorted(ids, groups)
+    per = np.full((min(len(draws), max_reps), len(classes)), np.nan)
+    for b, d in enumerate(draws[: len(per)]):
+        w = d[g].astype(float)
+        for i in range(len(classes)):
+            pos = (y == i) & (w > 0)
+            neg = (y != i) & (w > 0)
+            if pos.any() and neg.any():
+                per[b, i] = roc_auc_score((y == i).astype(int), scores[:, i], sample_weight=w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        macro = np.nanmean(per, axis=1)
+    lo, hi = _interval(per, confidence)
+    mlo, mhi = _interval(macro[:, None], confidence)
+    return {"auroc": {c: ([_num(lo[i]), _num(hi[i])] if not np.isnan(lo[i]) else None) for i, c in enumerate(classes)},
+            "macro_auroc": [_num(mlo[0]), _num(mhi[0])]}
+
+
+# -- paired comparison and the release gate -----------------------------------------------------------
+
+def mcnemar_exact(y_true, pred_ref, pred_new) -> dict:
+    """McNemar's exact test on the images exactly one of the two models classifies correctly:
+    b = reference right / new wrong, c = reference wrong / new right; two-sided binomial p-value
+    of min(b, c) out of b + c at 1/2 (SciPy). Also counts ``flips``: images whose predicted class
+    changed at all."""
+    from scipy.stats import binomtest
+
+    y, a, b_ = (np.asarray(v, int).ravel() for v in (y_true, pred_ref, pred_new))
+    ref_ok, new_ok = a == y, b_ == y
+    b = int(np.sum(ref_ok & ~new_ok))
+    c = int(np.sum(~ref_ok & new_ok))
+    p = 1.0 if b + c == 0 else float(binomtest(min(b, c), b + c, 0.5).pvalue)
+    return {"ref_right_new_wrong": b, "ref_wrong_new_right": c, "flips": int(np.sum(a != b_)), "p_value": p,
+            "test": "McNemar exact (binomial)"}
+
+
+def paired_bootstrap(y_true, pred_ref, pred_new, groups, classes, n_boot: int = N_BOOT,
+                     confidence: float = CONFIDENCE, seed: int = 0) -> dict:
+    """Change (new - reference) in balanced accuracy and in each class's sensitivity, with a paired
+    percentile interval: both models are scored on the same group draw in every replicate."""
+    y = np.asarray(y_true, int).ravel()
+    _check(y, groups)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+    k = len(classes)
+    ids, cm_ref = group_confusions(y, pred_ref, groups, k)
+    _, cm_new = group_confusions(y, pred_new, groups, k)
+    draws = group_draws(len(ids), n_boot, seed)
+    ref = metrics_from_confusion(np.tensordot(draws, cm_ref, axes=(1, 0)))
+    new = metrics_from_confusion(np.tensordot(draws, cm_new, axes=(1, 0)))
+    p_ref, p_new = metrics_from_confusion(cm_ref.sum(0)), metrics_from_confusion(cm_new.sum(0))
+    out = {"n_boot": int(n_boot), "groups": int(len(ids)), "confidence": confidence}
+    for key in ("balanced_accuracy", "accuracy", "macro_f1"):
+        lo, hi = _interval(new[key] - ref[key], confidence)
+        out[key] = {"delta": _num(p_new[key] - p_ref[key]), "ci": [_num(lo), _num(hi)]}
+    lo, hi = _interval(new["sensitivity"] - ref["sensitivity"], confidence)
+    d = p_new["sensitivity"] - p_ref["sensitivity"]
+    out["sensitivity"] = {c: ({"delta": _num(d[i]), "ci": [_num(lo[i]), _num(hi[i])]} if not np.isnan(d[i]) else None)
+                          for i, c in enumerate(classes)}
+    return out
+
+
+def release_gate(y_true, pred_ref, pred_new, groups, classes, max_bacc_drop: float = MAX_BACC_DROP,
+                 max_sens_drop: float = MAX_SENS_DROP, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
+                 seed: int = 0) -> dict:
+    """Pass when the interval's lower bound of the change in balanced accuracy is >= -max_bacc_drop
+    and that of every class's sensitivity >= -max_sens_drop (drops as fractions: 0.01 = 1 point)."""
+    for name, v in (("max balanced-accuracy drop", max_bacc_drop), ("max sensitivity drop", max_sens_drop)):
+        if not 0 <= v < 1:
+            raise LungedgeError(f"{name} must be a fraction in [0, 1), got {v}")
+    paired = paired_bootstrap(y_true, pred_ref, pred_new, groups, classes, n_boot, confidence, seed)
+    checks = []
+    b = paired["balanced_accuracy"]
+    checks.append({"metric": "balanced_accuracy", "delta": b["delta"], "lower": b["ci"][0], "limit": -max_bacc_drop,
+                   "pass": b["ci"][0] is not None and b["ci"][0] >= -max_bacc_drop - 1e-12})
+    for c, s in paired["sensitivity"].items():
+        if s is None:
+            continue
+        checks.append({"metric": f"sensitivity {c}", "delta": s["delta"], "lower": s["ci"][0], "limit": -max_sens_drop,
+                       "pass": s["ci"][0] is not None and s["ci"][0] >= -max_sens_drop - 1e-12})
+    return {"pass": all(ch["pass"] for ch in checks), "checks": checks, "paired": paired,
+            "mcnemar": mcnemar_exact(y_true, pred_ref, pred_new),
+            "limits": {"max_balanced_accuracy_drop": max_bacc_drop, "max_sensitivity_drop": max_sens_drop,
+                       "judged_on": f"lower bound of the {confidence:.0%} paired group-bootstrap interval"}}
+
+
+def gate_line(gate: dict) -> str:
+    """One line: PASS/FAIL and the worst check."""
+    worst = min(gate["checks"], key=lambda ch: (ch["pass"], (ch["lower"] or -1) - ch["limit"]))
+    m = gate["mcnemar"]
+    return (f"{'PASS' if gate['pass'] else 'FAIL'}: {worst['metric']} change {worst['delta']:+.3f} "
+            f"(lower bound {worst['lower']:+.3f}, limit {worst['limit']:+.3f}); {m['flips']} flips, "
+            f"McNemar p={m['p_value']:.3g}")
+
+
+# -- across folds --------------------------------------------------------------------------------------
+
+def mean_interval(values, confidence: float = CONFIDENCE, bounds: tuple[float, float] | None = None) -> dict:
+    """Mean, sample standard deviation and the t-interval of the mean of per-fold values (NaN/None
+    ignored). Folds share training data, so this interval is optimistic; the group bootstrap of the
+    pooled out-of-fold predictions is reported beside it. ``bounds`` clips the interval (e.g. (0, 1))."""
+    from scipy import stats as st
+
+    v = np.array([np.nan if x is None else x for x in values], float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return {"mean": None, "std": None, "ci": [None, None], "n": 0}
+    mean = float(v.mean())
+    if len(v) < 2:
+        return {"mean": mean, "std": None, "ci": [None, None], "n": 1}
+    sd = float(v.std(ddof=1))
+    half = float(st.t.ppf(0.5 + confidence / 2, len(v) - 1) * sd / np.sqrt(len(v)))
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return {"mean": mean, "std": sd, "ci": [lo, hi], "n": int(len(v))}
+
+
+def pm(value, ci, digits: int = 3) -> str:
+    """'0.812 [0.770, 0.851]': a point estimate and its interval (intervals are asymmetric, so no ±)."""
+    if value is None:
+        return "–"
+    if not ci or ci[0] is None or ci[1] is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+# -- the gate as a later step reads it (bundle) ------------------------------------------------------
+
+def gate_results(results, sha256: str) -> dict | None:
+    """The newest release-gate verdict that ``eval`` wrote (JSON-lines under ``results``, a file or folder)
+    for the artifact with this SHA-256: {"pass", "line", "file", "date"}; None when never evaluated."""
+    import json
+    from pathlib import Path
+
+    root = Path(results)
+    files = sorted(root.rglob("*.jsonl")) if root.is_dir() else ([root] if root.is_file() else [])
+    found = None
+    for f in files:
+        try:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict) or row.get("kind") != "eval" or row.get("artifact_sha256") != sha256 \
+                    or not row.get("gate"):
+                continue
+            date = str((row.get("provenance") or {}).get("date") or "")
+            if found is None or date >= found["date"]:
+                found = {"pass": bool(row["gate"]["pass"]), "line": gate_line(row["gate"]), "file": str(f),
+                         "date": date}
+    return found

@@ -1,0 +1,117 @@
+"""The one test-set loader: the test part of a split manifest, or the images of a data folder.
+
+Export (parity and per-precision accuracy) and eval both read their images here:
+
+* :func:`split_of_run` — the split manifest a training run used, found beside its checkpoint;
+* :func:`load_test_set` — a manifest's test part (``data`` overrides the manifest's root), else
+  a data folder's images (all, or ``limit`` evenly spaced ones). Strict: a manifest without test
+  images, or with test images missing on disk, is refused with one line; callers that have a
+  fallback catch that :class:`LungedgeError` and say why they fell back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LungedgeError
+
+
+@dataclass
+class TestImages:
+    """Test image paths and their label names; inputs are loaded once per preprocessing."""
+
+    __test__ = False  # not a pytest test class
+
+    paths: list[Path]
+    labels: list[str]
+    where: str  # e.g. "120 test images of runs/googlenet/x/split.json"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    groups: list | None = None  # near-duplicate group id per image (from a split manifest), for group bootstraps
+
+    def inputs(self, prep) -> np.ndarray:
+        key = json.dumps(prep.to_dict(), sort_keys=True)
+        if key not in self._cache:
+            self._cache[key] = prep.load_batch(self.paths)
+        return self._cache[key]
+
+    def head(self, n: int) -> "TestImages":
+        """The first ``n`` images (sharing already loaded inputs)."""
+        if len(self.paths) <= n:
+            return self
+        head = TestImages(self.paths[:n], self.labels[:n], f"first {n} of {self.where}",
+                          groups=self.groups[:n] if self.groups is not None else None)
+        head._cache = {k: v[:n] for k, v in self._cache.items()}
+        return head
+
+    def label_indices(self, classes: list[str]) -> np.ndarray | None:
+        """Labels as indices into ``classes``; ``None`` when some label is not one of them."""
+        if any(label not in classes for label in self.labels):
+            return None
+        return np.array([classes.index(label) for label in self.labels], dtype=np.int64)
+
+
+def split_of_run(checkpoint: str | Path) -> Path | None:
+    """The split manifest a training run used: its run folder's split.json, or config.json's split."""
+    folder = Path(checkpoint).parent
+    if (folder / "split.json").is_file():
+        return folder / "split.json"
+    try:
+        split = json.loads((folder / "config.json").read_text()).get("split")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(split) if split and Path(split).is_file() else None
+
+
+def _from_manifest(manifest_path: str | Path, data: str | Path | None, limit: int | None) -> TestImages:
+    from .data.split import read_manifest
+
+    manifest = read_manifest(manifest_path)
+    root = Path(data) if data else Path(manifest["dataset"]["root"])
+    items = [it for it in manifest["items"] if it["split"] == "test"]
+    if not items:
+        raise LungedgeError(f"{manifest_path} has no test images")
+    missing = [it["path"] for it in items if not (root / it["path"]).is_file()]
+    if missing:
+        raise LungedgeError(f"{len(missing)} test images of {manifest_path} are missing under {root} "
+                            f"(first: {missing[0]}); pass --data DIR with the data set's folder")
+    items = items[:limit] if limit else items
+    from .io import sha256_file
+
+    changed = [it["path"] for it in items if sha256_file(root / it["path"]) != it["sha256"]]
+    if changed:  # as train and audit do: an image changed since the split is not evaluated silently
+        raise LungedgeError(f"{manifest_path}: {len(changed)} of {len(items)} test images changed since the split "
+                            f"(first: {changed[0]}); re-run 'lungedge data split'")
+    return TestImages([root / it["path"] for it in items], [it["label"] for it in items],
+                      f"{len(items)} test images of {manifest_path}",
+                      groups=[it.get("group", k) for k, it in enumerate(items)])
+
+
+def _from_folder(data: str | Path, limit: int | None) -> TestImages:
+    from .data.layout import detect_layout
+
+    layout = detect_layout(data)
+    files = layout.files
+    if limit:
+        files = files[:: max(1, len(files) // limit)][:limit]
+        where = f"{len(files)} images of {layout.root}"
+    else:
+        where = f"all {len(files)} images of {layout.root}"
+    return TestImages([layout.root / f.path for f in files], [f.label for f in files], where)
+
+
+def load_test_set(split: str | Path | None = None, data: str | Path | None = None,
+                  limit: int | None = None) -> TestImages:
+    """``split``'s test part (``data`` overrides its root), else ``data``'s images.
+
+    ``limit`` keeps the first ``limit`` test images of a split, or ``limit`` evenly spaced
+    images of a folder.
+    """
+    if split:
+        return _from_manifest(split, data, limit)
+    if data:
+        return _from_folder(data, limit)
+    raise LungedgeError("no test set given: pass --split MANIFEST (and --data DIR) or --data DIR")

@@ -1,0 +1,46 @@
+"""The one timing loop: warm-up calls first (never timed), then timed calls; and their percentiles."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def time_calls(fn, warmup: int, iters: int | None, seconds: float | None, min_iters: int = 3) -> list[float]:
+    """Seconds of each timed call of ``fn``: ``iters`` calls, or at least ``min_iters`` and ``seconds`` in all."""
+    for _ in range(max(0, warmup)):
+        fn()
+    times: list[float] = []
+    started = time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if iters is not None:
+            if len(times) >= iters:
+                break
+        elif len(times) >= min_iters and time.perf_counter() - started >= (seconds or 0):
+            break
+    return times
+
+
+def alternate(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
+    """Seconds of each of ``fns`` over ``repeats`` rounds; they take turns, so a burst of load hits all alike."""
+    for _ in range(max(0, warmup)):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts += time_calls(fn, 0, 1, None)
+    return times
+
+
+def latency_stats(seconds: list[float], batch: int) -> tuple[dict, float | None]:
+    """(latency in ms: p50/p90/p99/mean/std/min/max, throughput in images/s from the mean)."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    mean = float(ms.mean())
+    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": mean, "std": float(ms.std()),
+            "min": float(ms.min()), "max": float(ms.max())}, (batch / (mean / 1e3) if mean > 0 else None)

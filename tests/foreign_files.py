@@ -1,0 +1,128 @@
+"""Files lungedge did not write, in the shapes the research group and other people hand over.
+
+The group's four deliverables (random weights; the real architectures):
+
+- ``densenet_lung_cancer.pth``: torchvision DenseNet121 state dict, 1,000-output head (7,978,856 parameters);
+- ``inception_v3_lung_cancer.pth``: Inception v3 with its aux head kept (1,000 outputs), ``fc`` -> 3 (25,118,411);
+- ``googlenet_model.pth``: GoogLeNet, ``fc`` -> 3, with or without ``aux1``/``aux2``;
+- ``model_resnet50_20241016.h5``: Keras ResNet50 without top + average pooling + ``Dense(3, softmax)``,
+  saved by plain Keras code (23,593,859 parameters, 6,147 trainable).
+
+Torch is imported before Keras/TensorFlow in every function.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GROUP_CLASSES = "Benign,Malignant,Normal"
+
+
+def densenet121_state_dict(path: Path, seed: int = 0):
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.densenet121(weights=None).eval()
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def inception_v3_with_aux(path: Path, seed: int = 0):
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    model.fc = torch.nn.Linear(2048, 3)
+    model.eval()
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def googlenet_state_dict(path: Path, aux: bool = True, seed: int = 0):
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.googlenet(weights=None, aux_logits=aux, init_weights=False)
+    model.fc = torch.nn.Linear(1024, 3)
+    model.eval()
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0):
+    """The group's notebook: frozen ResNet50 base, Sequential with a softmax Dense(3), ``model.save``."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.ResNet50(include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3))
+    base.trainable = False
+    model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Dense(3, activation="softmax")])
+    model.save(path)
+    return model
+
+
+# -- tiny custom models --------------------------------------------------------------------------------
+
+def tiny_keras(path: Path, size: int = 16, outputs: int = 3, activation: str | None = "softmax",
+               channels: int = 3, seed: int = 0, rescale: bool = False):
+    """A small Keras CNN (functional), optionally rescaling its own input."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, channels))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs) if rescale else inputs
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(outputs, activation=activation)(x)
+    model = keras.Model(inputs, out)
+    model.save(path)
+    return model
+
+
+def tiny_torch(outputs: int = 3, channels: int = 3, seed: int = 0, final=None):
+    import torch
+
+    torch.manual_seed(seed)
+    layers = [torch.nn.Conv2d(channels, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+              torch.nn.Linear(4, outputs)]
+    if final is not None:
+        layers.append(final)
+    return torch.nn.Sequential(*layers).eval()
+
+
+def torchscript_file(path: Path, model, size: int = 16, channels: int = 3):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(model, torch.zeros(1, channels, size, size)), str(path))
+    return path
+
+
+def torch_export_file(path: Path, model, size: int = 16, channels: int = 3):
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    ep = torch.export.export(model, (torch.zeros(2, channels, size, size),), dynamic_shapes=({0: batch},))
+    torch.export.save(ep, str(path))
+    return path
+
+
+def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y")):
+    """A plain ONNX (any input/output names, no lungedge metadata)."""
+    import torch
+
+    torch.onnx.export(model, torch.zeros(1, channels, size, size), str(path), input_names=[names[0]],
+                      output_names=[names[1]], dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}}, dynamo=False)
+    return path

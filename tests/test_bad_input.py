@@ -1,0 +1,461 @@
+"""The hostile-user battery of issue #13: every bad input gives exit 2 and exactly one ``error:`` line,
+never a traceback; an internal error is one line, exit 3, traceback in a log; Ctrl-C is exit 130 and
+says what was kept; sets written by train and export are never mixed; measurements survive a failed write.
+
+Files are generated here and tiny. One small trained smallcnn run (and its ONNX export) is shared.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, small_file_limit, unwritable_folder, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32  # smallcnn input side in these tests
+CLASSES = ["benign", "malignant", "normal"]
+
+
+def one_error(code: int, err: str, match: str | None = None, exit_code: int = 2) -> str:
+    """Exit ``exit_code``, exactly one ``error:`` line (matching ``match``), no traceback; the line."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert code == exit_code, err
+    if match:
+        assert re.search(match, lines[0]), lines[0]
+    return lines[0]
+
+
+def cli(args, **kw) -> subprocess.CompletedProcess:
+    """The real console script in a fresh process (for signals, limits and concurrency)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
+    return subprocess.run([sys.executable, "-m", "lungedge", *map(str, args)], capture_output=True, text=True,
+                          cwd=kw.pop("cwd", ROOT), env=env, timeout=kw.pop("timeout", 300), **kw)
+
+
+def bomb_png(path: Path, side: int = 30000) -> Path:
+    """A PNG whose header says side x side pixels (a decompression bomb), a few hundred bytes on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (side + 1) * 4, 9)  # a few rows; the header is what must be refused
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A tiny data set, its split manifest and a one-epoch smallcnn run (made once for the module)."""
+    base = tmp_path_factory.mktemp("bad-input")
+    data = write_dataset(base / "data", CLASSES, per_class=8, size=SIZE, colour=True)
+    split = base / "split.json"
+    runs = base / "runs"
+    code = cli(["data", "split", data, "--out", split, "--group-by", "none"])
+    assert code.returncode == 0, code.stderr
+    proc = cli(["train", "smallcnn", "--split", split, "--epochs", "1", "--batch-size", "8", "--image-size", SIZE,
+                "--weights", "none", "--out", runs, "--run-name", "r"])
+    assert proc.returncode == 0, proc.stderr
+    return {"base": base, "data": data, "split": split, "runs": runs, "run": runs / "smallcnn" / "r",
+            "manifest": json.loads(split.read_text())}
+
+
+# -- 1. the last-resort handler and Ctrl-C ------------------------------------------------------------------
+
+BOOM = """
+import sys
+from lungedge.cli import app, run
+@app.command("boom")
+def boom():
+    "Fail with an unexpected error."
+    {body}
+sys.argv = ["lungedge", "boom"]
+run()
+"""
+
+
+@pytest.mark.parametrize("body, text", [("raise RuntimeError('disk on fire\\nsecond line')", "RuntimeError: disk on fire second line"),
+                                        ("raise ValueError()", "ValueError: (no message)"),
+                                        ("{}['missing']", "KeyError: 'missing'")])
+def test_unexpected_error_is_one_line_and_a_log(tmp_path, body, text):
+    proc = subprocess.run([sys.executable, "-c", BOOM.format(body=body)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    line = one_error(proc.returncode, proc.stderr, exit_code=3)
+    m = re.fullmatch(rf"error: internal error in boom: {re.escape(text)}; details in (\S+)", line)
+    assert m, line
+    log = Path(m.group(1))
+    assert log.parent == tmp_path / "cache" / "lungedge" / "logs"
+    assert "Traceback (most recent call last)" in log.read_text() and "command: lungedge boom" in log.read_text()
+
+
+def test_internal_error_log_falls_back_when_cache_is_read_only(tmp_path):
+    ro = unwritable_folder(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", BOOM.format(body="raise RuntimeError('x')")], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "XDG_CACHE_HOME": str(ro / "cache")})
+    line = one_error(proc.returncode, proc.stderr, exit_code=3)
+    log = Path(line.split("details in ")[1])
+    assert log.is_file() and not str(log).startswith(str(ro))
+
+
+def test_ctrl_c_prints_interrupted(tmp_path):
+    body = "import os, signal; os.kill(os.getpid(), signal.SIGINT)"
+    proc = subprocess.run([sys.executable, "-c", BOOM.format(body=body)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == "interrupted"
+
+
+# -- 2. data: unreadable files are listed, not tracebacks ---------------------------------------------------
+
+@pytest.fixture
+def messy_data(tmp_path):
+    data = write_dataset(tmp_path / "data", ["a", "b"], per_class=4, size=24)
+    (data / "a" / "loop.png").symlink_to("loop.png")  # a symlink loop
+    (data / "a" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    bomb_png(data / "b" / "bomb.png")
+    (data / "b" / "empty.png").write_bytes(b"")
+    os.rename(write_dataset(tmp_path / "x", ["c", "d"], per_class=1, size=24) / "c" / "img000_0.png",
+              os.fsencode(data / "b") + b"/caf\xe9.png")  # a Latin-1 name: not valid UTF-8
+    return data
+
+
+def test_inspect_lists_unreadable_files(messy_data, capsys):
+    code, out, err = run_cli(["data", "inspect", messy_data, "--json", "--no-shortcuts"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    report = json.loads(out)
+    reasons = {u["path"]: u["reason"] for u in report["unreadable"]}
+    assert set(reasons) == {"a/loop.png", "a/dangling.png", "b/bomb.png", "b/empty.png"}
+    assert "image too large" in reasons["b/bomb.png"] and "LUNGEDGE_MAX_PIXELS" in reasons["b/bomb.png"]
+    assert "Too many levels of symbolic links" in reasons["a/loop.png"]
+    assert "No such file" in reasons["a/dangling.png"]
+    assert report["readable_counts"] == {"a": 4, "b": 4}
+    assert any("not valid UTF-8" in n and "caf\ufffd.png" in n for n in report["notes"])
+
+
+def test_split_skips_unreadable_files(messy_data, tmp_path, capsys):
+    code, out, err = run_cli(["data", "split", messy_data, "--out", tmp_path / "s.json", "--group-by", "none"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    manifest = json.loads((tmp_path / "s.json").read_text())
+    assert len(manifest["items"]) == 8
+    assert {s["path"] for s in manifest["skipped"]} == {"a/loop.png", "a/dangling.png", "b/bomb.png", "b/empty.png"}
+
+
+def test_pixel_limit_is_configurable(tmp_path, capsys, monkeypatch):
+    data = write_dataset(tmp_path / "data", ["a", "b"], per_class=2, size=24)
+    monkeypatch.setenv("LUNGEDGE_MAX_PIXELS", str(20 * 20))
+    code, out, err = run_cli(["data", "inspect", data, "--json", "--no-shortcuts"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["unreadable"]) == 4  # every 24x24 image is now over the limit
+    monkeypatch.setenv("LUNGEDGE_MAX_PIXELS", "lots")
+    one_error(*run_cli(["data", "inspect", data, "--no-shortcuts"], capsys)[::2], match="LUNGEDGE_MAX_PIXELS must be")
+
+
+def test_permission_denied_class_folder_is_an_error(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", ["a", "b", "c"], per_class=2, size=24)
+    (data / "c").chmod(0)
+    try:
+        if os.access(data / "c", os.R_OK):
+            pytest.skip("running as root: permissions do not stop reading")
+        code, _, err = run_cli(["data", "inspect", data, "--no-shortcuts"], capsys)
+        one_error(code, err, match=r"cannot read folder .*/c: Permission denied")
+    finally:
+        (data / "c").chmod(0o755)
+
+
+# -- 2/4. manifests: schema and containment ------------------------------------------------------------------
+
+def _mutations():
+    def item(i, **kv):
+        return lambda m: m["items"][i].update(kv)
+
+    return {
+        "missing key": (lambda m: m["items"][0].pop("sha256"), r"items\.0\.sha256: Field required"),
+        "string items": (lambda m: m.__setitem__("items", ["a.png"]), r"items\.0: Input should be a valid dictionary"),
+        "unknown split": (item(0, split="holdout"), r"items\.0\.split: Input should be 'train', 'val' or 'test'"),
+        "unknown label": (item(1, label="tumour"), r"items\.1\.label: 'tumour' is not one of the classes"),
+        "parent path": (item(0, path="../../etc/passwd"), r"items\.0\.path: '\.\./\.\./etc/passwd' is not inside"),
+        "absolute path": (item(0, path="/etc/passwd"), r"items\.0\.path: '/etc/passwd' is not inside .*absolute"),
+        "missing dataset": (lambda m: m.pop("dataset"), r"dataset: Field required"),
+        "one class": (lambda m: m.__setitem__("classes", ["benign"]), r"classes: List should have at least 2"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_mutations()))
+@pytest.mark.parametrize("command", ["audit", "train"])
+def test_bad_manifest_is_one_line_naming_file_and_field(small, tmp_path, capsys, case, command):
+    mutate, pattern = _mutations()[case]
+    manifest = copy.deepcopy(small["manifest"])
+    mutate(manifest)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(manifest))
+    args = (["data", "audit", path, "--no-shortcuts"] if command == "audit" else
+            ["train", "smallcnn", "--split", path, "--epochs", "1", "--weights", "none", "--out", tmp_path / "runs"])
+    code, _, err = run_cli(args, capsys)
+    one_error(code, err, match=rf"{re.escape(str(path))}: {pattern}")
+    assert not (tmp_path / "runs").exists()
+
+
+# -- 2. numeric options --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--image-size", "100000"], r"--image-size must be a whole number of pixels from 8 to 2048"),
+    (["--image-size", "4"], r"--image-size must be"),
+    (["--lr", "inf"], r"--lr must be a finite number greater than 0, got inf"),
+    (["--lr", "nan"], r"--lr must be a finite number greater than 0, got nan"),
+    (["--lr", "1e30"], r"--lr must be at most 1"),
+    (["--lr", "0"], r"--lr must be a finite number greater than 0"),
+    (["--batch-size", "0"], r"--batch-size must be a whole number greater than 0"),
+    (["--batch-size", "-3"], r"--batch-size must be a whole number greater than 0"),
+    (["--run-name", "../../x"], r"--run-name must be a plain folder name .* got '\.\./\.\./x'"),
+    (["--run-name", "/tmp/abs"], r"--run-name must be a plain folder name"),
+])
+def test_train_options_are_checked(small, tmp_path, capsys, args, pattern):
+    code, _, err = run_cli(["train", "smallcnn", "--split", small["split"], "--epochs", "1", "--weights", "none",
+                            "--out", tmp_path / "runs", *args], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_input_size_cap_is_configurable(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LUNGEDGE_MAX_INPUT_SIZE", "16")
+    code, _, err = run_cli(["train", "smallcnn", "--split", small["split"], "--epochs", "1", "--weights", "none",
+                            "--image-size", SIZE, "--out", tmp_path / "runs"], capsys)
+    one_error(code, err, match=r"from 8 to 16 \(LUNGEDGE_MAX_INPUT_SIZE\), got 32")
+
+
+# -- 3. two trainings into one run folder; Ctrl-C keeps the last epoch -----------------------------------------
+
+def test_second_train_into_same_run_refuses_and_first_set_stays_whole(small, tmp_path):
+    runs = tmp_path / "runs"
+    args = ["train", "smallcnn", "--split", small["split"], "--batch-size", "4", "--image-size", SIZE, "--weights",
+            "none", "--out", runs, "--run-name", "same"]
+    first = subprocess.Popen([sys.executable, "-m", "lungedge", *map(str, args), "--epochs", "500"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = runs / "smallcnn" / "same"
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.json").exists():  # one epoch done: last.pth and metrics.json written
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() is not None else "slow"
+            time.sleep(0.2)
+        second = cli([*args, "--epochs", "1", "--seed", "7"])
+        one_error(second.returncode, second.stderr,
+                  match=rf"{re.escape(str(run))} is being written by pid {first.pid} on .*lungedge train")
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err
+    assert "Traceback" not in err
+    assert re.search(rf"^interrupted; {re.escape(str(run))} keeps its last finished epoch; continue with "
+                     r"'lungedge train smallcnn .* --run-name same --resume'$", err, re.M), err
+    config = json.loads((run / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert config["seed"] == 0 and metrics["config"]["seed"] == 0 and config["epochs"] == 500
+    assert not list(run.glob(".*.tmp")) and not (runs / "smallcnn" / ".same.lock").exists()
+    again = cli([*args, "--epochs", "1"])
+    one_error(again.returncode, again.stderr, match="already holds a run; use --resume or another --run-name")
+
+
+# -- exported ONNX: one small export shared by the rest -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(small):
+    engines = small["base"] / "engines"
+    proc = cli(["export", "smallcnn", "--runs", small["runs"], "--out", engines, "--fp16", "--no-engine"])
+    assert proc.returncode == 0, proc.stderr
+    return {**small, "engines": engines, "folder": engines / "smallcnn", "onnx": engines / "smallcnn" / "smallcnn.fp32.onnx"}
+
+
+def _tampered(src: Path, dst: Path, **props) -> Path:
+    import onnx
+
+    model = onnx.load(str(src))
+    for p in model.metadata_props:
+        key = p.key[len("lungedge."):]
+        if key in props:
+            p.value = props[key]
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("props, pattern", [
+    ({"classes": "[not json"}, r"metadata lungedge\.classes is not valid JSON"),
+    ({"preprocessing": json.dumps({"size": 100000, "mean": [0, 0, 0], "std": [1, 1, 1], "scale": 1,
+                                   "channel_order": "RGB", "layout": "NCHW"})},
+     r"metadata: preprocessing\.size: input size 100000 is outside 8\.\.2048"),
+    ({"classes": json.dumps(["a", "a", "b"])}, r"metadata: classes: .*class names repeat"),
+    ({"precision": "fp8"}, r"metadata: precision: Input should be 'fp32', 'fp16' or 'int8'"),
+])
+def test_onnx_with_bad_metadata_is_one_line(exported, tmp_path, capsys, props, pattern):
+    onnx_file = _tampered(exported["onnx"], tmp_path / "smallcnn.fp32.onnx", **props)
+    img = tmp_path / "x.png"
+    write_dataset(tmp_path / "d", ["a", "b"], per_class=1, size=SIZE)
+    img.write_bytes((tmp_path / "d" / "a" / "img000_0.png").read_bytes())
+    code, _, err = run_cli(["predict", onnx_file, img], capsys)
+    one_error(code, err, match=pattern)
+
+
+def test_onnx_with_more_class_names_than_outputs_is_refused(exported, tmp_path, capsys):
+    onnx_file = _tampered(exported["onnx"], tmp_path / "m.onnx", classes=json.dumps([*CLASSES, "extra"]))
+    img = next((exported["data"] / "benign").glob("*.png"))
+    code, _, err = run_cli(["predict", onnx_file, img], capsys)
+    one_error(code, err, match=r"shape \(1, 3\).*\(1, 4\)")
+
+
+def test_predict_lists_a_decompression_bomb_as_unreadable(exported, tmp_path, capsys):
+    good = next((exported["data"] / "benign").glob("*.png"))
+    bomb = bomb_png(tmp_path / "bomb.png")
+    code, out, err = run_cli(["predict", exported["onnx"], good, bomb, "--json"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    res = json.loads(out)
+    assert [p["image"] for p in res["predictions"]] == [str(good)]
+    assert res["unreadable"][0]["image"] == str(bomb) and "image too large" in res["unreadable"][0]["reason"]
+    code, _, err = run_cli(["predict", exported["onnx"], bomb], capsys)
+    one_error(code, err, match="none of the 1 images could be read .*image too large")
+
+
+@pytest.mark.parametrize("seconds", ["nan", "inf", "-1", "1e9"])
+def test_bench_seconds_must_be_finite_and_bounded(exported, capsys, seconds):
+    code, _, err = run_cli(["bench", exported["onnx"], "--seconds", seconds, "--out", exported["base"] / "res"], capsys)
+    one_error(code, err, match="--seconds must be a finite number of seconds from 0 to 3600")
+
+
+@pytest.mark.parametrize("opset", ["5", "99"])
+def test_export_opset_out_of_range(exported, tmp_path, capsys, opset):
+    code, _, err = run_cli(["export", "smallcnn", "--runs", exported["runs"], "--out", tmp_path / "e",
+                            "--opset", opset, "--no-engine"], capsys)
+    one_error(code, err, match=r"--opset")
+    assert not (tmp_path / "e" / "smallcnn").exists()
+
+
+# -- 5. measurements survive a failed write ------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+@pytest.mark.parametrize("failure", ["read-only", "full disk", "a file"])
+def test_table_printed_before_a_failed_write(exported, tmp_path, command, failure):
+    kw = {}
+    if failure == "read-only":
+        out = unwritable_folder(tmp_path) / "results"
+    elif failure == "a file":
+        out = tmp_path / "results"
+        out.write_text("not a folder")
+    else:
+        out, kw = tmp_path / "results", {"preexec_fn": small_file_limit(1024)}
+    args = ([command, exported["onnx"], "--out", out] +
+            (["--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--data", exported["data"]] if command == "bench"
+             else ["--split", exported["split"], "--bootstrap", "100"]))
+    proc = cli(args, **kw)
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(out))}")
+    assert "onnxruntime" in proc.stdout and "fp32" in proc.stdout  # the table came first
+    assert not list(tmp_path.rglob("*.jsonl"))
+
+
+# -- 4. eval checks the manifest's hashes ----------------------------------------------------------------------
+
+def test_eval_refuses_images_changed_since_the_split(exported, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(exported["data"], data)
+    manifest = exported["manifest"]
+    test_item = next(it for it in manifest["items"] if it["split"] == "test")
+    from PIL import Image
+
+    Image.new("RGB", (SIZE, SIZE), (255, 0, 0)).save(data / test_item["path"])
+    code, _, err = run_cli(["eval", exported["onnx"], "--split", exported["split"], "--data", data,
+                            "--out", tmp_path / "res"], capsys)
+    one_error(code, err, match=r"images changed since the split")
+
+
+# -- report rows ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("row, pattern", [
+    ({"kind": "bench", "model": "m", "backend": "onnxruntime", "device": "cpu", "variant": "fp32",
+      "artifact_sha256": "0" * 64, "preprocessing": False, "latency_ms": {}}, r"row 1: batch_size: Field required"),
+    ({"kind": "eval", "model": "m", "backend": "onnxruntime", "device": "cpu", "variant": "fp32",
+      "artifact_sha256": "0" * 64, "classes": ["a", "b"], "metrics": {}},
+     r"row 1: metrics\.confusion_matrix: Field required"),
+    ({"kind": "eval", "model": "m"}, r"row 1: backend: Field required \(and \d+ more problems\)"),
+])
+def test_report_rows_missing_fields(tmp_path, capsys, row, pattern):
+    res = tmp_path / "results.jsonl"
+    res.write_text(json.dumps(row) + "\n")
+    code, _, err = run_cli(["report", "--results", res, "--out", tmp_path / "rep"], capsys)
+    one_error(code, err, match=rf"{re.escape(str(res))} {pattern}")
+
+
+# -- 3. export sets: locked, staged, never mixed ---------------------------------------------------------------
+
+def _set_digest(folder: Path) -> dict:
+    from lungedge.io import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_bundle_refuses_onnx_files_of_two_exports(exported, tmp_path, capsys):
+    import shutil
+
+    engines = tmp_path / "engines"
+    shutil.copytree(exported["folder"], engines / "smallcnn")
+    summary_file = engines / "smallcnn" / "smallcnn.export.json"
+    summary = json.loads(summary_file.read_text())
+    summary["files"] = {v: str(engines / "smallcnn" / Path(f).name) for v, f in summary["files"].items()}
+    summary_file.write_text(json.dumps(summary))
+    fp16 = engines / "smallcnn" / "smallcnn.fp16.onnx"
+    prep = json.dumps({"size": 40, "mean": [0.5] * 3, "std": [0.5] * 3, "scale": 1 / 255, "channel_order": "RGB",
+                       "layout": "NCHW", "resize": "center-crop-bilinear"})
+    _tampered(fp16, fp16, source_sha256="f" * 64, preprocessing=prep)  # as if left by another export
+    code, _, err = run_cli(["bundle", "create", "smallcnn", "--engines", engines, "--out", tmp_path / "b.tar.gz",
+                            "--results", tmp_path / "none"], capsys)
+    one_error(code, err, match=r"smallcnn\.fp16\.onnx is not from the same export as .*fp32\.onnx .*at 40 px")
+    assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_export_into_a_folder_being_written_refuses(exported, tmp_path):
+    folder = exported["folder"]
+    before = _set_digest(folder)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from lungedge.io import FolderLock; "
+                               f"FolderLock({str(folder)!r}, 'lungedge export').acquire(); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = cli(["export", "smallcnn", "--runs", exported["runs"], "--out", exported["engines"], "--no-engine"])
+        one_error(proc.returncode, proc.stderr, match=rf"{re.escape(str(folder))} is being written by pid "
+                                                      rf"{holder.pid} on .*lungedge export")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _set_digest(folder) == before
+
+
+def test_export_killed_mid_way_leaves_the_previous_set(exported):
+    folder, engines = exported["folder"], exported["engines"]
+    before = _set_digest(folder)
+    proc = subprocess.Popen([sys.executable, "-m", "lungedge", "export", "smallcnn", "--runs", str(exported["runs"]),
+                             "--out", str(engines), "--fp16", "--no-engine"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(any(s.iterdir()) for s in engines.glob(".smallcnn.staging-*")):  # first file being written
+        assert proc.poll() is None and time.time() < deadline, "export ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _set_digest(folder) == before  # the previous complete set, untouched
+    done = cli(["export", "smallcnn", "--runs", exported["runs"], "--out", engines, "--fp16", "--no-engine"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in engines.iterdir()) == ["smallcnn"]  # the killed run's stage and lock are gone
+    assert sorted(_set_digest(folder)) == sorted(before)
+    from lungedge import onnx_meta
+
+    shas = {onnx_meta.read(p)["source_sha256"] for p in folder.glob("*.onnx")}
+    assert len(shas) == 1

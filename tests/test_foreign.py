@@ -1,0 +1,361 @@
+"""Models from outside (issue #12): the group's four files, custom models of every source kind,
+output kinds, and files that only look like models."""
+
+from __future__ import annotations
+
+import json
+
+import torch  # torch and torchvision before anything imports tensorflow
+import torchvision  # noqa: F401
+import numpy as np
+import pytest
+
+import foreign_files as ff
+from conftest import run_cli, write_dataset
+from lungedge import onnx_meta
+from lungedge.errors import LungedgeError
+from lungedge.models import sniff
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::UserWarning")
+
+LFS = (b"version https://git-lfs.github.com/spec/v1\n"
+       b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 102502400\n")
+HTML = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+# -- files that are not models ----------------------------------------------------------------------------
+
+@pytest.fixture
+def not_models(tmp_path):
+    files = {}
+    for suffix in (".pth", ".h5"):
+        (tmp_path / f"lfs{suffix}").write_bytes(LFS)
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+        (tmp_path / f"random{suffix}").write_bytes(np.random.default_rng(7).bytes(5000))
+        (tmp_path / f"page{suffix}").write_bytes(HTML)
+        files.update({f"lfs{suffix}": "Git LFS pointer", f"empty{suffix}": "is empty",
+                      f"random{suffix}": "random or damaged", f"page{suffix}": "HTML"})
+    return tmp_path, files
+
+
+def test_sniff_names_real_containers(tmp_path):
+    model = ff.tiny_torch()
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    ff.torchscript_file(tmp_path / "ts.pt", model)
+    ff.torch_export_file(tmp_path / "ep.pt2", model)
+    ff.onnx_file(tmp_path / "m.onnx", model)
+    assert sniff.sniff(tmp_path / "sd.pth") == "torch-zip"
+    assert sniff.sniff(tmp_path / "ts.pt") == "torchscript"
+    assert sniff.sniff(tmp_path / "ep.pt2") == "torch-export"
+    assert sniff.sniff(tmp_path / "m.onnx") == "onnx"
+    for name in ("sd.pth", "ts.pt", "ep.pt2", "m.onnx"):
+        assert sniff.problem(tmp_path / name) is None
+
+
+def test_sniff_says_what_is_not_a_model(not_models):
+    folder, files = not_models
+    for name, words in files.items():
+        with pytest.raises(LungedgeError, match=words) as exc:
+            sniff.check_model_file(folder / name)
+        assert len(str(exc.value).splitlines()) == 1
+    with pytest.raises(LungedgeError, match=r"run `git lfs pull` \(the real file is 102,502,400 bytes\)"):
+        sniff.check_model_file(folder / "lfs.h5")
+    (folder / "notes.pth").write_text("these are my notes\n")
+    with pytest.raises(LungedgeError, match="is a text file"):
+        sniff.check_model_file(folder / "notes.pth")
+
+
+@pytest.mark.parametrize("name", ["lfs.pth", "lfs.h5", "empty.pth", "random.pth", "page.h5", "random.h5"])
+def test_export_predict_and_eval_say_what_is_not_a_model(not_models, name, capsys):
+    folder, files = not_models
+    words = files[name]
+    code, _, err = run_cli(["export", "googlenet" if name.endswith(".pth") else "resnet50", "--checkpoint",
+                            folder / name, "--classes", ff.GROUP_CLASSES, "--out", folder / "e"], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    img = write_dataset(folder / "data", ["a"], per_class=1, size=16) / "a" / "img000_0.png"
+    code, _, err = run_cli(["predict", folder / name, img], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_foreign_checkpoints_in_eval_and_predict_say_export_first(tmp_path, capsys):
+    torch.save(ff.tiny_torch().state_dict(), tmp_path / "theirs.pth")
+    img = write_dataset(tmp_path / "data", ["a", "b"], per_class=1, size=16) / "a" / "img000_0.png"
+    code, _, err = run_cli(["predict", tmp_path / "theirs.pth", img], capsys)
+    assert code == 2 and "lungedge export MODEL --checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = run_cli(["eval", tmp_path / "theirs.pth", "--data", tmp_path / "data"], capsys)
+    assert code == 2 and "lungedge export" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_architecture_state_dict_says_which_forms_are_accepted(tmp_path, capsys):
+    torch.save(ff.tiny_torch().state_dict(), tmp_path / "theirs.pth")
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "theirs.pth", "--classes", "a,b,c",
+                            "--out", tmp_path / "e"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "not a googlenet state dict" in err and "TorchScript" in err and "--custom" in err
+    code, _, err = run_cli(["export", "mine", "--checkpoint", tmp_path / "theirs.pth", "--custom", "--classes",
+                            "a,b,c", "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "carries no architecture" in err and "TorchScript" in err, err
+    code, _, err = run_cli(["export", "mine", "--checkpoint", tmp_path / "theirs.pth", "--classes", "a,b,c"], capsys)
+    assert code == 2 and "--custom" in err, err
+
+
+# -- your own model, any architecture ---------------------------------------------------------------------------
+
+def _image_folder(tmp_path, classes, size=24, colour=True):
+    return write_dataset(tmp_path / "data", classes, per_class=3, size=size, colour=colour)
+
+
+def _export(tmp_path, capsys, name, path, *extra):
+    code, out, err = run_cli(["export", name, "--checkpoint", path, "--out", tmp_path / "e", "--no-engine",
+                              *extra], capsys)
+    assert code == 0, err
+    return out, tmp_path / "e" / name / f"{name}.fp32.onnx"
+
+
+def test_custom_torchscript_with_declared_preprocessing_runs_downstream(tmp_path, capsys):
+    model = ff.tiny_torch(outputs=3)
+    ff.torchscript_file(tmp_path / "mine.pt", model, size=20)
+    data = _image_folder(tmp_path, ["x", "y", "z"])
+    out, fp32 = _export(tmp_path, capsys, "mine", tmp_path / "mine.pt", "--custom", "--data", data,
+                        "--input-size", 20, "--scale", "1/255", "--mean", "0.5", "--std", "0.25", "--channels", "BGR",
+                        "--resize", "stretch", "--fp16", "--int8", "--calib-data", data, "--calib-size", 6)
+    m = onnx_meta.read(fp32)
+    p = m["preprocessing"]
+    assert m["architecture"] == "mine" and m["classes"] == ["x", "y", "z"] and m["output"] == "logits"
+    assert (p.size, p.scale, p.mean, p.std, p.channel_order, p.layout, p.resize) == \
+        (20, 1 / 255, (0.5,) * 3, (0.25,) * 3, "BGR", "NCHW", "stretch-bilinear")
+    assert m["build"]["source_kind"] == "torchscript"
+    x = np.random.default_rng(0).normal(size=(4, 3, 20, 20)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-5)
+    folder = fp32.parent
+    assert (folder / "mine.fp16.onnx").is_file() and (folder / "mine.int8-cpu.onnx").is_file()
+    img = data / "y" / "img001_0.png"
+    code, out, err = run_cli(["predict", folder / "mine.fp32.onnx", img, "--json"], capsys)
+    assert code == 0, err
+    probs = json.loads(out)["predictions"][0]["probabilities"]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(p.load_batch([img])))
+    np.testing.assert_allclose([probs[c] for c in "xyz"], torch.softmax(logits, 1)[0].numpy(), atol=1e-5)
+    code, out, err = run_cli(["eval", folder / "mine.int8-cpu.onnx", "--data", data], capsys)
+    assert code == 0, err
+
+
+def test_custom_torch_export_program_reads_its_input_size(tmp_path, capsys):
+    model = ff.tiny_torch(outputs=2, channels=1, final=torch.nn.Softmax(dim=1))
+    ff.torch_export_file(tmp_path / "prog.pt2", model, size=18, channels=1)
+    out, fp32 = _export(tmp_path, capsys, "prog", tmp_path / "prog.pt2", "--custom", "--classes", "neg,pos",
+                        "--scale", "1/255", "--mean", "none", "--std", "none")
+    m = onnx_meta.read(fp32)
+    p = m["preprocessing"]
+    assert (p.size, p.channel_order, p.input_shape) == (18, "GRAY", (1, 18, 18))  # read from the program
+    assert m["output"] == "probabilities" and "not softmaxed again" in out
+    x = np.random.default_rng(1).uniform(size=(3, 1, 18, 18)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_custom_plain_onnx_with_more_outputs_than_classes(tmp_path, capsys):
+    model = ff.tiny_torch(outputs=5)
+    ff.onnx_file(tmp_path / "plain.onnx", model, size=16)
+    out, fp32 = _export(tmp_path, capsys, "plain", tmp_path / "plain.onnx", "--custom", "--classes", "a,b,c",
+                        "--scale", "1", "--mean", "none", "--std", "none", "--layout", "NCHW")
+    assert "5 outputs; exporting the first 3" in out
+    x = np.random.default_rng(2).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x))[:, :3].numpy(), rtol=1e-4, atol=1e-5)
+    assert onnx_meta.read(fp32)["preprocessing"].size == 16  # fixed in the graph
+
+
+def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsys):
+    ff.torchscript_file(tmp_path / "ts.pt", ff.tiny_torch(), size=16)
+    code, _, err = run_cli(["export", "ts", "--checkpoint", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c",
+                            "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "--input-size" in err and len(err.strip().splitlines()) == 1, err
+    out, _ = _export(tmp_path, capsys, "ts", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c", "--input-size", 16)
+    assert "preprocessing not declared, assumed: layout NCHW, channels RGB, scale 1/255, mean none, std none, resize crop" in out
+
+
+def test_keras_softmax_model_predicts_its_own_probabilities(tmp_path, capsys):
+    model = ff.tiny_keras(tmp_path / "soft.h5", size=20, outputs=3, activation="softmax", rescale=True)
+    data = _image_folder(tmp_path, ["a", "b", "c"])
+    out, fp32 = _export(tmp_path, capsys, "soft", tmp_path / "soft.h5", "--custom", "--data", data,
+                        "--scale", "1", "--mean", "none", "--std", "none")
+    m = onnx_meta.read(fp32)
+    assert m["output"] == "probabilities" and m["framework"] == "keras" and m["input_layout"] == "NHWC"
+    imgs = sorted(data.rglob("*.png"))[:4]
+    code, out, err = run_cli(["predict", fp32, *imgs, "--json"], capsys)
+    assert code == 0, err
+    got = np.array([[p["probabilities"][c] for c in "abc"] for p in json.loads(out)["predictions"]])
+    own = np.asarray(model(m["preprocessing"].load_batch(imgs), training=False))
+    np.testing.assert_allclose(got, own, atol=1e-5)  # not softmaxed twice
+    code, _, err = run_cli(["eval", fp32, "--data", data], capsys)
+    assert code == 0, err
+
+
+def test_keras_single_sigmoid_is_a_binary_model(tmp_path, capsys):
+    model = ff.tiny_keras(tmp_path / "sig.keras", size=16, outputs=1, activation="sigmoid")
+    code, _, err = run_cli(["export", "sig", "--checkpoint", tmp_path / "sig.keras", "--custom", "--classes",
+                            "a,b,c", "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "give 2 class names" in err
+    out, fp32 = _export(tmp_path, capsys, "sig", tmp_path / "sig.keras", "--custom", "--classes", "healthy,tumour")
+    assert onnx_meta.read(fp32)["output"] == "sigmoid"
+    data = _image_folder(tmp_path, ["healthy", "tumour"], size=16)
+    imgs = sorted(data.rglob("*.png"))[:3]
+    code, out, err = run_cli(["predict", fp32, *imgs, "--json"], capsys)
+    assert code == 0, err
+    preds = json.loads(out)["predictions"]
+    prep = onnx_meta.read(fp32)["preprocessing"]
+    p = np.asarray(model(prep.load_batch(imgs), training=False))[:, 0]
+    for pred, pi in zip(preds, p):
+        probs = pred["probabilities"]
+        assert abs(probs["healthy"] + probs["tumour"] - 1) < 1e-5 and abs(probs["tumour"] - pi) < 1e-5
+
+
+def test_more_outputs_than_classes_is_the_same_for_keras_and_torch(tmp_path, capsys):
+    model = ff.tiny_keras(tmp_path / "k5.h5", size=16, outputs=5, activation=None)
+    out_k, fp32 = _export(tmp_path, capsys, "k5", tmp_path / "k5.h5", "--custom", "--classes", "a,b,c")
+    x = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_ort(fp32, x), np.asarray(model(x, training=False))[:, :3], rtol=1e-4, atol=1e-5)
+    ff.torchscript_file(tmp_path / "t5.pt", ff.tiny_torch(outputs=5), size=16)
+    out_t, _ = _export(tmp_path, capsys, "t5", tmp_path / "t5.pt", "--custom", "--classes", "a,b,c", "--input-size", 16)
+    line = "the model has 5 outputs; exporting the first 3, labelled a, b, c"
+    assert line in out_k and line in out_t
+
+
+def test_keras_file_given_as_resnet50_must_be_one(tmp_path, capsys):
+    ff.tiny_keras(tmp_path / "small.h5", size=32, outputs=3)
+    code, _, err = run_cli(["export", "resnet50", "--checkpoint", tmp_path / "small.h5", "--classes", "a,b,c",
+                            "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "is not a resnet50" in err and "--custom" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_readme_bring_your_own_model_commands_exist():
+    from pathlib import Path
+
+    import test_jetson as tj
+
+    md = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = md.split("## Bring your own model", 1)[1].split("\n## ", 1)[0]
+    commands = tj.walkthrough_commands(tj.SECTION + "\n" + section)
+    kinds = {w.rsplit(".", 1)[-1] for c in commands for w in c if w.endswith((".pth", ".h5", ".pt", ".pt2", ".onnx"))}
+    assert {"pth", "h5", "pt", "pt2", "onnx"} <= kinds  # one worked example per source kind
+    for words in commands:
+        assert tj.command_path(words), f"not a lungedge command: {' '.join(words)}"
+        assert not tj.unknown_options(words), f"{' '.join(words)}: unknown options {tj.unknown_options(words)}"
+
+
+@pytest.mark.slow
+def test_googlenet_trained_from_a_torchvision_state_dict_keeps_its_transform_everywhere(tmp_path, capsys):
+    from lungedge.models.checkpoint import load_checkpoint, read_meta
+    from lungedge.runners import open_runner
+
+    torch.manual_seed(0)
+    imagenet_like = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)  # 1,000 + aux
+    torch.save(imagenet_like.state_dict(), tmp_path / "googlenet-imagenet.pth")
+    data = write_dataset(tmp_path / "data", ["a", "b", "c"], per_class=4, size=40, colour=True)
+    code, _, err = run_cli(["train", "googlenet", "--data", data, "--weights", tmp_path / "googlenet-imagenet.pth",
+                            "--epochs", 1, "--batch-size", 4, "--image-size", 40, "--out", tmp_path / "runs",
+                            "--run-name", "r"], capsys)
+    assert code == 0, err
+    ckpt = tmp_path / "runs" / "googlenet" / "r" / "best.pth"
+    assert read_meta(ckpt)["build"]["kwargs"]["transform_input"] is True  # torchvision's pretrained setting
+    code, out, err = run_cli(["export", "googlenet", "--runs", tmp_path / "runs", "--out", tmp_path / "e",
+                              "--no-engine"], capsys)
+    assert code == 0, err
+    fp32 = tmp_path / "e" / "googlenet" / "googlenet.fp32.onnx"
+    m = onnx_meta.read(fp32)
+    assert m["build"]["kwargs"]["transform_input"] is True
+    x = m["preprocessing"].load_batch(sorted(data.rglob("*.png"))[:4])
+    model, _ = load_checkpoint(ckpt)  # the source, rebuilt from the checkpoint alone
+    with torch.no_grad():
+        source = model(torch.from_numpy(x)).numpy()
+    with open_runner(ckpt, backend="torch") as runner:  # what eval runs
+        evaluated = runner.infer(x)
+    np.testing.assert_allclose(evaluated, source, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_ort(fp32, x), source, rtol=1e-4, atol=1e-4)
+    model.transform_input = False  # the transform matters: without it the same weights compute another function
+    with torch.no_grad():
+        assert np.abs(model(torch.from_numpy(x)).numpy() - source).max() > 1e-3
+
+
+# -- the group's four deliverables (real architectures, random weights) -------------------------------------
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.mark.slow
+def test_group_densenet121_state_dict_with_1000_outputs(tmp_path, capsys):
+    model = ff.densenet121_state_dict(tmp_path / "densenet_lung_cancer.pth")
+    assert sum(p.numel() for p in model.parameters()) == 7_978_856
+    out, fp32 = _export(tmp_path, capsys, "densenet121", tmp_path / "densenet_lung_cancer.pth", "--classes",
+                        ff.GROUP_CLASSES, "--input-size", 64, "--fp16")
+    assert "1000 outputs; exporting the first 3" in out
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))[:, :3].numpy()
+    assert _rel(_ort(fp32, x), ref) <= 1e-4
+    assert _rel(_ort(fp32.with_name("densenet121.fp16.onnx"), x), ref) <= 2e-2
+
+
+@pytest.mark.slow
+def test_group_inception_v3_with_its_aux_head(tmp_path, capsys):
+    model = ff.inception_v3_with_aux(tmp_path / "inception_v3_lung_cancer.pth")
+    assert sum(p.numel() for p in model.parameters()) == 25_118_411  # the group's table
+    out, fp32 = _export(tmp_path, capsys, "inception_v3", tmp_path / "inception_v3_lung_cancer.pth", "--classes",
+                        ff.GROUP_CLASSES, "--input-size", 96)
+    notes = [ln for ln in out.splitlines() if "auxiliary head" in ln]
+    assert len(notes) == 1 and "AuxLogits" in notes[0]
+    assert "transform_input=True assumed" in out
+    m = onnx_meta.read(fp32)
+    assert m["build"]["kwargs"]["transform_input"] is True and m["output"] == "logits"
+    x = np.random.default_rng(1).normal(size=(2, 3, 96, 96)).astype(np.float32)
+    model.transform_input = True  # what the export assumed, as torchvision's pretrained model does
+    with torch.no_grad():
+        assert _rel(_ort(fp32, x), model(torch.from_numpy(x)).numpy()) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aux", [True, False])
+def test_group_googlenet_with_or_without_aux_heads(aux, tmp_path, capsys):
+    model = ff.googlenet_state_dict(tmp_path / "googlenet_model.pth", aux=aux)
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "googlenet_model.pth", "--classes",
+                        ff.GROUP_CLASSES, "--input-size", 64, "--no-transform-input")
+    assert ("dropped the auxiliary heads aux1, aux2" in out) == aux
+    assert onnx_meta.read(fp32)["build"]["kwargs"]["transform_input"] is False  # the user's override
+    x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    model.transform_input = False
+    with torch.no_grad():
+        assert _rel(_ort(fp32, x), model(torch.from_numpy(x)).numpy()) <= 1e-4
+
+
+@pytest.mark.slow
+def test_group_keras_resnet50_sequential_softmax_h5(tmp_path, capsys):
+    model = ff.keras_resnet50_softmax(tmp_path / "model_resnet50_20241016.h5", size=64)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert (model.count_params(), trainable) == (23_593_859, 6_147)
+    data = _image_folder(tmp_path, ["Benign", "Malignant", "Normal"], size=64)
+    out, fp32 = _export(tmp_path, capsys, "resnet50", tmp_path / "model_resnet50_20241016.h5", "--classes",
+                        ff.GROUP_CLASSES, "--int8", "--calib-data", data, "--calib-size", 6)
+    m = onnx_meta.read(fp32)
+    assert m["output"] == "probabilities" and m["architecture"] == "resnet50"
+    x = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32) * 50
+    own = np.asarray(model(x, training=False))
+    assert _rel(_ort(fp32, x), own) <= 1e-4
+    img = data / "Malignant" / "img000_0.png"
+    code, out, err = run_cli(["predict", fp32, img, "--json"], capsys)
+    assert code == 0, err
+    probs = json.loads(out)["predictions"][0]["probabilities"]
+    own = np.asarray(model(m["preprocessing"].load_batch([img]), training=False))[0]
+    np.testing.assert_allclose([probs[c] for c in ff.GROUP_CLASSES.split(",")], own, atol=1e-5)
+    assert (fp32.parent / "resnet50.int8-cpu.onnx").is_file()

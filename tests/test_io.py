@@ -1,0 +1,192 @@
+"""lungedge.io: atomic writes that fail in one line, folder locks, staged folders, names kept inside roots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import small_file_limit, unwritable_folder
+
+from lungedge.errors import LungedgeError
+from lungedge.io import (FolderLock, LockedError, WriteError, atomic_write_text, clean_stale, clean_temp_files,
+                         contained, lock_path, safe_name, staged_folder, write_json)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "a" / "b.json"
+    write_json(p, {"x": 1})
+    write_json(p, {"x": 2})
+    assert json.loads(p.read_text()) == {"x": 2}
+    assert [q.name for q in p.parent.iterdir()] == ["b.json"]  # no temporary file left
+
+
+def test_write_into_read_only_folder_is_one_line(tmp_path):
+    ro = unwritable_folder(tmp_path)
+    try:
+        with pytest.raises(WriteError, match=rf"cannot write {ro}/x\.json: (Permission denied|Operation not permitted)"):
+            atomic_write_text(ro / "x.json", "{}")
+    finally:
+        if ro.is_dir() and ro.parent == tmp_path:
+            ro.chmod(0o755)
+
+
+def test_write_to_existing_folder_is_one_line(tmp_path):
+    with pytest.raises(WriteError, match="it is an existing folder"):
+        atomic_write_text(tmp_path, "{}")
+
+
+def test_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "rows.json"
+    target.write_text("old")
+    code = ("from lungedge.io import atomic_write_text, WriteError\n"
+            f"try: atomic_write_text({str(target)!r}, 'x' * 100_000)\n"
+            "except WriteError as e: print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          preexec_fn=small_file_limit(10_000))
+    assert proc.stdout.strip() == f"cannot write {target}: File too large"
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "a/b", "/abs", "", "~user", "a\\b"])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(LungedgeError, match="plain folder name"):
+        safe_name(name, "--run-name")
+
+
+def test_plain_name_is_kept():
+    assert safe_name("run-1_s0", "--run-name") == "run-1_s0"
+
+
+@pytest.mark.parametrize("rel", ["../x.png", "a/../../x.png", "/etc/passwd", "C:\\x.png", "~/x.png", ""])
+def test_paths_leaving_the_root_are_refused(tmp_path, rel):
+    with pytest.raises(LungedgeError, match="is not inside"):
+        contained(tmp_path, rel, "manifest entry")
+
+
+def test_contained_path_inside_root(tmp_path):
+    assert contained(tmp_path, "cls/img 1.png") == tmp_path / "cls" / "img 1.png"
+
+
+def test_lock_names_holder_and_refuses_second_writer(tmp_path):
+    folder = tmp_path / "runs" / "m" / "r"
+    with FolderLock(folder, "lungedge train"):
+        info = json.loads(lock_path(folder).read_text())
+        assert info["pid"] == os.getpid() and info["command"] == "lungedge train"
+        with pytest.raises(LockedError, match=rf"is being written by pid {os.getpid()} on .*lungedge train"):
+            FolderLock(folder, "lungedge train").acquire()
+    assert not lock_path(folder).exists()
+    with FolderLock(folder):  # free again once released
+        pass
+
+
+def _hold_lock_in_child(folder: Path) -> subprocess.Popen:
+    code = textwrap.dedent(f"""
+        import sys, time
+        from lungedge.io import FolderLock
+        FolderLock({str(folder)!r}, "lungedge export").acquire()
+        print("held", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_of_killed_process_is_reclaimed(tmp_path):
+    folder = tmp_path / "engines" / "m"
+    proc = _hold_lock_in_child(folder)
+    try:
+        with pytest.raises(LockedError, match=rf"pid {proc.pid} .*lungedge export"):
+            FolderLock(folder).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert lock_path(folder).exists()  # the dead holder's file is still there ...
+    lock = FolderLock(folder).acquire()  # ... and taken over
+    try:
+        assert lock.reclaimed["pid"] == proc.pid
+    finally:
+        lock.release()
+
+
+def test_staged_folder_replaces_the_set_whole(tmp_path):
+    out = tmp_path / "engines" / "m"
+    with staged_folder(out) as stage:
+        (stage / "m.onnx").write_text("one")
+        (stage / "m.fp16.onnx").write_text("one")
+    assert sorted(p.name for p in out.iterdir()) == ["m.fp16.onnx", "m.onnx"]
+    with staged_folder(out) as stage:
+        (stage / "m.onnx").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx"]  # nothing of the first set mixed in
+    assert (out / "m.onnx").read_text() == "two"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m"]  # no stage, old set or lock left
+
+
+def test_failed_or_refused_set_leaves_previous_one(tmp_path):
+    out = tmp_path / "m"
+    with staged_folder(out) as stage:
+        (stage / "a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_folder(out) as stage:
+            (stage / "a").write_text("new")
+            raise RuntimeError("killed half-way")
+
+    def refuse(stage):
+        raise LungedgeError("parity failed")
+
+    with pytest.raises(LungedgeError):
+        with staged_folder(out, check=refuse) as stage:
+            (stage / "a").write_text("new")
+    assert (out / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_set_killed_mid_way_leaves_previous_set(tmp_path):
+    out = tmp_path / "m"
+    with staged_folder(out) as stage:
+        (stage / "a").write_text("old")
+    code = textwrap.dedent(f"""
+        import time
+        from lungedge.io import staged_folder
+        with staged_folder({str(out)!r}) as stage:
+            (stage / "a").write_text("new")
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "a").read_text() == "old"
+    litter = sorted(p.name for p in tmp_path.iterdir() if p.name != "m")
+    assert any(".staging-" in n for n in litter)  # the killed writer's stage is still there ...
+    with staged_folder(out) as stage:  # ... until the next writer tidies it
+        (stage / "a").write_text("next")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (out / "a").read_text() == "next"
+
+
+def test_set_moved_aside_but_not_replaced_is_restored(tmp_path):
+    out = tmp_path / "m"
+    aside = tmp_path / ".m.old-12345"
+    aside.mkdir()
+    (aside / "a").write_text("old")  # killed between the two renames: only the old set exists
+    assert clean_stale(out) == ["restored the previous set from .m.old-12345"]
+    assert (out / "a").read_text() == "old"
+
+
+def test_temp_files_of_killed_writes_are_cleaned(tmp_path):
+    (tmp_path / ".last.pth.abc123.tmp").write_text("half")
+    (tmp_path / "last.pth").write_text("whole")
+    assert clean_temp_files(tmp_path) == [".last.pth.abc123.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]

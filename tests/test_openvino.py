@@ -1,0 +1,146 @@
+"""The OpenVINO backend on real OpenVINO (CPU): FP32 forced, BF16 as its own precision, INT8 Q/DQ files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import torch  # noqa: F401  (torch before anything that might pull in tensorflow)
+
+pytest.importorskip("openvino")
+
+from lungedge import onnx_meta, quantize  # noqa: E402
+from lungedge.errors import LungedgeError  # noqa: E402
+from lungedge.preprocess import Preprocessing  # noqa: E402
+from lungedge.runners import registry  # noqa: E402
+from lungedge.runners.artifact import artifact_info  # noqa: E402
+from lungedge.runners import discover  # noqa: E402
+from lungedge.runners.openvino import cpu_has_bf16  # noqa: E402
+
+CLASSES = ["Benign", "Malignant", "Normal"]
+
+
+def _stamp(path, precision, **extra):
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx_meta.attach(model, onnx_meta.make_metadata("smallcnn", "torch", CLASSES, Preprocessing(size=16), precision,
+                                                    "0" * 64, **extra))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, monkeypatch_module=None):
+    import torch
+
+    d = tmp_path_factory.mktemp("ov")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 3),
+    ).eval()
+    fp32 = d / "smallcnn.fp32.onnx"
+    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), str(fp32), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    _stamp(fp32, "fp32")
+    x = np.random.default_rng(0).normal(size=(32, 3, 16, 16)).astype(np.float32)
+    out = {"fp32": fp32, "x": x}
+    for target, name in (("trt", "int8"), ("cpu", "int8-cpu")):
+        q = quantize.to_int8(fp32, d / f"smallcnn.{name}.onnx", target, "minmax", d / "ranges.json", batches=[x])
+        out[name] = _stamp(q, "int8", int8_target=target)
+    return out
+
+
+def _ort(path, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNGEDGE_OPENVINO_CACHE", str(tmp_path / "cache"))
+
+
+def test_fp32_runs_in_fp32_and_matches_onnxruntime(files, tmp_path):
+    x = files["x"]
+    with registry.open_runner(files["fp32"], backend="openvino", threads=1) as r:
+        got = r.infer(x)
+        facts = r.describe()
+        assert r.precision == "fp32" and r.variant == "fp32" and r.threads_used() == 1
+    np.testing.assert_allclose(got, _ort(files["fp32"], x), rtol=1e-4, atol=1e-4)
+    assert facts["inference_precision"] == "f32" and facts["performance_hint"] == "LATENCY"
+    assert facts["cache_dir"] == str(tmp_path / "cache") and any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("variant", ["int8", "int8-cpu"])
+def test_int8_files_run_quantized_and_agree(files, variant):
+    x = files["x"]
+    with registry.open_runner(files[variant], backend="openvino", threads=1) as r:
+        got = r.infer(x)
+        assert r.precision == "int8" and r.variant == variant
+    ref, ort_q = _ort(files["fp32"], x), _ort(files[variant], x)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
+    # the same Q/DQ arithmetic as ONNX Runtime's, up to a quantization step or two on the logits
+    assert np.abs(got - ort_q).max() <= 0.1 * np.abs(ref).max()
+    assert not np.allclose(got, ref, rtol=1e-6, atol=1e-6)  # it really ran quantized
+
+
+def test_bf16_is_its_own_precision(files):
+    # the table points precision bf16 at the fp32 file, for OpenVINO only
+    with pytest.raises(LungedgeError, match="precision is fixed"):
+        registry.open_runner(files["fp32"], backend="onnxruntime", precision="bf16")
+    runner = registry.open_runner(files["fp32"], backend="openvino", precision="bf16", threads=1)
+    assert runner.precision == "bf16" and runner.variant == "bf16"
+    if not cpu_has_bf16():
+        with pytest.raises(LungedgeError, match="BF16"):
+            with runner:
+                pass
+        return
+    x = files["x"]
+    with runner as r:
+        got = r.infer(x)
+        assert r.describe()["inference_precision"] == "bf16"
+    ref = _ort(files["fp32"], x)
+    np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
+    assert not np.array_equal(got, ref)
+
+
+def test_bf16_refuses_a_quantized_file(files):
+    with pytest.raises(LungedgeError, match="int8 model"):
+        registry.open_runner(files["int8"], backend="openvino", precision="bf16")
+
+
+def test_cpu_plans_hold_openvino_rows_and_bf16_from_the_fp32_file(files, tmp_path):
+    import shutil
+
+    engines = tmp_path / "engines"
+    (engines / "smallcnn").mkdir(parents=True)
+    for v in ("fp32", "int8-cpu"):
+        shutil.copy(files[v], engines / "smallcnn" / f"smallcnn.{v}.onnx")
+    jobs = discover.jobs_for_model("smallcnn", "cpu", runs=tmp_path / "runs", engines=engines)
+    ov = {(j.precision, j.artifact.name) for j in jobs if j.backend == "openvino"}
+    assert ("fp32", "smallcnn.fp32.onnx") in ov and ("int8", "smallcnn.int8-cpu.onnx") in ov
+    assert (("bf16", "smallcnn.fp32.onnx") in ov) == discover.cpu_computes_bf16()
+    assert all(j.precision != "bf16" for j in jobs if j.backend != "openvino")
+    ref = discover.fp32_reference(next(j for j in jobs if j.backend == "openvino" and j.precision == "int8"))
+    assert ref.precision == "fp32" and ref.artifact.name == "smallcnn.fp32.onnx"
+
+
+def test_a_model_openvino_cannot_read_is_one_line_error(tmp_path, files):
+    import onnx
+
+    model = onnx.load(str(files["fp32"]))
+    model.graph.node[0].op_type = "NoSuchOp"  # lungedge metadata intact, graph not runnable
+    bad = tmp_path / "smallcnn.fp32.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(LungedgeError) as err:  # caught by the metadata check or by OpenVINO: one line either way
+        with registry.open_runner(bad, backend="openvino") as r:
+            r.infer(files["x"])
+    assert "\n" not in str(err.value)
+
+
+def test_openvino_is_in_the_cpu_plans():
+    entry = registry.get_backend("openvino")
+    assert entry.available() and "cpu" in entry.devices and "onnx" in entry.kinds
