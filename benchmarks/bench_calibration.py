@@ -63,6 +63,48 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "kb": resource.getrusage(
 """
 
 
+# --calibration-only: an FP32 ONNX of the torchvision network (same layers as lungedge's), then, in a fresh
+# process, the calibration of 300 images and both INT8 files alone (what export does after conversion)
+TORCHVISION_ONNX = ("import torch, torchvision, sys; torch.manual_seed(0); "
+                    "m = getattr(torchvision.models, sys.argv[2])(weights=None, num_classes=3).eval(); "
+                    "torch.onnx.export(m, torch.zeros(1, 3, 224, 224), sys.argv[1], input_names=['input'], "
+                    "output_names=['logits'], dynamic_axes={'input': {0: 'b'}, 'logits': {0: 'b'}}, dynamo=False)")
+CALIBRATE = r"""
+import sys
+from pathlib import Path
+from lungedge import quantize
+from lungedge.data.split import make_split
+from lungedge.preprocess import Preprocessing
+fp32, data, size, method, tmp = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+m = make_split(data, val=0.0, test=0.0, group_by="none")
+sample = quantize.calibration_sample(m["items"], m["classes"], size)
+prep, root = Preprocessing(size=224), Path(m["dataset"]["root"])
+batches = lambda: (prep.load_batch([root / it["path"] for it in sample[i : i + 16]]) for i in range(0, len(sample), 16))
+for target in ("trt", "cpu"):
+    quantize.to_int8(fp32, tmp / f"m.{target}.onnx", target, method, tmp / "ranges.json", batches=batches())
+print("calibrated and quantized", flush=True)
+"""
+
+
+def calibration_only(name: str, args, env) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / f"{name}.fp32.onnx"
+        subprocess.run([PY, "-c", TORCHVISION_ONNX, str(fp32), name], cwd=ROOT, check=True, env=env)
+        cmd = [PY, "-u", "-c", CALIBRATE, str(fp32), args.calib_data, str(args.calib_size), args.method, tmp]
+        out = subprocess.run([PY, "-c", PROBE, str(args.limit_gb), *cmd], cwd=ROOT, capture_output=True,
+                             text=True, env=env)
+        try:
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            print(f"| {name} (torchvision ONNX, calibration only) | {args.calib_size} | {args.method} | probe failed |"
+                  " | |")
+            return
+        status = f" (killed above {args.limit_gb} GB)" if res["killed"] else "" if res["rc"] == 0 else \
+            f" (exit {res['rc']}: {' / '.join(res['tail'])[-200:]})"
+        print(f"| {name} (torchvision ONNX, calibration + both INT8 files only) | {args.calib_size} | {args.method} | "
+              f"{res['kb'] / 1024**2:.2f}{status} | {res['seconds']:.0f} | |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib-data", required=True, help="calibration image folder (IQ-OTH/NCCD)")
@@ -73,11 +115,16 @@ def main() -> None:
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--limit-gb", type=float, default=3.8, help="watchdog: kill an export above this RSS")
     ap.add_argument("--phases", action="store_true")
+    ap.add_argument("--calibration-only", action="store_true", help="measure calibration + INT8 files alone, on a "
+                    "torchvision FP32 ONNX of the network (for a source whose converter alone exceeds the limit)")
     args = ap.parse_args()
     print("| model | calibration images | method | peak RSS (GB) | time (s) | int8-cpu / int8 top-1 agreement with fp32 |")
     print("|---|---|---|---|---|---|")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in args.models.split(","):
+        if args.calibration_only:
+            calibration_only(name, args, env)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = Path(tmp) / MAKE[name][0]
             subprocess.run([PY, "-c", MAKE[name][1], str(ckpt)], cwd=ROOT, check=True, env=env)

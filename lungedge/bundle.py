@@ -212,14 +212,18 @@ def _exported_precisions(model: str, summary: dict, engines: Path) -> list[str]:
     return found
 
 
-def _gate(model: str, precision: str, src: Path, results, allow_failed_gate: bool) -> str | None:
-    """The release gate (issue #16) of a reduced-precision ONNX, as 'lungedge eval' recorded it in ``results``:
-    a failed gate refuses the precision unless ``allow_failed_gate``."""
-    from .stats import gate_results
+def _gate(model: str, precision: str, src: Path, results, allow_failed_gate: bool,
+          exported: dict | None = None) -> str | None:
+    """The release gate (issue #16) of a reduced-precision ONNX, as 'lungedge eval' recorded it in ``results``,
+    else as 'lungedge export' judged it (``exported``: the export summary's gate of this precision): a failed
+    gate refuses the precision unless ``allow_failed_gate``."""
+    from .stats import gate_line, gate_results
 
     if results is None or onnx_meta.variant_facts(precision)[0] == "fp32":
         return None
     found = gate_results(results, sha256_file(src))
+    if found is None and exported:
+        found = {"pass": bool(exported["pass"]), "line": gate_line(exported), "file": "the export summary"}
     if found is None:
         return "not evaluated"
     if not found["pass"] and not allow_failed_gate:
@@ -237,7 +241,8 @@ def _members(name: str, model: str, precisions: list[str], engines: Path, calibr
     describe, files, gates = {}, {}, {}
     for precision in precisions:
         src = _onnx_file(model, precision, summary, engines)
-        if (verdict := _gate(model, precision, src, results, allow_failed_gate)) is not None:
+        if (verdict := _gate(model, precision, src, results, allow_failed_gate,
+                             (summary.get("gate") or {}).get(precision))) is not None:
             gates[precision] = verdict
         arc = f"engines/{model}/{model}.{precision}.onnx"
         describe[arc] = _describe_onnx(src, model, precision)

@@ -125,6 +125,7 @@ def run_fold(model: str, root: Path, manifest: dict, fold_dir: Path, settings: d
     """Train and evaluate one fold; reuse its ``result.json`` when it matches these settings."""
     from .metrics import classification_metrics
     from .train import TrainConfig, train
+    from .train.common import run_checkpoint
 
     key = _key({"settings": settings, "items": [(it["path"], it["split"]) for it in manifest["items"]]})
     res_path = fold_dir / "result.json"
@@ -147,7 +148,7 @@ def run_fold(model: str, root: Path, manifest: dict, fold_dir: Path, settings: d
     if (run_dir / "metrics.json").is_file():
         finished = json.loads((run_dir / "metrics.json").read_text()).get("status") == "finished"
     if not finished:
-        resume = (run_dir / "last.pth").is_file() or (run_dir / "last.h5").is_file()
+        resume = run_checkpoint(run_dir) is not None
         n = {s: sum(v.values()) for s, v in manifest["counts"].items()}
         log(f"{fold_dir.name}: {'resuming' if resume else 'training'} {model} on {n['train']} images "
             f"(val {n['val']}, held out {n['test']})")
@@ -156,7 +157,7 @@ def run_fold(model: str, root: Path, manifest: dict, fold_dir: Path, settings: d
                                                  f"{rec['val_balanced_accuracy']:.3f}"))
         if summary.get("status") != "finished":
             raise LungedgeError(f"{fold_dir.name}: training ended with status {summary.get('status')}")
-    best = next((run_dir / n for n in ("best.pth", "best.h5") if (run_dir / n).is_file()), None)
+    best = run_checkpoint(run_dir, "best")
     if best is None:
         raise LungedgeError(f"{run_dir} has no best checkpoint")
     classes = manifest["classes"]
@@ -247,6 +248,13 @@ def run_cv(model: str, data, folds: int = 5, repeats: int = 1, group_by: str = "
               "pooled_confusion_matrix": np.sum([r["metrics"]["confusion_matrix"] for r in results], axis=0).tolist(),
               **summary}
     report["path"] = str(write_json(out.parent / f"cv-{group_by}.json", report))
+    gap = leakage_gap(out.parent.parent, model)
+    if gap is not None:
+        report["leakage_gap"] = gap
+        write_json(out.parent / "leakage-gap.json", gap)
+        log(f"leakage gap (image-level minus grouped, paired group bootstrap): balanced accuracy "
+            f"{gap['balanced_accuracy']['delta']:+.3f} [{gap['balanced_accuracy']['ci'][0]:+.3f}, "
+            f"{gap['balanced_accuracy']['ci'][1]:+.3f}]")
     return report
 
 
@@ -272,3 +280,40 @@ def table_rows(report: dict) -> list[list[str]]:
             rows.append([f"{k} {c}", across(acr[k][c]),
                          pm(pooled["metrics"][k][c], (pooled["ci"][k] or {}).get(c))])
     return rows
+
+
+def leakage_gap(out, model: str, n_boot: int = 1000) -> dict | None:
+    """Image-level minus grouped pooled out-of-fold figures, on the same images, with a paired bootstrap over
+    the near-duplicate groups; None until both ``cv --group-by near-duplicate`` and ``--group-by none`` ran."""
+    from .stats import paired_bootstrap
+
+    base = Path(out) / model
+    runs = {}
+    for g in ("near-duplicate", "none"):
+        path = base / f"cv-{g}.json"
+        if not path.is_file():
+            return None
+        rep = json.loads(path.read_text())
+        preds = {}
+        for f in rep["per_fold"]:
+            if not f["fold"].startswith("r0-"):
+                continue
+            res = json.loads((base / g / f["fold"] / "result.json").read_text())
+            preds.update(zip(res["paths"], zip(res["y"], res["pred"])))
+        runs[g] = (rep, preds)
+    groups_file = base / "near-duplicate" / "groups-near-duplicate.json"
+    (rep, grouped), (_, leaky) = runs["near-duplicate"], runs["none"]
+    common = sorted(set(grouped) & set(leaky))
+    if not common or not groups_file.is_file():
+        return None
+    # group ids in the order the data set was scanned: match them to paths through the grouped run's folds
+    gid = {}
+    for f in rep["per_fold"]:
+        res = json.loads((base / "near-duplicate" / f["fold"] / "result.json").read_text())
+        gid.update(zip(res["paths"], res["groups"]))
+    y = [grouped[p][0] for p in common]
+    out_ = paired_bootstrap(y, [grouped[p][1] for p in common], [leaky[p][1] for p in common],
+                            [gid[p] for p in common], rep["classes"], n_boot=n_boot)
+    out_["images"] = len(common)
+    out_["meaning"] = "image-level minus grouped (positive: the leaky folds look better)"
+    return out_

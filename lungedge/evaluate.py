@@ -31,11 +31,13 @@ EvalImages = TestImages  # eval's name for the one test-set type (lungedge.tests
 
 def _run_split(model: str, artifact: Path, runs) -> Path | None:
     """The split manifest of the run that made this artifact (or of MODEL's latest run)."""
-    if artifact.suffix.lower() in (".pth", ".pt", ".h5", ".hdf5") and (split := split_of_run(artifact)):
+    from .runners.artifact import artifact_info, artifact_kind
+
+    kind = artifact_kind(artifact)
+    if kind == "checkpoint" and (split := split_of_run(artifact)):  # its own run's split
         return split
     ckpt = None
-    if artifact.suffix.lower() in (".onnx", ".engine"):
-        from .runners import artifact_info
+    if kind != "checkpoint":  # ONNX or engine: the run of the checkpoint it was made from
         from .runners.discover import checkpoint_with_sha
 
         ckpt = checkpoint_with_sha(model, runs, artifact_info(artifact).source_sha256)

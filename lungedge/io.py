@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -98,6 +97,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_png(path: str | os.PathLike, fig) -> Path:
+    """A matplotlib figure as a PNG, written with :func:`atomic_write_bytes`; the figure is closed."""
+    from io import BytesIO
+
+    import matplotlib.pyplot as plt
+
+    buf = BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -361,7 +372,3 @@ def write_log(name: str, text: str) -> Path | None:
         except OSError:
             continue
     return None
-
-
-def argv_text() -> str:
-    return " ".join(sys.argv)

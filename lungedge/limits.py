@@ -1,8 +1,7 @@
-"""Limits on sizes, memory and numeric options, and the entry point to schema checks.
+"""Limits on sizes, memory and numeric options.
 
-Plain Python (no pydantic): every command imports this. The schemas themselves live in
-:mod:`lungedge.schemas` (pydantic); :func:`validate` uses them when pydantic is installed and
-otherwise reads files unchecked, saying so once (a bare GPU machine may lack pydantic).
+Plain Python (no pydantic): every command imports this. Schema checks of lungedge's files are in
+:mod:`lungedge.schemas` (pydantic), reached through :func:`lungedge.validation.validate`.
 
 Limits (environment variables, so every command and the library share them):
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 from .errors import LungedgeError
 
@@ -103,24 +101,3 @@ def check_memory(nbytes: int, what: str, hint: str) -> None:
         raise LungedgeError(f"{what} would need about {nbytes / 2**30:.1f} GiB of memory, "
                             f"{avail / 2**30:.1f} GiB is available; {hint}")
 
-
-_warned = False
-
-
-def validate(model_name: str, data, where) -> None:
-    """Check ``data`` against :mod:`lungedge.schemas`'s ``model_name`` (one line naming ``where`` and
-    the field); without pydantic, a one-time note and no check."""
-    global _warned
-    try:
-        from . import schemas
-    except ModuleNotFoundError as exc:
-        if exc.name != "pydantic":
-            raise
-        if not _warned:
-            _warned = True
-            print("note: pydantic is not installed; lungedge's files are read without schema checks", file=sys.stderr)
-        return
-    if model_name == "row":
-        schemas.check_row(data, where)
-    else:
-        schemas.check(getattr(schemas, model_name), data, where)

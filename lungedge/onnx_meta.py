@@ -8,7 +8,8 @@ SHA-256 and the lungedge version. Every model has the same input name (``input``
 Variants: an exported model's files are ``<model>.<variant>.onnx``. :data:`VARIANTS` is the one
 mapping between a variant (the file-name part) and what the file holds; in particular ``int8``
 is the symmetric S8S8 Q/DQ form for TensorRT and ``int8-cpu`` the U8S8 form for ONNX Runtime
-on x86 CPUs. Both have precision ``int8``; ``extra.int8_target`` (``trt`` | ``cpu``) tells them apart.
+on x86 CPUs, ``int8-ov`` NNCF's placement for OpenVINO (written where NNCF is installed). All have
+precision ``int8``; ``extra.int8_target`` (``trt`` | ``cpu`` | ``ov``) tells them apart.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ VARIANTS = {
     "fp16": ("fp16", None),
     "int8": ("int8", "trt"),  # S8S8, symmetric Q/DQ: what TensorRT builds engines from
     "int8-cpu": ("int8", "cpu"),  # U8S8: what ONNX Runtime runs fastest on x86 CPUs
+    "int8-ov": ("int8", "ov"),  # NNCF's Q/DQ placement from the same calibration set: for OpenVINO on CPUs
 }
 
 
@@ -98,7 +100,7 @@ def from_model(model, source: str = "model") -> dict:
             out[key] = json.loads(value) if key in JSON_KEYS else value
         except ValueError as exc:
             raise LungedgeError(f"{source}: metadata lungedge.{key} is not valid JSON ({exc})") from None
-    from .limits import validate
+    from .validation import validate
 
     validate("OnnxMetadata", out, f"{source} metadata")  # classes, preprocessing (size within the cap), precision
     return out

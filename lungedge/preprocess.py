@@ -55,25 +55,7 @@ def check_pixels(img) -> None:
 
 def open_image(path: str | Path):
     """Decode an image fully and return a PIL image; raise :class:`ImageReadError` otherwise."""
-    from PIL import UnidentifiedImageError
-
-    Image = pillow()
-
-    try:
-        with Image.open(path) as img:
-            check_pixels(img)  # a decompression bomb is refused before it is decoded
-            img.load()  # force a full decode: truncated files fail here, not later
-            return img.copy()
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file") from None
-    except Image.DecompressionBombError:
-        from .limits import too_large
-
-        raise ImageReadError(f"{path}: unreadable image ({too_large()})") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt data
-        raise ImageReadError(f"{path}: unreadable image ({exc})") from None
+    return read_image(path)
 
 
 GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I")
@@ -88,12 +70,12 @@ def read_image(path: str | Path, size: int | None = None):
 
     try:
         with Image.open(path) as img:
-            check_pixels(img)
+            check_pixels(img)  # a decompression bomb is refused before it is decoded
             if size and img.format == "JPEG":
                 w, h = img.size
                 side = min(w, h)
                 img.draft(img.mode, (-(-w * 2 * size // side), -(-h * 2 * size // side)))
-            img.load()
+            img.load()  # force a full decode: truncated files fail here, not later
             return img.copy()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
@@ -128,14 +110,6 @@ def to_rgb(img):
 
         img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
     return img.convert("RGB")
-
-
-def center_square(img):
-    """Crop the largest centred square (no padding, no distortion)."""
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return img.crop((left, top, left + side, top + side))
 
 
 CHANNEL_ORDERS = ("RGB", "BGR", "GRAY")

@@ -156,8 +156,9 @@ class RangeCollector:
     few KB per tensor whatever the number of images.
     """
 
-    def __init__(self, bins: int = HIST_BINS):
+    def __init__(self, bins: int = HIST_BINS, histograms: bool = True):
         self.bins = bins
+        self.histograms = histograms  # False: running min/max only (all ``minmax`` needs; much faster)
         self.lo: dict[str, float] = {}
         self.hi: dict[str, float] = {}
         self.hist: dict[str, np.ndarray] = {}
@@ -171,6 +172,8 @@ class RangeCollector:
         lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
         self.lo[name] = min(lo, self.lo.get(name, lo))
         self.hi[name] = max(hi, self.hi.get(name, hi))
+        if not self.histograms:
+            return
         mag = np.abs(a, dtype=np.float32).ravel()
         amax = max(abs(lo), abs(hi))
         if name not in self.hist:
@@ -201,6 +204,8 @@ class RangeCollector:
         """(low, high) for ``method``; a clipping threshold t gives (max(low, -t), min(high, t))."""
         lo, hi = self.lo[name], self.hi[name]
         if method == "minmax" or name not in self.hist:
+            if method != "minmax" and not self.histograms:
+                raise LungedgeError(f"{method} calibration needs histograms (collected without them)")
             return lo, hi
         hist, width = self.hist[name], self.width[name]
         if method == "entropy":
@@ -271,7 +276,7 @@ def collect_ranges(onnx_path: str | Path, batches: Iterable[np.ndarray], methods
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del model
     fetch = [t for t in names if t != input_name]
-    collector = RangeCollector()
+    collector = RangeCollector(histograms=any(m != "minmax" for m in methods))
     seen = 0
     for batch in batches:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -346,23 +351,9 @@ def _producers(model) -> dict[str, object]:
     return {o: n for n in model.graph.node for o in n.output}
 
 
-def _add_residual_qdq(model, ranges: dict[str, tuple]) -> int:
-    """TensorRT's placement on top of ONNX Runtime's Q/DQ of the layers' inputs: ops other than the
-    layers (and Add) read float tensors, and the residual input of each Add that sums a quantized
-    layer's output with another activation is quantized, so TensorRT fuses the Add into that layer
-    (an existing DQ of the same tensor is reused: shared scale). Returns the number of Add inputs
-    quantized."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    prod = _producers(model)
-    inits = {i.name for i in model.graph.initializer}
-    dq_of = {}  # tensor -> output of a DQ that dequantizes its Q
-    for n in model.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in prod and prod[n.input[0]].op_type == "QuantizeLinear":
-            dq_of.setdefault(prod[n.input[0]].input[0], n.output[0])
-    # ONNX Runtime hands one DQ to every consumer of a tensor: Concat, pooling and the like read the
-    # float tensor instead (TensorRT would otherwise quantize there too)
+def _float_inputs_outside_layers(model, prod: dict, inits: set) -> None:
+    """ONNX Runtime hands one DQ to every consumer of a tensor: Concat, pooling and the like read the
+    float tensor instead (TensorRT would otherwise quantize there too)."""
     for node in model.graph.node:
         if node.op_type in TRT_FOLDS_INTO:
             continue
@@ -371,6 +362,39 @@ def _add_residual_qdq(model, ranges: dict[str, tuple]) -> int:
             if p is not None and p.op_type == "DequantizeLinear" and p.input[0] not in inits \
                     and p.input[0] in prod and prod[p.input[0]].op_type == "QuantizeLinear":
                 node.input[k] = prod[p.input[0]].input[0]
+
+
+def _residual_qdq(model, t: str, value_range: tuple, new_nodes: list) -> str:
+    """A symmetric INT8 Q/DQ pair on tensor ``t`` (scale from its calibrated range), appended to
+    ``new_nodes``; the DQ's output name."""
+    from onnx import helper, numpy_helper
+
+    lo, hi = value_range
+    scale = max(abs(lo), abs(hi)) / 127.0 or 1.0
+    s_name, z_name = f"{t}_residual_scale", f"{t}_residual_zero_point"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
+                                    numpy_helper.from_array(np.array(0, np.int8), z_name)])
+    q_out, dq_out = f"{t}_residual_QuantizeLinear_Output", f"{t}_residual_DequantizeLinear_Output"
+    new_nodes.append(helper.make_node("QuantizeLinear", [t, s_name, z_name], [q_out], name=f"{t}_residual_Q"))
+    new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=f"{t}_residual_DQ"))
+    return dq_out
+
+
+def _add_residual_qdq(model, ranges: dict[str, tuple]) -> int:
+    """TensorRT's placement on top of ONNX Runtime's Q/DQ of the layers' inputs: ops other than the
+    layers (and Add) read float tensors, and the residual input of each Add that sums a quantized
+    layer's output with another activation is quantized, so TensorRT fuses the Add into that layer
+    (an existing DQ of the same tensor is reused: shared scale). Returns the number of Add inputs
+    quantized."""
+    import onnx
+
+    prod = _producers(model)
+    inits = {i.name for i in model.graph.initializer}
+    dq_of = {}  # tensor -> output of a DQ that dequantizes its Q
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in prod and prod[n.input[0]].op_type == "QuantizeLinear":
+            dq_of.setdefault(prod[n.input[0]].input[0], n.output[0])
+    _float_inputs_outside_layers(model, prod, inits)
     new_nodes, done = [], 0
     for node in list(model.graph.node):
         if node.op_type != "Add" or len(node.input) != 2 or any(t in inits for t in node.input):
@@ -388,17 +412,7 @@ def _add_residual_qdq(model, ranges: dict[str, tuple]) -> int:
         else:
             if t not in ranges:
                 continue
-            lo, hi = ranges[t]
-            scale = max(abs(lo), abs(hi)) / 127.0 or 1.0
-            s_name, z_name = f"{t}_residual_scale", f"{t}_residual_zero_point"
-            model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), s_name),
-                                            numpy_helper.from_array(np.array(0, np.int8), z_name)])
-            q_out, dq_out = f"{t}_residual_QuantizeLinear_Output", f"{t}_residual_DequantizeLinear_Output"
-            new_nodes.append(helper.make_node("QuantizeLinear", [t, s_name, z_name], [q_out], name=f"{t}_residual_Q"))
-            new_nodes.append(helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out],
-                                              name=f"{t}_residual_DQ"))
-            dq_of[t] = dq_out
-            node.input[k] = dq_out
+            dq_of[t] = node.input[k] = _residual_qdq(model, t, ranges[t], new_nodes)
         done += 1
     if new_nodes:
         model.graph.node.extend(new_nodes)
@@ -511,3 +525,47 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
         Path(tmp).unlink(missing_ok=True)
         Path(pre).unlink(missing_ok=True)
     return out
+
+
+# -- INT8 for OpenVINO: NNCF's placement ------------------------------------------------------------
+
+def nncf_available() -> bool:
+    """True where NNCF (the workstation install's OpenVINO quantizer) imports."""
+    import importlib.util
+
+    return importlib.util.find_spec("nncf") is not None
+
+
+class _Images:
+    """The calibration images one at a time, as NNCF feeds them (re-iterable: NNCF makes several passes)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        for b in self.batches():
+            for i in range(len(b)):
+                yield {"input": b[i : i + 1]}
+
+
+def to_int8_nncf(onnx_in: str | Path, onnx_out: str | Path, batches, size: int) -> Path:
+    """Q/DQ INT8 ONNX by NNCF's post-training quantization (its ONNX backend: MinMax ranges where NNCF
+    places Q/DQ for OpenVINO's CPU plugin, plus its fast bias correction) from the same calibration images
+    as the other INT8 files; ``batches()`` gives a fresh pass over them, ``size`` is their number.
+    OpenVINO runs this file as fast as NNCF's own OpenVINO model (issue #14: DenseNet121, where ONNX
+    Runtime's placement costs OpenVINO half its speed)."""
+    import onnx
+
+    if not nncf_available():
+        raise LungedgeError("the int8-ov file needs NNCF (pip install nncf; the workstation install has it)")
+    import nncf
+
+    nncf.set_log_level(logging.ERROR)
+    out = Path(onnx_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        q = nncf.quantize(onnx.load(str(onnx_in)), nncf.Dataset(_Images(batches)), subset_size=int(size))
+    except Exception as exc:  # noqa: BLE001 - NNCF raises its own errors and those of ONNX Runtime
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LungedgeError(f"NNCF could not quantize {Path(onnx_in).name}: {first}") from None
+    return _save_model(q, out)

@@ -13,8 +13,9 @@ import json
 from pathlib import Path
 
 from .errors import LungedgeError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_png, atomic_write_text
 from .provenance import machine_label
+from .runners.registry import short_name
 
 GROUP_COLUMNS = ("model", "total parameters", "layers (conv+dense)", "trainable parameters", "epochs",
                  "accuracy", "balanced accuracy", "batch size", "method", "library")
@@ -51,7 +52,7 @@ def load_results(paths) -> list[dict]:
             raise LungedgeError(f"{f} is not a results file ({exc})") from None
         except OSError as exc:
             raise LungedgeError(f"cannot read {f}: {exc.strerror or exc}") from None
-        from .limits import validate
+        from .validation import validate
 
         for i, r in enumerate(got, 1):
             validate("row", r, f"{f} row {i}")  # the fields the report reads are there and typed
@@ -163,12 +164,6 @@ LAT_COLUMNS = ("machine", "model", "backend", "device", "precision", "threads", 
                "× source (b1)", "run")
 
 
-def _per_class(m, key) -> str:
-    if not m or not m.get(key):
-        return "–"
-    return " ".join(f"{c}={v:.2f}" if v is not None else f"{c}=–" for c, v in m[key].items())
-
-
 def _pm(m, ev, key) -> str:
     """'0.812 +0.031/−0.045': the value and its 95% group-bootstrap interval as distances (asymmetric)."""
     v = m.get(key) if m else None
@@ -244,7 +239,7 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
             y = x["eval"]["metrics"]["balanced_accuracy"]
             ax.errorbar(x["p50_b1"], y, yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]], fmt="none",
                         ecolor=colours[backends.index(x["backend"]) % len(colours)], capsize=3, lw=1, zorder=2)
-        short = {"onnxruntime": "ort", "onnxruntime-trt": "ort-trt", "tensorrt": "trt"}.get(x["backend"], x["backend"])
+        short = short_name(x["backend"])
         ax.annotate(f"{x['model']} {short} {x['precision']}", (x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"]),
                     textcoords="offset points", xytext=(5, 4 - 10 * (i % 3)), fontsize=7)
     for mach in machines:
@@ -269,12 +264,7 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_png(path, fig)
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -364,71 +354,89 @@ def gate_table(rows: list[dict]) -> list[list[str]]:
 
 def build_report(results, out="reports", title="lungedge accuracy vs latency", saliency: bool = True,
                  log=lambda s: None) -> dict:
+    """report.md and a self-contained report.html (plus the PNGs) from bench/eval results files."""
     rows = load_results(results if isinstance(results, (list, tuple)) else [results])
     machines = label_machines(rows)
     lat = latency_rows(rows)
     out = Path(out)
     png = scatter_png(lat, out / "accuracy_latency.png")
-    gates = gate_table(rows)
     grid = None
     if saliency:
         from .saliency import report_grid
 
         grid = report_grid(rows, out / "saliency.png", log=log)
-    gate_note = ("Each reduced precision against FP32 on the same images: change with a paired bootstrap over "
-                 "near-duplicate groups, McNemar's exact test on the images only one of the two gets right; "
-                 "the gate passes when the interval's lower bound stays above the allowed drop.")
-    grid_note = ("Per class, test images the FP32 model classifies right and wrong, each with its occlusion map "
-                 "for FP32 and INT8 (red: covering this region lowers the predicted class's probability most).")
-    group = group_table(rows)
-    lat_t = latency_table(lat)
-    conf = _confusions(rows)
-    prov = provenance_rows(rows)
-    mach = machine_rows(machines)
     n_b, n_e = sum(r["kind"] == "bench" for r in rows), sum(r["kind"] == "eval" for r in rows)
     intro = (f"{n_b} bench rows and {n_e} eval rows from {len(machines)} machine(s). Rows from different machines, "
              "thread settings or runs are separate rows labelled by machine id and results file, never averaged. "
              "Latency is measured after warm-up; 'model only' times one infer call on a preprocessed batch "
              "(on a GPU including host<->device copies), '+prep' adds decoding and preprocessing the image files.")
-    # markdown
-    md = [f"# {title}", "", intro, "", "## Machines", "", _md_table(MACHINE_COLUMNS, mach), "",
-          "## The research group's comparison table (regenerated from our runs)", "",
-          _md_table(GROUP_COLUMNS, group) if group else "_no eval rows of source checkpoints_", "",
-          "## Accuracy and latency per backend and precision", "", _md_table(LAT_COLUMNS, lat_t), ""]
-    if png:
-        md += ["## Accuracy vs latency (Pareto front dashed)", "", f"![accuracy vs latency]({png.name})", ""]
-    if gates:
-        md += ["## Release gate: reduced precision vs FP32", "", gate_note, "", _md_table(GATE_COLUMNS, gates), ""]
-    if grid:
-        md += ["## Where the models look", "", grid_note, "", f"![saliency maps]({grid.name})", ""]
-    md += ["## Confusion matrices (rows: true class, columns: predicted)", ""]
-    for t, h, tb in conf:
-        md += [f"### {t}", "", _md_table(h, tb), ""]
-    md += ["## Provenance of every row", "", _md_table(PROV_COLUMNS, prov), ""]
-    md_path = atomic_write_text(out / "report.md", "\n".join(md))
-    # html (self-contained: inline CSS, the PNG as base64)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='note'>{html.escape(intro)}</p>",
-             "<h2>Machines</h2>", _html_table(MACHINE_COLUMNS, mach),
-             "<h2>The research group's comparison table (regenerated from our runs)</h2>",
-             _html_table(GROUP_COLUMNS, group) if group else "<p>no eval rows of source checkpoints</p>",
-             "<h2>Accuracy and latency per backend and precision</h2>", _html_table(LAT_COLUMNS, lat_t)]
-    if png:
-        b64 = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts += ["<h2>Accuracy vs latency (Pareto front dashed)</h2>",
-                  f"<img alt='accuracy vs latency' src='data:image/png;base64,{b64}'>"]
-    if gates:
-        parts += ["<h2>Release gate: reduced precision vs FP32</h2>", f"<p class='note'>{html.escape(gate_note)}</p>",
-                  _html_table(GATE_COLUMNS, gates)]
-    if grid:
-        b64 = base64.b64encode(grid.read_bytes()).decode("ascii")
-        parts += ["<h2>Where the models look</h2>", f"<p class='note'>{html.escape(grid_note)}</p>",
-                  f"<img alt='saliency maps' src='data:image/png;base64,{b64}'>"]
-    parts.append("<h2>Confusion matrices (rows: true class, columns: predicted)</h2>")
-    for t, h, tb in conf:
-        parts += [f"<h3>{html.escape(t)}</h3>", _html_table(h, tb)]
-    parts += ["<h2>Provenance of every row</h2>", _html_table(PROV_COLUMNS, prov), "</body></html>"]
-    html_path = atomic_write_text(out / "report.html", "\n".join(parts))
+    sections = report_sections(rows, machines, lat, png, grid)
+    md_path = atomic_write_text(out / "report.md", _markdown(title, intro, sections))
+    html_path = atomic_write_text(out / "report.html", _html(title, intro, sections))
     return {"markdown": str(md_path), "html": str(html_path), "png": str(png) if png else None,
             "saliency": str(grid) if grid else None,
             "rows": len(rows), "machines": {k: v["label"] for k, v in machines.items()}}
+
+
+GATE_NOTE = ("Each reduced precision against FP32 on the same images: change with a paired bootstrap over "
+             "near-duplicate groups, McNemar's exact test on the images only one of the two gets right; "
+             "the gate passes when the interval's lower bound stays above the allowed drop.")
+GRID_NOTE = ("Per class, test images the FP32 model classifies right and wrong, each with its occlusion map "
+             "for FP32 and INT8 (red: covering this region lowers the predicted class's probability most).")
+
+
+def report_sections(rows, machines, lat, png, grid) -> list[tuple]:
+    """The report's sections, in order, for both renderings: (level, heading, note, body) with body
+    ("table", columns, rows) | ("image", alt, path) | ("none", text)."""
+    group, gates = group_table(rows), gate_table(rows)
+    out = [(2, "Machines", None, ("table", MACHINE_COLUMNS, machine_rows(machines))),
+           (2, "The research group's comparison table (regenerated from our runs)", None,
+            ("table", GROUP_COLUMNS, group) if group else ("none", "no eval rows of source checkpoints")),
+           (2, "Accuracy and latency per backend and precision", None, ("table", LAT_COLUMNS, latency_table(lat)))]
+    if png:
+        out.append((2, "Accuracy vs latency (Pareto front dashed)", None, ("image", "accuracy vs latency", png)))
+    if gates:
+        out.append((2, "Release gate: reduced precision vs FP32", GATE_NOTE, ("table", GATE_COLUMNS, gates)))
+    if grid:
+        out.append((2, "Where the models look", GRID_NOTE, ("image", "saliency maps", grid)))
+    out.append((2, "Confusion matrices (rows: true class, columns: predicted)", None, None))
+    out += [(3, t, None, ("table", h, tb)) for t, h, tb in _confusions(rows)]
+    out.append((2, "Provenance of every row", None, ("table", PROV_COLUMNS, provenance_rows(rows))))
+    return out
+
+
+def _markdown(title: str, intro: str, sections) -> str:
+    md = [f"# {title}", "", intro, ""]
+    for level, heading, note, body in sections:
+        md += [f"{'#' * level} {heading}", ""] + ([note, ""] if note else [])
+        if body is None:
+            continue
+        if body[0] == "table":
+            md.append(_md_table(body[1], body[2]))
+        elif body[0] == "image":
+            md.append(f"![{body[1]}]({body[2].name})")
+        else:
+            md.append(f"_{body[1]}_")
+        md.append("")
+    return "\n".join(md)
+
+
+def _html(title: str, intro: str, sections) -> str:
+    """Self-contained: inline CSS, the PNGs as base64."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='note'>{html.escape(intro)}</p>"]
+    for level, heading, note, body in sections:
+        parts.append(f"<h{level}>{html.escape(heading)}</h{level}>")
+        if note:
+            parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        if body is None:
+            continue
+        if body[0] == "table":
+            parts.append(_html_table(body[1], body[2]))
+        elif body[0] == "image":
+            b64 = base64.b64encode(body[2].read_bytes()).decode("ascii")
+            parts.append(f"<img alt='{body[1]}' src='data:image/png;base64,{b64}'>")
+        else:
+            parts.append(f"<p>{html.escape(body[1])}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -14,11 +14,13 @@ Maps are (H, W) float32 in [0, 1] at the model's input size, aligned with
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from .errors import LungedgeError, check_choice
+from .runners.artifact import is_kind
 
 METHODS = ("auto", "gradcam", "occlusion")
 
@@ -117,7 +119,7 @@ def explain(runner, paths, method: str = "auto", targets=None, batch: int = 16) 
     if not paths:
         raise LungedgeError("no images to explain")
     model = getattr(runner, "model", None)
-    torch_ok = runner.backend == "torch" and model is not None and hasattr(model, "modules")
+    torch_ok = _is_torch_module(model) and runner.precision == "fp32"
     if method == "gradcam" and not torch_ok:
         raise LungedgeError(f"Grad-CAM needs a PyTorch checkpoint run by the torch backend; "
                             f"{runner.backend} runs {runner.info.path.name}: use --method occlusion")
@@ -153,19 +155,6 @@ def write_overlays(explained: list[dict], out_dir) -> list[str]:
     return written
 
 
-def explain_files(artifact, images, out_dir, method: str = "auto", backend: str | None = None,
-                  device: str | None = None, precision: str | None = None, threads: int | None = None) -> dict:
-    """``predict --explain DIR``: open the artifact, explain each image, write the overlays."""
-    from .runners import open_runner
-
-    with open_runner(artifact, backend=backend, device=device, precision=precision, threads=threads) as runner:
-        ex = explain(runner, images, method)
-        files = write_overlays(ex, out_dir)
-    return {"out": str(out_dir), "method": ex[0]["method"] if ex else method,
-            "images": [{"image": e["image"], "class": e["class"], "probability": round(e["probability"], 6),
-                        "overlay": f} for e, f in zip(ex, files)]}
-
-
 # -- the report's grid -------------------------------------------------------------------------------
 
 def pick_examples(y, pred, classes, per_class: int = 2) -> list[tuple[int, str]]:
@@ -179,14 +168,27 @@ def pick_examples(y, pred, classes, per_class: int = 2) -> list[tuple[int, str]]
     return out
 
 
+def _is_torch_module(model) -> bool:
+    torch = sys.modules.get("torch")  # a torch model means torch is imported already
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
+def _on_cpu(backend: str) -> str | None:
+    """The row's backend when it runs on cpu; else None (the artifact's default backend)."""
+    from .runners.registry import BACKENDS
+
+    entry = BACKENDS.get(backend)
+    return backend if entry is not None and "cpu" in entry.devices else None
+
+
 def _pairs(rows: list[dict]) -> list[tuple[dict, dict | None]]:
     """(FP32 row, its INT8 row or None) per model, from eval rows that list their images."""
     evals = [r for r in rows if r.get("kind") == "eval" and r.get("images") and r.get("labels") is not None]
     out = []
     for model in dict.fromkeys(r["model"] for r in evals):
         mine = [r for r in evals if r["model"] == model]
-        fp32 = next((r for r in mine if r["variant"] == "fp32" and r["backend"] == "onnxruntime"), None) or \
-            next((r for r in mine if r["variant"] == "fp32"), None)
+        fp32 = next((r for r in mine if r["variant"] == "fp32" and is_kind(r["artifact"], "onnx")), None) or \
+            next((r for r in mine if r["variant"] == "fp32"), None)  # prefer the ONNX the INT8 file came from
         if fp32 is None:
             continue
         int8 = next((r for r in mine if r["variant"].startswith("int8") and r["images"] == fp32["images"]), None)
@@ -198,8 +200,6 @@ def report_grid(rows: list[dict], path, per_class: int = 2, log=lambda s: None) 
     """A PNG per model: per class a few right and wrong test images (by FP32), each with its occlusion map
     for FP32 and beside it for INT8 (the same method, so the two are comparable). None when no eval row's
     artifact and images are on this machine."""
-    from .runners import open_runner
-
     pairs = []
     for fp32, int8 in _pairs(rows):
         arts = [r for r in (fp32, int8) if r is not None]
@@ -209,33 +209,43 @@ def report_grid(rows: list[dict], path, per_class: int = 2, log=lambda s: None) 
         pairs.append((fp32, int8))
     if not pairs:
         return None
+    return _draw_grid([(fp32["model"], _panel(fp32, int8, per_class)) for fp32, int8 in pairs], path)
+
+
+def _panel(fp32: dict, int8: dict | None, per_class: int) -> list[tuple[str, list]]:
+    """One model's rows of the grid: (row label, [(cell title, overlay image), ...]) per picked image."""
+    from .runners import open_runner
+
+    picks = pick_examples(fp32["labels"], fp32["predictions"], fp32["classes"], per_class)
+    paths = [fp32["images"][i] for i, _ in picks]
+    maps = {}
+    for r in (fp32, int8):
+        if r is None:
+            continue
+        with open_runner(r["artifact"], backend=_on_cpu(r["backend"]), device="cpu") as runner:
+            maps[r["variant"]] = explain(runner, paths, "occlusion",
+                                         targets=[fp32["labels"][i] for i, _ in picks])
+    rows_ = []
+    for j, (i, kind) in enumerate(picks):
+        cells = []
+        for r in (fp32, int8):
+            if r is None:
+                continue
+            e = maps[r["variant"]][j]
+            cells.append((f"{r['variant']}: {e['class']} ({e['probability']:.2f})", overlay(e["pixels"], e["heat"])))
+        rows_.append((f"{fp32['classes'][fp32['labels'][i]]}, {kind}\n{Path(paths[j]).name[:28]}", cells))
+    return rows_
+
+
+def _draw_grid(panels: list, path) -> Path:
+    """The panels as one PNG (a row per picked image, a column per precision), written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []  # (model, [(title, overlay image), ...] per example)
-    for fp32, int8 in pairs:
-        picks = pick_examples(fp32["labels"], fp32["predictions"], fp32["classes"], per_class)
-        paths = [fp32["images"][i] for i, _ in picks]
-        maps = {}
-        for r in (fp32, int8):
-            if r is None:
-                continue
-            with open_runner(r["artifact"], backend=r["backend"] if r["backend"] != "tensorrt" else None,
-                             device="cpu") as runner:
-                maps[r["variant"]] = explain(runner, paths, "occlusion",
-                                             targets=[fp32["labels"][i] for i, _ in picks])
-        rows_ = []
-        for j, (i, kind) in enumerate(picks):
-            cells = []
-            for r in (fp32, int8):
-                if r is None:
-                    continue
-                e = maps[r["variant"]][j]
-                cells.append((f"{r['variant']}: {e['class']} ({e['probability']:.2f})", overlay(e["pixels"], e["heat"])))
-            rows_.append((f"{fp32['classes'][fp32['labels'][i]]}, {kind}\n{Path(paths[j]).name[:28]}", cells))
-        panels.append((fp32["model"], rows_))
+    from .io import atomic_write_png
+
     n_rows = sum(len(r) for _, r in panels)
     n_cols = max(len(c) for _, rs in panels for _, c in rs)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols + 1.6, 2.5 * n_rows), dpi=90, squeeze=False)
@@ -254,11 +264,4 @@ def report_grid(rows: list[dict], path, per_class: int = 2, log=lambda s: None) 
     fig.suptitle("Where the models look: occlusion maps (red = the class probability drops most when covered)",
                  fontsize=10)
     fig.tight_layout(rect=(0.12, 0, 1, 0.98))
-    import io
-
-    from .io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_png(path, fig)

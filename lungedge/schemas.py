@@ -47,26 +47,26 @@ class _Open(BaseModel):
 SHA256 = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-def _relative(path: str) -> str:
-    why = relative_inside(path)
-    if why:
-        raise ValueError(f"{path!r} is not inside the data root ({why})")
-    return path
-
-
-# -- split manifests (lungedge data split) -------------------------------------------------------------
-
-class SplitItem(_Open):
+class _LabelledFile(_Open):
+    """One image of a manifest: a path relative to (and inside) the data root, its label and SHA-256."""
     path: str
     label: str
-    split: Literal["train", "val", "test"]
-    group: int
     sha256: str = SHA256
 
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
-        return _relative(v)
+        why = relative_inside(v)
+        if why:
+            raise ValueError(f"{v!r} is not inside the data root ({why})")
+        return v
+
+
+# -- split manifests (lungedge data split) -------------------------------------------------------------
+
+class SplitItem(_LabelledFile):
+    split: Literal["train", "val", "test"]
+    group: int
 
 
 class SplitParams(_Open):
@@ -105,15 +105,8 @@ class SplitManifest(_Open):
 
 # -- calibration manifests (calibration/<key>/manifest.json) --------------------------------------------
 
-class CalibrationFile(_Open):
-    path: str
-    label: str
-    sha256: str = SHA256
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        return _relative(v)
+class CalibrationFile(_LabelledFile):
+    pass
 
 
 class CalibrationManifest(_Open):

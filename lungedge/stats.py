@@ -207,14 +207,21 @@ def paired_bootstrap(y_true, pred_ref, pred_new, groups, classes, n_boot: int = 
     return out
 
 
+def check_gate_limits(max_bacc_drop: float, max_sens_drop: float) -> None:
+    """Both allowed drops are fractions in [0, 1) (the CLIs take points: 1 = 0.01)."""
+    for name, v in (("--max-bacc-drop", max_bacc_drop), ("--max-sens-drop", max_sens_drop)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise LungedgeError(f"{name} must be at least 0 and under 100 points, got {v * 100:g}"
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                else f"{name} must be a number of points, got {v!r}")
+
+
 def release_gate(y_true, pred_ref, pred_new, groups, classes, max_bacc_drop: float = MAX_BACC_DROP,
                  max_sens_drop: float = MAX_SENS_DROP, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
                  seed: int = 0) -> dict:
     """Pass when the interval's lower bound of the change in balanced accuracy is >= -max_bacc_drop
     and that of every class's sensitivity >= -max_sens_drop (drops as fractions: 0.01 = 1 point)."""
-    for name, v in (("max balanced-accuracy drop", max_bacc_drop), ("max sensitivity drop", max_sens_drop)):
-        if not 0 <= v < 1:
-            raise LungedgeError(f"{name} must be a fraction in [0, 1), got {v}")
+    check_gate_limits(max_bacc_drop, max_sens_drop)
     paired = paired_bootstrap(y_true, pred_ref, pred_new, groups, classes, n_boot, confidence, seed)
     checks = []
     b = paired["balanced_accuracy"]

@@ -217,6 +217,9 @@ def read_sidecar(engine: str | Path) -> dict:
         raise LungedgeError(f"{path} is corrupt; rebuild the engine on this machine") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise LungedgeError(f"{path} is not a lungedge engine sidecar")
+    from .validation import validate
+
+    validate("EngineSidecar", meta, path)
     return meta
 
 

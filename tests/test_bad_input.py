@@ -206,6 +206,22 @@ def test_bad_manifest_is_one_line_naming_file_and_field(small, tmp_path, capsys,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "/etc/passwd"])
+def test_manifest_entries_stay_inside_the_root_without_the_schema(small, tmp_path, monkeypatch, entry):
+    """The data root is enforced where images are read, not only by pydantic's schema (a bare machine may lack it)."""
+    from lungedge import validation
+    from lungedge.data.split import load_manifest
+    from lungedge.errors import LungedgeError
+
+    monkeypatch.setattr(validation, "validate", lambda *a, **k: None)  # as on a machine without pydantic
+    manifest = copy.deepcopy(small["manifest"])
+    manifest["items"][0]["path"] = entry
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(LungedgeError, match=r"manifest entry '.*' is not inside"):
+        load_manifest(path, root=small["data"])
+
+
 # -- 2. numeric options --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, pattern", [
@@ -225,6 +241,15 @@ def test_train_options_are_checked(small, tmp_path, capsys, args, pattern):
                             "--out", tmp_path / "runs", *args], capsys)
     one_error(code, err, match=pattern)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_split_without_validation_images_is_refused_and_leaves_no_run(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", CLASSES, per_class=4, size=SIZE)  # 12 images: no room for a val part
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["train", "smallcnn", "--data", data, "--epochs", "1", "--weights", "none",
+                            "--image-size", SIZE, "--out", runs], capsys)
+    one_error(code, err, match=r"the split has no validation images \(12 images in all\)")
+    assert not any(p.is_dir() for p in runs.glob("smallcnn/*")), list(runs.rglob("*"))
 
 
 def test_input_size_cap_is_configurable(small, tmp_path, capsys, monkeypatch):

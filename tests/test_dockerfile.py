@@ -25,6 +25,9 @@ NOT_ON_DEVICE = {
     "torch": "the Jetson build comes from JETSON_INDEX",
     "torchvision": "the Jetson build comes from JETSON_INDEX",
     "onnxruntime": "replaced by onnxruntime-gpu from JETSON_INDEX",
+    "openvino": "Intel CPU runtime; the Jetson runs TensorRT / onnxruntime-gpu",
+    "nncf": "OpenVINO's quantizer, for Intel CPUs only",
+    "nvidia-ml-py": "Jetson GPUs have no NVML; jetson_info() reads the L4T files and tools instead",
 }
 
 

@@ -9,8 +9,12 @@ import torchvision  # noqa: F401
 import numpy as np
 import pytest
 
+from lungedge import quantize  # noqa: E402
+
 from conftest import run_cli
 from lungedge.metrics import classification_metrics, disagreement
+from lungedge.runners import BACKENDS
+from lungedge.runners.discover import cpu_computes_bf16
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -78,11 +82,17 @@ def test_eval_model_every_backend_and_precision(exported, capsys):
                                  "--out", out, "--json"], capsys)
     assert code == 0, err
     rows = json.loads(stdout)
-    assert [(r["backend"], r["variant"]) for r in rows] == [("torch", "fp32"), ("onnxruntime", "fp32"),
-                                                            ("onnxruntime", "fp16"), ("onnxruntime", "int8-cpu")]
+    got = [(r["backend"], r["variant"]) for r in rows]
+    assert [g for g in got if g[0] != "openvino"] == [("torch", "fp32"), ("onnxruntime", "fp32"),
+                                                      ("onnxruntime", "fp16"), ("onnxruntime", "int8-cpu")]
+    ov_variants = ("fp32", "fp16", "int8-cpu", "int8") + ("int8-ov",) * quantize.nncf_available()  # every INT8 file
+    openvino = {("openvino", v) for v in ov_variants} | ({("openvino", "bf16")} if cpu_computes_bf16() else set())
+    # every installed backend on the device joins the default plan
+    assert {g for g in got if g[0] == "openvino"} == (openvino if BACKENDS["openvino"].available() else set())
     n = rows[0]["metrics"]["n"]
     assert n > 0 and all(r["metrics"]["n"] == n for r in rows)
-    assert rows[0]["predictions"] == rows[1]["predictions"]  # the same weights through torch and ONNX Runtime
+    ort = rows[got.index(("onnxruntime", "fp32"))]
+    assert rows[0]["predictions"] == ort["predictions"]  # the same weights through torch and ONNX Runtime
     for r in rows:
         m = r["metrics"]
         assert set(m["sensitivity"]) == {"benign", "malignant", "normal"} and "macro_auroc" in m
@@ -91,7 +101,7 @@ def test_eval_model_every_backend_and_precision(exported, capsys):
         assert r["provenance"]["libraries"]["onnxruntime"] and r["provenance"]["date"]
     assert rows[0]["model_info"]["total_params"] > 0 and rows[0]["model_info"]["epochs"] == 1
     files = list(out.glob("eval-*.jsonl"))
-    assert len(files) == 1 and len(files[0].read_text().splitlines()) == 4
+    assert len(files) == 1 and len(files[0].read_text().splitlines()) == len(rows)
 
 
 def test_eval_errors_are_one_line(exported, capsys):

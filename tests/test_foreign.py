@@ -146,8 +146,14 @@ def test_custom_torchscript_with_declared_preprocessing_runs_downstream(tmp_path
     with torch.no_grad():
         logits = model(torch.from_numpy(p.load_batch([img])))
     np.testing.assert_allclose([probs[c] for c in "xyz"], torch.softmax(logits, 1)[0].numpy(), atol=1e-5)
-    code, out, err = run_cli(["eval", folder / "mine.int8-cpu.onnx", "--data", data], capsys)
+    code, out, err = run_cli(["eval", folder / "mine.int8-cpu.onnx", "--data", data, "--out", tmp_path / "r"], capsys)
     assert code == 0, err
+    code, out, err = run_cli(["bench", folder / "mine.fp16.onnx", "--batch-sizes", "1", "--iters", 2, "--warmup", 1,
+                              "--no-preprocessing", "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["bundle", "create", "mine", "--out", tmp_path / "mine.tar.gz", "--engines",
+                              tmp_path / "e", "--results", tmp_path / "r", "--allow-failed-gate"], capsys)
+    assert code == 0 and (tmp_path / "mine.tar.gz").is_file(), err
 
 
 def test_custom_torch_export_program_reads_its_input_size(tmp_path, capsys):
@@ -182,7 +188,8 @@ def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsy
                             "--out", tmp_path / "e"], capsys)
     assert code == 2 and "--input-size" in err and len(err.strip().splitlines()) == 1, err
     out, _ = _export(tmp_path, capsys, "ts", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c", "--input-size", 16)
-    assert "preprocessing not declared, assumed: layout NCHW, channels RGB, scale 1/255, mean none, std none, resize crop" in out
+    assert ("preprocessing not declared, assumed: layout NCHW, channels RGB, scale 1/255, mean none, std none, "
+            "resize crop") in out
 
 
 def test_keras_softmax_model_predicts_its_own_probabilities(tmp_path, capsys):
@@ -260,12 +267,12 @@ def test_googlenet_trained_from_a_torchvision_state_dict_keeps_its_transform_eve
     from lungedge.runners import open_runner
 
     torch.manual_seed(0)
-    imagenet_like = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)  # 1,000 + aux
+    imagenet_like = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True)  # 1,000 + aux
     torch.save(imagenet_like.state_dict(), tmp_path / "googlenet-imagenet.pth")
-    data = write_dataset(tmp_path / "data", ["a", "b", "c"], per_class=4, size=40, colour=True)
+    data = write_dataset(tmp_path / "data", ["a", "b", "c"], per_class=12, size=40, colour=True)
     code, _, err = run_cli(["train", "googlenet", "--data", data, "--weights", tmp_path / "googlenet-imagenet.pth",
-                            "--epochs", 1, "--batch-size", 4, "--image-size", 40, "--out", tmp_path / "runs",
-                            "--run-name", "r"], capsys)
+                            "--epochs", 1, "--batch-size", 4, "--image-size", 40, "--mode", "transfer",
+                            "--out", tmp_path / "runs", "--run-name", "r"], capsys)
     assert code == 0, err
     ckpt = tmp_path / "runs" / "googlenet" / "r" / "best.pth"
     assert read_meta(ckpt)["build"]["kwargs"]["transform_input"] is True  # torchvision's pretrained setting
@@ -279,13 +286,14 @@ def test_googlenet_trained_from_a_torchvision_state_dict_keeps_its_transform_eve
     model, _ = load_checkpoint(ckpt)  # the source, rebuilt from the checkpoint alone
     with torch.no_grad():
         source = model(torch.from_numpy(x)).numpy()
+    assert model.transform_input is True
     with open_runner(ckpt, backend="torch") as runner:  # what eval runs
+        assert runner.model.transform_input is True
         evaluated = runner.infer(x)
     np.testing.assert_allclose(evaluated, source, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_ort(fp32, x), source, rtol=1e-4, atol=1e-4)
-    model.transform_input = False  # the transform matters: without it the same weights compute another function
-    with torch.no_grad():
-        assert np.abs(model(torch.from_numpy(x)).numpy() - source).max() > 1e-3
+    t = torch.from_numpy(x)  # the transform is part of the function: it changes what the first layer sees
+    assert (model._transform_input(t) - t).abs().max() > 0.1
 
 
 # -- the group's four deliverables (real architectures, random weights) -------------------------------------

@@ -49,6 +49,9 @@ def files(tmp_path_factory, monkeypatch_module=None):
     for target, name in (("trt", "int8"), ("cpu", "int8-cpu")):
         q = quantize.to_int8(fp32, d / f"smallcnn.{name}.onnx", target, "minmax", d / "ranges.json", batches=[x])
         out[name] = _stamp(q, "int8", int8_target=target)
+    if quantize.nncf_available():  # NNCF's placement from the same images: the int8-ov file (#14)
+        q = quantize.to_int8_nncf(fp32, d / "smallcnn.int8-ov.onnx", lambda: iter([x]), len(x))
+        out["int8-ov"] = _stamp(q, "int8", int8_target="ov")
     return out
 
 
@@ -74,8 +77,10 @@ def test_fp32_runs_in_fp32_and_matches_onnxruntime(files, tmp_path):
     assert facts["cache_dir"] == str(tmp_path / "cache") and any((tmp_path / "cache").iterdir())
 
 
-@pytest.mark.parametrize("variant", ["int8", "int8-cpu"])
+@pytest.mark.parametrize("variant", ["int8", "int8-cpu", "int8-ov"])
 def test_int8_files_run_quantized_and_agree(files, variant):
+    if variant not in files:
+        pytest.skip("NNCF is not installed: no int8-ov file")
     x = files["x"]
     with registry.open_runner(files[variant], backend="openvino", threads=1) as r:
         got = r.infer(x)
@@ -117,11 +122,17 @@ def test_cpu_plans_hold_openvino_rows_and_bf16_from_the_fp32_file(files, tmp_pat
 
     engines = tmp_path / "engines"
     (engines / "smallcnn").mkdir(parents=True)
-    for v in ("fp32", "int8-cpu"):
-        shutil.copy(files[v], engines / "smallcnn" / f"smallcnn.{v}.onnx")
+    for v in ("fp32", "int8-cpu", "int8", "int8-ov"):
+        if v in files:
+            shutil.copy(files[v], engines / "smallcnn" / f"smallcnn.{v}.onnx")
     jobs = discover.jobs_for_model("smallcnn", "cpu", runs=tmp_path / "runs", engines=engines)
     ov = {(j.precision, j.artifact.name) for j in jobs if j.backend == "openvino"}
     assert ("fp32", "smallcnn.fp32.onnx") in ov and ("int8", "smallcnn.int8-cpu.onnx") in ov
+    assert ("int8", "smallcnn.int8.onnx") in ov  # OpenVINO's fastest INT8 file depends on the model: both run
+    assert not any(j.variant in ("int8", "int8-ov") for j in jobs if j.backend == "onnxruntime")  # ORT: U8S8 only
+    if "int8-ov" in files:  # NNCF's file runs with OpenVINO, its variant read from the file's metadata
+        assert ("int8", "smallcnn.int8-ov.onnx") in ov
+        assert artifact_info(engines / "smallcnn" / "smallcnn.int8-ov.onnx").variant == "int8-ov"
     assert (("bf16", "smallcnn.fp32.onnx") in ov) == discover.cpu_computes_bf16()
     assert all(j.precision != "bf16" for j in jobs if j.backend != "openvino")
     ref = discover.fp32_reference(next(j for j in jobs if j.backend == "openvino" and j.precision == "int8"))
@@ -144,3 +155,20 @@ def test_a_model_openvino_cannot_read_is_one_line_error(tmp_path, files):
 def test_openvino_is_in_the_cpu_plans():
     entry = registry.get_backend("openvino")
     assert entry.available() and "cpu" in entry.devices and "onnx" in entry.kinds
+
+
+def test_int8_ov_is_nncf_placement_from_the_calibration_images(files):
+    """The int8-ov file is NNCF's Q/DQ graph (not ONNX Runtime's): its quantizers differ from int8-cpu's,
+    it carries the ``ov`` target, and a second pass over the same images gives the same file."""
+    import onnx
+
+    if "int8-ov" not in files:
+        pytest.skip("NNCF is not installed: no int8-ov file")
+    qdq = lambda p: sorted(n.input[0] for n in onnx.load(str(p)).graph.node if n.op_type == "QuantizeLinear")  # noqa: E731
+    assert qdq(files["int8-ov"]) and qdq(files["int8-ov"]) != qdq(files["int8-cpu"])
+    assert onnx_meta.variant_of_meta(onnx_meta.read(files["int8-ov"])) == "int8-ov"
+    again = quantize.to_int8_nncf(files["fp32"], files["int8-ov"].with_name("again.onnx"),
+                                  lambda: iter([files["x"]]), len(files["x"]))
+    assert onnx.load(str(again)).graph == onnx.load(str(files["int8-ov"])).graph
+    with pytest.raises(LungedgeError, match="NNCF could not quantize"):  # one line, not NNCF's traceback
+        quantize.to_int8_nncf(files["fp32"], files["int8-ov"].with_name("none.onnx"), lambda: iter([]), 1)

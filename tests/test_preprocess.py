@@ -89,9 +89,17 @@ def _ct_like(seed=0, shape=(512, 512)):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
 
 
+def center_square(img):
+    """The reference crop: the largest centred square of the fully decoded image."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
 @pytest.mark.parametrize("size", [96, 224, 299])
 def test_fast_jpeg_path_matches_the_full_decode(tmp_path, size):
-    from lungedge.preprocess import center_square, open_image, to_rgb
+    from lungedge.preprocess import open_image, to_rgb
 
     path = tmp_path / "ct.jpg"
     _ct_like().save(path, quality=90)
@@ -114,7 +122,7 @@ def test_non_jpeg_and_rgb_images_give_exactly_the_formula(tmp_path):
     for name, p in (("c.png", Preprocessing(size=32)), ("g.png", Preprocessing(size=48)),
                     ("c.png", Preprocessing(size=32, mean=(1, 2, 3), std=(2, 3, 4), scale=1.0, channel_order="BGR",
                                             layout="NHWC"))):
-        from lungedge.preprocess import center_square, open_image, to_rgb
+        from lungedge.preprocess import open_image, to_rgb
 
         full = np.asarray(center_square(to_rgb(open_image(tmp_path / name))).resize((p.size, p.size), Image.BILINEAR))
         x = full.astype(np.float32) * np.float32(p.scale)

@@ -170,6 +170,19 @@ def test_histogram_memory_is_bounded_when_the_range_keeps_growing():
     assert c.hist["t"].size * c.width["t"] >= max(-c.lo["t"], c.hi["t"])
 
 
+def test_minmax_only_collection_keeps_no_histograms_and_the_same_ranges():
+    from lungedge.errors import LungedgeError
+
+    full, lean = quantize.RangeCollector(), quantize.RangeCollector(histograms=False)
+    for k in range(3):
+        x = np.random.default_rng(k).normal(size=5000).astype(np.float32)
+        full.update("t", x)
+        lean.update("t", x)
+    assert lean.range("t", "minmax") == full.range("t", "minmax") and not lean.hist
+    with pytest.raises(LungedgeError, match="histograms"):
+        lean.range("t", "entropy")
+
+
 def _ort_minmax_ranges(model_path, x):
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 

@@ -10,10 +10,13 @@ import torchvision  # noqa: F401
 import numpy as np
 import pytest
 
+from lungedge import quantize  # noqa: E402
+
 from conftest import run_cli, write_dataset
 from lungedge.errors import LungedgeError
+from lungedge.io import sha256_file
 from lungedge.runners import BACKENDS, Runner, artifact_info, open_runner, register
-from lungedge.runners.discover import resolve
+from lungedge.runners.discover import cpu_computes_bf16, resolve
 from lungedge.runners.registry import unregister
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -116,10 +119,16 @@ def test_runner_refuses_bad_use(exported):
 def test_model_name_resolves_to_source_and_onnx_files(exported):
     targets = resolve(["googlenet"], runs=exported["runs"], engines=exported["engines"])
     got = [(t.backend, t.variant) for t in targets]
-    assert got == [("torch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "int8-cpu")]
+    onnx_files = ["fp32", "fp16", "int8-cpu"]
+    expected = [("torch", "fp32")] + [("onnxruntime", v) for v in onnx_files]
+    # OpenVINO runs every INT8 file (which is fastest depends on the model): NNCF's int8-ov, int8-cpu, int8
+    ov_int8 = ["int8-ov"] * quantize.nncf_available() + ["int8-cpu", "int8"]
+    if BACKENDS["openvino"].available():  # every installed backend on the device joins the default plan
+        expected += [("openvino", v) for v in ["fp32", "fp16"] + ov_int8] + [("openvino", "bf16")] * cpu_computes_bf16()
+    assert got == expected
     assert targets[0].artifact == exported["run"] / "best.pth"  # the checkpoint the ONNX came from
     only = resolve(["googlenet"], runs=exported["runs"], engines=exported["engines"], precisions=["int8"])
-    assert [t.variant for t in only] == ["int8-cpu"]
+    assert [t.variant for t in only] == ["int8-cpu"] + ov_int8 * BACKENDS["openvino"].available()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -143,7 +152,7 @@ def test_engine_runs_on_cuda_only_and_a_failed_open_closes(tiny_onnx):
     engine.write_bytes(b"not an engine")
     trt.sidecar_path(engine).write_text(json.dumps({
         "format": trt.SIDECAR_FORMAT, "model": "tiny", "precision": "fp32", "max_batch": 1, "onnx": tiny_onnx.name,
-        "gpu": "no such GPU", "compute_capability": "0.0", "trt_version": "10.0.0"}))
+        "onnx_sha256": sha256_file(tiny_onnx), "gpu": "no such GPU", "compute_capability": "0.0", "trt_version": "10.0.0"}))
     with pytest.raises(LungedgeError, match="runs on cuda only, not cpu"):
         open_runner(engine, device="cpu")
     r = open_runner(engine)

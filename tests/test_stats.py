@@ -131,8 +131,10 @@ def test_gate_limits_are_checked():
     from lungedge.stats import release_gate
 
     y, ref = _random_preds(n=30)
-    with pytest.raises(LungedgeError, match="fraction"):
+    with pytest.raises(LungedgeError, match="--max-bacc-drop must be at least 0 and under 100 points, got 150"):
         release_gate(y, ref, ref, None, CLASSES, max_bacc_drop=1.5)
+    with pytest.raises(LungedgeError, match="--max-sens-drop"):
+        release_gate(y, ref, ref, None, CLASSES, max_sens_drop=-0.01)
 
 
 def test_mean_interval_t_based_and_clipped():
@@ -190,3 +192,83 @@ def test_bundle_refuses_a_precision_that_failed_its_gate(tmp_path):
     with pytest.raises(LungedgeError, match="failed the release gate.*--allow-failed-gate"):
         _gate("m", "int8-cpu", onnx, results, False)
     assert _gate("m", "int8-cpu", onnx, results, True).startswith("FAIL")
+    # no eval yet: the gate export judged counts; eval's verdict, once there, wins
+    other = tmp_path / "m.fp16.onnx"
+    other.write_bytes(b"another exported file")
+    assert _gate("m", "fp16", other, results, False, release_gate(y, ref, ref, None, CLASSES)) == "pass"
+    with pytest.raises(LungedgeError, match="failed the release gate.*the export summary"):
+        _gate("m", "fp16", other, results, False, row["gate"])
+    assert _gate("m", "int8-cpu", onnx, results, True, release_gate(y, ref, ref, None, CLASSES)).startswith("FAIL")
+
+
+def _matmul_onnx(path, w):
+    """A constructed ONNX model: logits = input @ w (input N x 3)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["logits"])], "m",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [numpy_helper.from_array(np.asarray(w, np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_export_gates_each_reduced_precision_against_fp32(tmp_path):
+    """export's comparison step (the same code the pipeline runs) attaches a release gate per variant:
+    a copy of FP32 passes, a file that calls every Benign image Malignant fails; both are printed."""
+    from types import SimpleNamespace
+
+    from lungedge.export import EvalSet, _compare_variants, failed_gates
+
+    y = np.repeat([0, 1, 2], 20)
+    x = (np.eye(3)[y] * 5 + np.random.default_rng(0).normal(0, 0.1, (60, 3))).astype(np.float32)
+    test = EvalSet(x, y, "60 constructed images", groups=list(np.arange(60) // 2))
+    fp32 = _matmul_onnx(tmp_path / "m.fp32.onnx", np.eye(3))
+    same = _matmul_onnx(tmp_path / "m.fp16.onnx", np.eye(3))
+    lost = _matmul_onnx(tmp_path / "m.int8-cpu.onnx", [[0, 1, 0], [0, 1, 0], [0, 0, 1]])
+    summary, lines = {"files": {}, "parity": {}, "accuracy": {}}, []
+    _compare_variants([("fp16", same), ("int8-cpu", lost)], fp32, test,
+                      SimpleNamespace(output="logits", classes=CLASSES), summary, lines.append)
+    gates = summary["gate"]
+    assert gates["fp16"]["pass"] and gates["fp16"]["paired"]["balanced_accuracy"]["delta"] == 0
+    assert not gates["int8-cpu"]["pass"] and gates["int8-cpu"]["paired"]["groups"] == 30  # pairs resampled
+    assert gates["int8-cpu"]["paired"]["sensitivity"]["Benign"]["delta"] == pytest.approx(-1.0)
+    assert gates["int8-cpu"]["mcnemar"]["ref_right_new_wrong"] == 20
+    assert failed_gates(summary) == ["int8-cpu"]
+    assert any(s.startswith("release gate fp16 vs fp32: PASS") for s in lines)
+    assert any(s.startswith("release gate int8-cpu vs fp32: FAIL: sensitivity Benign") for s in lines)
+    unlabelled = {"files": {}, "parity": {}, "accuracy": {}}
+    _compare_variants([("fp16", same)], fp32, EvalSet(x, None, "random"), SimpleNamespace(output="logits",
+                      classes=CLASSES), unlabelled, lines.append)
+    assert "gate" not in unlabelled and failed_gates(unlabelled) == []  # no labels: nothing to judge
+
+
+def test_eval_gates_bf16_rows_like_any_reduced_precision():
+    """A BF16 row (OpenVINO computing the FP32 file in BF16) is gated, listed and tabled like FP16/INT8
+    (constructed rows: this CPU may have no BF16)."""
+    from lungedge.evaluate import gate_lines, table
+    from lungedge.report import gate_table
+    from lungedge.stats import release_gate
+
+    y, ref = _random_preds(n=90, seed=3)
+    bad = ref.copy()
+    bad[y == 2] = 0
+    rows = []
+    for variant, pred in (("bf16", bad), ("fp16", ref)):
+        rows.append({"kind": "eval", "machine": "m1", "model": "smallcnn", "backend": "openvino", "device": "cpu",
+                     "variant": variant, "fp32_reference": "openvino fp32 smallcnn.fp32.onnx",
+                     "gate": release_gate(y, ref, pred, None, CLASSES), "differs_from_fp32": 0.1,
+                     "metrics": {"n": 90, "accuracy": 0.7, "balanced_accuracy": 0.7, "macro_f1": 0.7,
+                                 "sensitivity": {c: 0.7 for c in CLASSES}, "specificity": {c: 0.8 for c in CLASSES}},
+                     "intervals": {}})
+    lines = gate_lines(rows)
+    assert lines[0].startswith("release gate smallcnn openvino bf16 vs openvino fp32") and "FAIL" in lines[0]
+    assert "PASS" in lines[1]
+    assert [r[3] for r in gate_table(rows)] == ["bf16", "fp16"] and gate_table(rows)[0][-1] == "FAIL"
+    from rich.console import Console
+
+    con = Console(width=300, record=True)
+    con.print(table(rows))
+    assert "FAIL" in con.export_text()

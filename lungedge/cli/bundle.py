@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from .common import print_json
+from .common import print_result
 
 
 class _BundleGroup(TyperGroup):
@@ -56,12 +56,9 @@ def create_cmd(
 
     result = create(model, out, parse_precisions(precision), engines=engines, calibration=calibration,
                     results=results, allow_failed_gate=allow_failed_gate)
-    if json_out:
-        print_json(result)
-        return
     m = result["manifest"]
-    typer.echo(f"wrote {result['path']} ({result['size']:,} bytes, {len(m['files']) + 2} files: "
-               f"{', '.join(m['precisions'])}), sha256 {result['sha256']}")
+    print_result(result, json_out, f"wrote {result['path']} ({result['size']:,} bytes, {len(m['files']) + 2} files: "
+                                   f"{', '.join(m['precisions'])}), sha256 {result['sha256']}")
 
 
 @app.command("verify")
@@ -73,12 +70,9 @@ def verify_cmd(
     from ..bundle import verify
 
     result = verify(file)
-    if json_out:
-        print_json(result)
-        return
     m = result["manifest"]
-    typer.echo(f"ok: {file}: {result['files']} files match their checksums ({m['model']}, "
-               f"{', '.join(m['precisions'])})")
+    print_result(result, json_out, f"ok: {file}: {result['files']} files match their checksums ({m['model']}, "
+                                   f"{', '.join(m['precisions'])})")
 
 
 @app.command("extract")

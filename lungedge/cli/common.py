@@ -26,12 +26,20 @@ def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
+def print_result(result, json_out: bool, line: str) -> None:
+    """A command's result: the whole of it as JSON with --json, else its one-line summary."""
+    if json_out:
+        print_json(result)
+    else:
+        typer.echo(line)
+
+
 EXIT_BAD_INPUT = 2  # the input or the environment is wrong; the one line says what
 EXIT_INTERNAL = 3  # an unexpected error (a bug): one line, the traceback in a log file
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
-def one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 1000) -> str:
     """Any message as one line (whitespace folded, cut at ``limit`` characters)."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from .common import print_json
+from .common import print_result
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -39,8 +39,6 @@ def build_cmd(
 
     path, sidecar = build_from_onnx(onnx_file, max_batch=max_batch, opt_batch=opt_batch,
                                     workspace_gib=workspace_gib, out=out)
-    if json_out:
-        print_json({"engine": str(path), **sidecar})
-        return
-    typer.echo(f"wrote {path} ({sidecar.get('precision')}, batch 1..{sidecar.get('max_batch')}, "
-               f"{sidecar.get('gpu')}, TensorRT {sidecar.get('trt_version')}, {sidecar.get('build_seconds')} s)")
+    print_result({"engine": str(path), **sidecar}, json_out,
+                 f"wrote {path} ({sidecar.get('precision')}, batch 1..{sidecar.get('max_batch')}, {sidecar.get('gpu')}, "
+                 f"TensorRT {sidecar.get('trt_version')}, {sidecar.get('build_seconds')} s)")

@@ -49,9 +49,15 @@ def export_cmd(
     transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
                                                    help="GoogLeNet/Inception v3 state dicts from outside: torchvision's "
                                                    "input transform (default on, as for ImageNet weights)."),
+    gate: bool = typer.Option(False, "--gate", help="Exit non-zero when FP16/INT8 fails the release gate against "
+                              "FP32 on the test images (the files are still written; see --max-bacc-drop)."),
+    max_bacc_drop: float = typer.Option(1.0, "--max-bacc-drop", help="Gate: largest allowed drop of balanced "
+                                        "accuracy, in points, judged on the 95% interval's lower bound."),
+    max_sens_drop: float = typer.Option(2.0, "--max-sens-drop", help="Gate: largest allowed drop of each class's "
+                                        "sensitivity, in points, judged on the interval's lower bound."),
 ):
     """Export a checkpoint to ONNX (FP32, FP16, calibrated INT8) and build TensorRT engines."""
-    from ..export import export
+    from ..export import export, failed_gates
 
     summary = export(model, checkpoint=checkpoint, fp16=fp16, int8=int8, calib_data=calib_data,
                      calib_size=calib_size, calib_method=calib_method, max_batch=max_batch, opset=opset,
@@ -59,5 +65,10 @@ def export_cmd(
                      trust_pickle=trust_pickle, log=typer.echo,
                      options={"custom": custom, "input_size": input_size, "scale": scale, "mean": mean, "std": std,
                               "channels": channels, "layout": layout, "resize": resize, "output": output,
-                              "transform_input": transform_input})
+                              "transform_input": transform_input},
+                     max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100)
     typer.echo(f"wrote {', '.join(summary['files'].values())}")
+    failed = failed_gates(summary)
+    if gate and failed:
+        typer.echo(f"error: release gate against FP32 failed for {', '.join(failed)}", err=True)
+        raise typer.Exit(1)

@@ -91,7 +91,7 @@ def train_cmd(
     patience: int = typer.Option(0, help="Early stopping: stop after this many epochs without a better val balanced accuracy (0: off)."),
     group_by: str = typer.Option("near-duplicate", "--group-by", help="Split made without --split: near-duplicate or none."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random flips, small rotations/zoom and intensity jitter while training."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (PyTorch or TensorFlow)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ):
     """Train one of the classifiers on an image folder (transfer, finetune or full)."""
@@ -116,7 +116,7 @@ def finetune_cmd(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     out: Optional[Path] = typer.Option(None, help="Runs folder (default: the checkpoint's)."),
     patience: Optional[int] = typer.Option(None, help="Early stopping patience (0: off)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (PyTorch or TensorFlow)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ):
     """Continue training a checkpoint with more layers unfrozen and a lower learning rate."""

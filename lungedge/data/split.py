@@ -194,7 +194,7 @@ def read_manifest(path) -> dict:
         raise LungedgeError(f"cannot read split manifest {path}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LungedgeError(f"{path} is not a lungedge split manifest (format {FORMAT!r} expected)")
-    from ..limits import validate
+    from ..validation import validate
 
     validate("SplitManifest", manifest, path)  # fields present and typed, labels known, paths inside the root
     return manifest
@@ -214,6 +214,10 @@ def load_manifest(path, root=None, thumbs: bool = False, show_progress: bool | N
     """Read a manifest and re-scan its images, checking that none changed: (manifest, records)."""
     manifest = read_manifest(path)
     root = Path(root) if root else Path(manifest["dataset"]["root"])
+    from ..io import contained
+
+    for it in manifest["items"]:  # also without pydantic's schema check
+        contained(root, it["path"], f"{path}: manifest entry")
     missing = [it["path"] for it in manifest["items"] if not (root / it["path"]).is_file()]
     if missing:
         raise LungedgeError(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import onnx_meta, quantize, trt
+from .. import onnx_meta, quantize, stats, trt
 from ..errors import LungedgeError
 from ..io import staged_folder, write_json
 from . import compare, metadata, precision
@@ -31,7 +31,7 @@ from .sources import load_source, run_source, source_to_onnx
 
 PARITY_IMAGES = 32
 
-__all__ = ["export", "load_source", "resolve_checkpoint", "Request", "Source", "evaluation_set", "EvalSet"]
+__all__ = ["export", "load_source", "resolve_checkpoint", "Request", "Source", "evaluation_set", "EvalSet", "failed_gates"]
 
 
 @dataclass
@@ -41,11 +41,13 @@ class EvalSet:
     x: np.ndarray
     y: np.ndarray | None
     where: str
+    groups: list | None = None  # near-duplicate group per image (split manifest), for the release gate
 
     def head(self, n: int) -> "EvalSet":
         if len(self.x) <= n:
             return self
-        return EvalSet(self.x[:n], None if self.y is None else self.y[:n], f"first {n} of {self.where}")
+        return EvalSet(self.x[:n], None if self.y is None else self.y[:n], f"first {n} of {self.where}",
+                       None if self.groups is None else self.groups[:n])
 
 
 def evaluation_set(source: Source, data=None, limit: int | None = None, seed: int = 0, log=print) -> EvalSet:
@@ -55,12 +57,12 @@ def evaluation_set(source: Source, data=None, limit: int | None = None, seed: in
     if source.split_path is not None:
         try:
             ts = load_test_set(split=source.split_path, data=data, limit=limit)
-            return EvalSet(ts.inputs(source.preprocessing), ts.label_indices(source.classes), ts.where)
+            return EvalSet(ts.inputs(source.preprocessing), ts.label_indices(source.classes), ts.where, ts.groups)
         except LungedgeError as exc:
             log(f"note: not comparing on the run's test images ({exc})")
     if data:
         ts = load_test_set(data=data, limit=limit or PARITY_IMAGES)
-        return EvalSet(ts.inputs(source.preprocessing), ts.label_indices(source.classes), ts.where)
+        return EvalSet(ts.inputs(source.preprocessing), ts.label_indices(source.classes), ts.where, ts.groups)
     x = np.random.default_rng(seed).normal(size=(limit or PARITY_IMAGES, *source.preprocessing.input_shape))
     return EvalSet(x.astype(np.float32), None, f"{len(x)} random inputs (no test images known: pass --data DIR)")
 
@@ -81,7 +83,11 @@ def _check_settings(calib_method: str, max_batch: int) -> None:
 def _check_fp32(source: Source, fp32: Path, base: Path, check: EvalSet, summary: dict, log) -> None:
     """The FP32 ONNX against the source framework on the same inputs; refuse a mismatch."""
     summary["parity_images"] = check.where
-    p = compare.compare_outputs(run_source(source, check.x), compare.run_onnx(fp32, check.x))
+    from ..batching import predict_in_batches
+
+    # the source a few images a call: a Keras ResNet50 on 32 images at once alone took > 3.8 GB (#14)
+    p = compare.compare_outputs(predict_in_batches(lambda c: run_source(source, c), check.x, 4),
+                                compare.run_onnx(fp32, check.x))
     summary["parity"]["fp32_vs_source"] = p
     log(f"fp32 ONNX {fp32}: top-1 agreement {p['top1_agreement']:.1%}, max rel error {p['max_rel']:.2e} "
         f"on {check.where}")
@@ -92,11 +98,15 @@ def _check_fp32(source: Source, fp32: Path, base: Path, check: EvalSet, summary:
 
 
 def _compare_variants(variants: list[tuple[str, Path]], fp32: Path, test: EvalSet, source: Source, summary: dict,
-                      log) -> None:
-    """Each reduced-precision file against FP32 on the whole test set (and its accuracy where labelled)."""
+                      log, max_bacc_drop: float = stats.MAX_BACC_DROP, max_sens_drop: float = stats.MAX_SENS_DROP
+                      ) -> None:
+    """Each reduced-precision file against FP32 on the whole test set; where labelled, its accuracy and
+    the release gate (:func:`lungedge.stats.release_gate`: paired group bootstrap, McNemar) in
+    ``summary["gate"][variant]``."""
     ref = compare.run_onnx(fp32, test.x)
     if test.y is not None:
         summary["accuracy"]["fp32"] = compare.accuracy(_scores(ref, source), test.y, source.classes)
+        summary["gate"] = {}
     for name, file in variants:
         summary["files"][name] = str(file)
         got = compare.run_onnx(file, test.x)
@@ -108,20 +118,44 @@ def _compare_variants(variants: list[tuple[str, Path]], fp32: Path, test: EvalSe
             line += f", balanced accuracy {summary['accuracy'][name]['balanced_accuracy']:.3f}" \
                     f" (fp32 {summary['accuracy']['fp32']['balanced_accuracy']:.3f})"
         log(line + f" on {test.where}")
+        if test.y is not None:
+            gate = _gate(_scores(ref, source).argmax(1), _scores(got, source).argmax(1), test, source.classes,
+                         max_bacc_drop, max_sens_drop)
+            summary["gate"][name] = gate
+            log(f"release gate {name} vs fp32: {stats.gate_line(gate)}")
+
+
+def _gate(ref_pred, new_pred, test: EvalSet, classes, max_bacc_drop: float, max_sens_drop: float) -> dict:
+    """The release gate of one reduced precision against FP32 on the export's test images (groups of the
+    run's split; image by image where none are known, said in ``method``)."""
+    gate = stats.release_gate(test.y, ref_pred, new_pred, test.groups, classes, max_bacc_drop, max_sens_drop)
+    gate["test_set"] = test.where
+    gate["method"] = ("paired bootstrap over near-duplicate groups" if test.groups is not None
+                      else "paired bootstrap over images (no groups known)")
+    return gate
+
+
+def failed_gates(summary: dict) -> list[str]:
+    """The variants of an export summary whose release gate against FP32 failed."""
+    return [v for v, g in (summary.get("gate") or {}).items() if g and not g["pass"]]
 
 
 OPSETS = (13, 18)  # opsets every exporter here writes: torch (7-20), tf2onnx 1.17 (up to 18); Q/DQ per channel needs 13
 
 
 def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = False, calib_data=None,
-           calib_size: int = 300, calib_method: str = "minmax", max_batch: int = 8, opset: int = 17,
+           calib_size: int = 300, calib_method: str = quantize.DEFAULT_CALIB_METHOD, max_batch: int = 8, opset: int = 17,
            engine: bool | None = None, out="engines", runs="runs", calibration="calibration",
            classes: str | None = None, data=None, trust_pickle: bool = False, log=print,
-           options: dict | None = None) -> dict:
+           options: dict | None = None, max_bacc_drop: float = stats.MAX_BACC_DROP,
+           max_sens_drop: float = stats.MAX_SENS_DROP) -> dict:
     """Export MODEL; returns the summary that is also written as ``<model>.export.json``.
 
-    ``options``: declared facts for the source kinds (``Request.options``: --custom, preprocessing, output)."""
+    ``options``: declared facts for the source kinds (``Request.options``: --custom, preprocessing, output).
+    With FP16/INT8 and labelled test images, ``summary["gate"]`` holds each precision's release gate
+    against FP32 (limits as fractions; :func:`failed_gates` lists the failed ones)."""
     _check_settings(calib_method, max_batch)  # before any work
+    stats.check_gate_limits(max_bacc_drop, max_sens_drop)
     if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
         raise LungedgeError(f"--opset must be from {OPSETS[0]} to {OPSETS[1]} (what the torch and Keras "
                             f"exporters and the INT8 Q/DQ writer all support), got {opset}")
@@ -132,7 +166,8 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         log(f"note: {note}")
     final = Path(out) / source.architecture
     summary = {"model": source.architecture, "checkpoint": str(path), "checkpoint_sha256": source.sha256,
-               "classes": source.classes, "build": source.build, "notes": list(source.notes), "files": {},
+               "classes": source.classes, "build": source.build, "output": source.output,
+               "notes": list(source.notes), "files": {},
                "parity": {}, "accuracy": {}}
     # the set is written into a locked staging folder and replaces OUT/MODEL only once all of it is
     # written and checked: a kill or a failure leaves the previous complete set (issue #13)
@@ -152,7 +187,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
             summary["calibration"] = cal.summary()
             variants += precision.write_int8(fp32, base, source, cal, shown)
         if test is not None:
-            _compare_variants(variants, fp32, test, source, summary, shown)
+            _compare_variants(variants, fp32, test, source, summary, shown, max_bacc_drop, max_sens_drop)
         summary["files"] = {v: str(final / Path(f).name) for v, f in summary["files"].items()}
         summary["engines"] = []
         write_json(stage / f"{source.architecture}.export.json", summary)

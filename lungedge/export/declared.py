@@ -23,7 +23,6 @@ from ..preprocess import CHANNEL_ORDERS, RESIZES, Preprocessing
 
 OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")
 RESIZE_WORDS = {"crop": "center-crop-bilinear", "stretch": "stretch-bilinear"}
-PREP_KEYS = ("input_size", "scale", "mean", "std", "channels", "layout", "resize")
 
 
 def parse_scale(text) -> float:
@@ -62,83 +61,73 @@ def parse_triple(text, what: str):
     return tuple(values)
 
 
-def has_declared_preprocessing(options: dict) -> bool:
-    return any(options.get(k) is not None for k in PREP_KEYS)
-
-
 def preprocessing(options: dict, path: Path, *, size: int | None = None, layout: str | None = None,
                   channels: int | None = None, base: Preprocessing | None = None,
                   default_layout: str = "NCHW") -> tuple[Preprocessing, list[str]]:
     """The model's preprocessing: declared options over what the model fixes (``size``, ``layout``,
     ``channels``) over ``base`` (a registry entry's) over defaults; and the notes saying what was assumed."""
     assumed: list[str] = []
-    declared_size = options.get("input_size")
-    if declared_size is not None and size is not None and int(declared_size) != size:
-        raise LungedgeError(f"{path} takes {size} x {size} inputs (fixed in the model); --input-size says {declared_size}")
-    size = int(declared_size or size or (base.size if base else 0))
-    if not size:
-        raise LungedgeError(f"{path} does not fix its input size; declare it with --input-size N")
 
-    lay = options.get("layout")
-    if lay is not None:
-        lay = check_choice(str(lay).upper(), ("NCHW", "NHWC"), "--layout")
-        if layout is not None and lay != layout:
-            raise LungedgeError(f"{path} takes {layout} inputs; --layout says {lay}")
-    else:
-        lay = layout or (base.layout if base else None)
-        if lay is None:
-            lay = default_layout
-            assumed.append(f"layout {lay}")
+    def fallback(value, field: str, default, note: str):
+        """The declared (or model-fixed) value, else ``base``'s, else ``default``, noted as assumed."""
+        if value is not None:
+            return value
+        if base is not None and getattr(base, field) is not None:
+            return getattr(base, field)
+        assumed.append(note)
+        return default
 
-    order = options.get("channels")
-    if order is not None:
-        order = check_choice(str(order).upper(), CHANNEL_ORDERS, "--channels")
-        if channels is not None and (channels == 1) != (order == "GRAY"):
-            raise LungedgeError(f"{path} takes {channels}-channel inputs; --channels says {order}")
-    elif channels == 1:
-        order = "GRAY"
-    else:
-        order = base.channel_order if base else None
-        if order is None:
-            order = "RGB"
-            assumed.append("channels RGB")
-
+    size = _declared_size(options, path, size, base)
+    lay = fallback(_declared_layout(options, path, layout), "layout", default_layout, f"layout {default_layout}")
+    order = fallback(_declared_channels(options, path, channels), "channel_order", "RGB", "channels RGB")
     scale = options.get("scale")
-    if scale is not None:
-        scale = parse_scale(scale)
-    else:
-        scale = base.scale if base else None
-        if scale is None:
-            scale = 1.0 / 255.0
-            assumed.append("scale 1/255")
-
-    mean, std = parse_triple(options.get("mean"), "mean"), parse_triple(options.get("std"), "std")
-    if mean is None:
-        mean = base.mean if base else None
-        if mean is None:
-            assumed.append("mean none")
-    if std is None:
-        std = base.std if base else None
-        if std is None:
-            assumed.append("std none")
-    mean = (0.0, 0.0, 0.0) if mean in (None, "none") else mean
-    std = (1.0, 1.0, 1.0) if std in (None, "none") else std
-
+    scale = fallback(parse_scale(scale) if scale is not None else None, "scale", 1.0 / 255.0, "scale 1/255")
+    mean = fallback(parse_triple(options.get("mean"), "mean"), "mean", None, "mean none")
+    std = fallback(parse_triple(options.get("std"), "std"), "std", None, "std none")
     resize = options.get("resize")
     if resize is not None:
-        resize = RESIZE_WORDS.get(str(resize).lower(), str(resize).lower())
-        check_choice(resize, RESIZES, "--resize")
-    else:
-        resize = base.resize if base else None
-        if resize is None:
-            resize = RESIZES[0]
-            assumed.append("resize crop")
-    prep = Preprocessing(size=size, mean=mean, std=std, scale=scale, channel_order=order, layout=lay, resize=resize)
+        resize = check_choice(RESIZE_WORDS.get(str(resize).lower(), str(resize).lower()), RESIZES, "--resize")
+    resize = fallback(resize, "resize", RESIZES[0], "resize crop")
+    prep = Preprocessing(size=size, mean=(0.0, 0.0, 0.0) if mean in (None, "none") else mean,
+                         std=(1.0, 1.0, 1.0) if std in (None, "none") else std, scale=scale,
+                         channel_order=order, layout=lay, resize=resize)
     notes = []
     if assumed:
         notes.append(f"preprocessing not declared, assumed: {', '.join(assumed)} (declare with --scale, --mean, "
                      "--std, --channels, --layout, --resize)")
     return prep, notes
+
+
+def _declared_size(options: dict, path: Path, size: int | None, base: Preprocessing | None) -> int:
+    declared = options.get("input_size")
+    if declared is not None and size is not None and int(declared) != size:
+        raise LungedgeError(f"{path} takes {size} x {size} inputs (fixed in the model); --input-size says {declared}")
+    size = int(declared or size or (base.size if base else 0))
+    if not size:
+        raise LungedgeError(f"{path} does not fix its input size; declare it with --input-size N")
+    return size
+
+
+def _declared_layout(options: dict, path: Path, layout: str | None) -> str | None:
+    """--layout (checked against the layout the model fixes), else the model's, else None."""
+    lay = options.get("layout")
+    if lay is None:
+        return layout
+    lay = check_choice(str(lay).upper(), ("NCHW", "NHWC"), "--layout")
+    if layout is not None and lay != layout:
+        raise LungedgeError(f"{path} takes {layout} inputs; --layout says {lay}")
+    return lay
+
+
+def _declared_channels(options: dict, path: Path, channels: int | None) -> str | None:
+    """--channels (checked against the model's channel count), else GRAY for a 1-channel model, else None."""
+    order = options.get("channels")
+    if order is None:
+        return "GRAY" if channels == 1 else None
+    order = check_choice(str(order).upper(), CHANNEL_ORDERS, "--channels")
+    if channels is not None and (channels == 1) != (order == "GRAY"):
+        raise LungedgeError(f"{path} takes {channels}-channel inputs; --channels says {order}")
+    return order
 
 
 def image_facts(shape) -> tuple[int | None, str | None, int | None]:
@@ -192,7 +181,8 @@ def output_kind(detected: str, declared: str | None, outputs: int | None, classe
     if declared and declared != detected:
         notes.append(f"output declared {declared} (the model looks like {detected})")
     elif detected != "logits":
-        notes.append(f"the model outputs {detected} ({'a softmax head' if detected == 'probabilities' else 'a sigmoid'});"
+        head = "a softmax head" if detected == "probabilities" else "a sigmoid"
+        notes.append(f"the model outputs {detected} ({head});"
                      " probabilities are taken as they are, not softmaxed again")
     n = len(classes)
     if kind == "sigmoid":

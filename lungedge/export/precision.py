@@ -92,4 +92,11 @@ def write_int8(fp32: Path, base: Path, source: Source, cal: Calibration, log=pri
         metadata.restamp(q, source, "int8", int8_target=target, calibration=cal.manifest["key"])
         log(f"int8 ({target}) {q}: ranges {'reused from' if reuse else 'computed and saved to'} {ranges}")
         written.append((variant, q))
+    if quantize.nncf_available():  # OpenVINO's own placement, from the same calibration images (#14)
+        q = quantize.to_int8_nncf(fp32, variant_path(base, "int8-ov"), cal.batches, cal.manifest["size"])
+        metadata.restamp(q, source, "int8", int8_target="ov", calibration=cal.manifest["key"])
+        log(f"int8-ov {q}: NNCF's placement, for OpenVINO on CPUs")
+        written.append(("int8-ov", q))
+    else:
+        log("note: NNCF is not installed: no int8-ov file (OpenVINO's INT8 placement); pip install nncf")
     return written

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ..errors import LungedgeError
 from ..preprocess import Preprocessing
 from .frameworks import import_keras, import_torch_first
-from .spec import BUILD_FORMAT, CAFFE_BGR
+from .spec import BUILD_FORMAT
 
 
 def download_error(spec, exc: Exception) -> LungedgeError:

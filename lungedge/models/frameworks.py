@@ -53,3 +53,17 @@ def import_keras():
     except ImportError:
         pass
     return keras
+
+
+def set_tensorflow_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for TensorFlow's ops (one inter-op pool); possible only before
+    TensorFlow starts its pools, after that they are fixed for the process and this does nothing."""
+    if not threads:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # TensorFlow already started: its thread pools are fixed for this process

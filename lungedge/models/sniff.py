@@ -21,7 +21,6 @@ ZIP_MAGIC = b"PK\x03\x04"
 LFS_PREFIX = b"version https://git-lfs"
 HEAD = 4096
 
-MODEL_FORMATS = ("hdf5", "torchscript", "torch-export", "torch-zip", "torch-pickle", "keras-zip", "onnx", "zip")
 READS = "PyTorch (.pth/.pt/.pt2), Keras (.h5/.keras) or ONNX (.onnx)"
 
 
@@ -146,7 +145,8 @@ def expect(path: str | Path, formats: tuple[str, ...], what: str) -> str:
 
 
 DESCRIBE = {
-    "hdf5": "an HDF5 (Keras .h5) file", "torchscript": "a TorchScript program", "torch-export": "a torch.export program",
+    "hdf5": "an HDF5 (Keras .h5) file", "torchscript": "a TorchScript program",
+    "torch-export": "a torch.export program",
     "torch-zip": "a torch.save file", "torch-pickle": "a legacy torch.save (pickle) file",
     "keras-zip": "a Keras 3 .keras archive", "onnx": "an ONNX model", "zip": "a zip archive",
 }

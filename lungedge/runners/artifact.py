@@ -55,7 +55,9 @@ def _onnx_variant(meta: dict) -> str:
     precision = meta.get("precision", "fp32")
     if precision == "int8":
         target = (meta.get("extra") or {}).get("int8_target")
-        return "int8-cpu" if target == "cpu" else "int8"
+        from ..onnx_meta import variant_of
+
+        return variant_of("int8", target if target in ("cpu", "ov") else "trt")
     return precision
 
 

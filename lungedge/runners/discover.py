@@ -83,7 +83,7 @@ def export_source(model: str, runs, engines) -> Path | None:
 def onnx_files(model: str, engines) -> dict[str, Path]:
     folder = Path(engines) / model
     out = {}
-    for variant in ("fp32", "fp16", "int8-cpu", "int8"):
+    for variant in ("fp32", "fp16", "int8-cpu", "int8", "int8-ov"):
         p = folder / f"{model}.{variant}.onnx"
         if p.is_file():
             out[variant] = p
@@ -147,8 +147,10 @@ def jobs_for_model(model: str, device: str = "cpu", backends=None, precisions=No
             out += [Job(ckpt, entry.name, device, p, p, model) for p in precisions
                     if p in (entry.precisions_on(device) or ("fp32",))]
         if "onnx" in entry.kinds:
+            # a backend may run more INT8 files on the CPU (OpenVINO: the S8S8 file is its fastest on DenseNet121)
             out += [Job(files[v], entry.name, device, p, v, model) for p in precisions
-                    for v in onnx_variants(p, device, include_trt_int8) if v in files]
+                    for v in (entry.extra.get("cpu_int8_variants") if p == "int8" and device == "cpu" else None)
+                    or onnx_variants(p, device, include_trt_int8) if v in files]
             # precisions a backend computes from another file (OpenVINO: bf16 from the fp32 file)
             out += [Job(files[v], entry.name, device, p, p, model) for p, v in entry.extra.get("onnx_precisions",
                     {}).items() if p in precisions and v in files and (p != "bf16" or cpu_computes_bf16())]

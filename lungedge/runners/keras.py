@@ -27,17 +27,13 @@ class ModelFromH5(Loader):
 
     def __call__(self):
         from ..models.checkpoint import load_checkpoint
+        from ..models.frameworks import set_tensorflow_threads
         from ..models.registry import import_keras
 
         import_keras()
         import tensorflow as tf
 
-        if self.threads:
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(int(self.threads))
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:
-                pass  # TensorFlow already started: its thread pools are fixed for this process
+        set_tensorflow_threads(self.threads)
         if self.device == "cuda" and not tf.config.list_physical_devices("GPU"):
             raise LungedgeError("--device cuda: no GPU is visible to TensorFlow here")
         with tf.device(device_name(self.device)):

@@ -97,6 +97,12 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[check_choice(name, BACKENDS, "backend")]
 
 
+def short_name(name: str) -> str:
+    """A backend's short label for plots (its ``short=`` entry; else its name, also for unknown names)."""
+    entry = BACKENDS.get(name)
+    return entry.extra.get("short", name) if entry is not None else name
+
+
 def default_backend(info: ArtifactInfo, device: str | None = None) -> Backend:
     """The first registered default backend that runs this artifact (on ``device``, if given)."""
     runs = [e for e in BACKENDS.values() if e.default and e.runs(info)]
@@ -136,13 +142,15 @@ register("torch", "lungedge.runners.torch:TorchRunner", kinds=("checkpoint",), f
 register("keras", "lungedge.runners.keras:KerasRunner", kinds=("checkpoint",), frameworks=("keras",),
          devices=("cpu", "cuda"), precisions={"cpu": ("fp32",), "cuda": ("fp32",)}, requires=("keras",))
 register("onnxruntime", "lungedge.runners.onnxrt:OnnxRuntimeRunner", kinds=("onnx",), devices=("cpu", "cuda"),
-         requires=("onnxruntime",))
+         requires=("onnxruntime",), short="ort")
 register("onnxruntime-trt", "lungedge.runners.onnxrt_trt:OnnxRuntimeTrtRunner", kinds=("onnx",), devices=("cuda",),
-         default=False, requires=("onnxruntime",))
+         default=False, requires=("onnxruntime",), short="ort-trt")
 register("tensorrt", "lungedge.runners.trt:TensorRTRunner", kinds=("engine",), devices=("cuda",),
-         requires=("tensorrt",))
+         requires=("tensorrt",), short="trt")
 register("openvino", "lungedge.runners.openvino:OpenVinoRunner", kinds=("onnx",), devices=("cpu",), default=False,
-         requires=("openvino",), onnx_precisions={"bf16": "fp32"})  # bf16: the fp32 file computed in BF16 (AMX)
+         requires=("openvino",), onnx_precisions={"bf16": "fp32"},  # bf16: the fp32 file computed in BF16 (AMX)
+         # every INT8 file: which is fastest depends on the model; int8-ov (NNCF) where export wrote it (#14)
+         cpu_int8_variants=("int8-ov", "int8-cpu", "int8"))
 register("torch-amp", "lungedge.runners.torch_compile:TorchAmpRunner", kinds=("checkpoint",), frameworks=("torch",),
          devices=("cpu", "cuda"), precisions={"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")},
          default=False, requires=("torch",), plan_devices=("cuda",))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LungedgeError
-from .common import TrainConfig
+from .common import TrainConfig, run_checkpoint
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: bool | None = None,
@@ -45,12 +45,19 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
     lock = lock_run(resume_dir or planned_run_dir(cfg)) if main_rank else None
     run_dir = resume_dir or planned_run_dir(cfg)
+    new_folder = resume_dir is None and not run_dir.exists()
     try:
         return _train(cfg, spec, resume_dir, on_epoch, show_progress, stop_after, strategy)
+    except LungedgeError:
+        if new_folder and main_rank and not run_checkpoint(run_dir):
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before an epoch finished: leave no half run
+        raise
     except KeyboardInterrupt:
         from ..io import note_kept
 
-        if (run_dir / "last.pth").exists() or (run_dir / "last.h5").exists():
+        if run_checkpoint(run_dir):
             note_kept(f"{run_dir} keeps its last finished epoch; continue with "
                       f"'lungedge train {cfg.model} --out {cfg.out} --run-name {run_dir.name} --resume'")
         else:

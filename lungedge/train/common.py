@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import LungedgeError
 from ..io import FolderLock, clean_temp_files, safe_name, write_json
 from ..limits import check_input_size, check_positive
-from ..preprocess import Preprocessing, open_image
+from ..preprocess import Preprocessing, read_image
 from ..ui import progress
 
 RUN_FORMAT = "lungedge-run/1"
@@ -147,7 +147,7 @@ def load_arrays(manifest: dict, root: Path, prep: Preprocessing) -> Arrays:
     with progress(len(items), f"loading images at {prep.size} px") as advance:
         pixels = []
         for it in items:
-            pixels.append(prep.pixels(open_image(root / it["path"])))
+            pixels.append(prep.pixels(read_image(root / it["path"], prep.size)))  # the decode inference uses
             advance()
     pixels = np.stack(pixels) if pixels else np.zeros((0, prep.size, prep.size, 3), np.uint8)
     for split in ("train", "val", "test"):
@@ -157,6 +157,9 @@ def load_arrays(manifest: dict, root: Path, prep: Preprocessing) -> Arrays:
         out.paths[split] = [items[i]["path"] for i in idx]
     if len(out.y["train"]) == 0:
         raise LungedgeError("the split has no training images")
+    if len(out.y["val"]) == 0:  # the best epoch is chosen on it; without it every score is NaN
+        raise LungedgeError(f"the split has no validation images ({len(items)} images in all): add images, "
+                            "or give --split a manifest with a 'val' part")
     return out
 
 
@@ -179,9 +182,17 @@ def lock_run(run_dir: Path) -> FolderLock:
     return lock
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".h5")  # the PyTorch and the Keras trainer's
+
+
+def run_checkpoint(run_dir, which: str = "last") -> Path | None:
+    """A run folder's ``best`` or ``last`` checkpoint (``.pth`` or ``.h5``), or None before its first epoch."""
+    return next((p for s in CHECKPOINT_SUFFIXES if (p := Path(run_dir) / f"{which}{s}").exists()), None)
+
+
 def new_run_dir(cfg: TrainConfig) -> Path:
     run_dir = planned_run_dir(cfg)
-    if (run_dir / "last.pth").exists() or (run_dir / "last.h5").exists():
+    if run_checkpoint(run_dir):
         raise LungedgeError(f"run folder {run_dir} already holds a run; use --resume or another --run-name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -195,7 +206,7 @@ def find_resumable(cfg: TrainConfig) -> Path:
     else:
         cands = sorted((p for p in base.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
     for run_dir in cands:
-        if not ((run_dir / "last.pth").exists() or (run_dir / "last.h5").exists()) or not (run_dir / "config.json").exists():
+        if not run_checkpoint(run_dir) or not (run_dir / "config.json").exists():
             continue
         status = read_status(run_dir)
         if status != "finished" or cfg.run_name:

@@ -21,8 +21,10 @@ from ..batching import predict_in_batches
 from ..errors import LungedgeError
 from ..io import atomic_write_bytes
 from ..models import checkpoint as ckpt
+from ..models.frameworks import set_tensorflow_threads
 from ..models.registry import Built, apply_mode, get_spec, import_keras
 from . import common
+from .loop import EpochLoop
 from .metrics import class_weights
 
 
@@ -69,11 +71,12 @@ def train_keras(cfg: common.TrainConfig, on_epoch=None, show_progress: bool | No
                 stop_after: int | None = None, resume_dir: Path | None = None, strategy=None) -> dict:
     import_keras()
     common.check_device(cfg.device, "keras")
+    set_tensorflow_threads(cfg.threads)
     run = KerasRun(cfg, resume_dir, strategy)
     return run.fit(on_epoch, sys.stderr.isatty() if show_progress is None else show_progress, stop_after)
 
 
-class KerasRun:
+class KerasRun(EpochLoop):
     """One Keras training run: data, model, optimizer and the epoch loop's state."""
 
     def __init__(self, cfg: common.TrainConfig, resume_dir: Path | None, strategy=None):
@@ -112,10 +115,7 @@ class KerasRun:
         load_optimizer(run_dir / "last.optimizer.npz", self.optimizer, self.model)
 
     def meta_for(self, epoch: int) -> dict:
-        d = self.data
-        return ckpt.make_meta(self.spec, d.classes, self.prep, self.cfg.mode, d.fingerprint, epoch, self.history,
-                              build=self.build, split_manifest=d.split_path, data_root=str(d.root),
-                              config=self.cfg.to_dict(), best=self.best, bad_epochs=self.bad_epochs)
+        return super().meta_for(epoch, bad_epochs=self.bad_epochs)
 
     def evaluate(self, model, split: str) -> dict:
         x, y = self.data.arrays.x[split], self.data.arrays.y[split]
@@ -137,11 +137,7 @@ class KerasRun:
 
     def end_epoch(self, epoch: int, train_loss: float, seconds: float) -> dict:
         """Validate, update best/patience, write best.h5, last.h5 (+ optimizer) and metrics.json."""
-        val = self.evaluate(self.model, "val")
-        improved = common.is_better(self.best, val)
-        rec = common.epoch_record(epoch + 1, train_loss, val, seconds, improved)
-        self.history.append(common.clean(rec))
-        self.best, self.bad_epochs = (common.best_record(epoch + 1, val), 0) if improved else (self.best, self.bad_epochs + 1)
+        rec, improved = self.record_epoch(epoch, train_loss, self.evaluate(self.model, "val"), seconds)
         run_dir = self.data.run_dir
         if improved:
             ckpt.save_keras_checkpoint(run_dir / "best.h5", self.model, self.meta_for(epoch + 1))
@@ -151,20 +147,9 @@ class KerasRun:
                              time.time() - self.t_start, suffix=".h5")
         return rec
 
-    def fit(self, on_epoch, show_progress: bool, stop_after: int | None) -> dict:
-        cfg, self.t_start = self.cfg, time.time()
-        for epoch in range(self.start, cfg.epochs):
-            t0 = time.time()
-            train_loss = self.train_epoch(epoch, show_progress)
-            rec = self.end_epoch(epoch, train_loss, time.time() - t0)
-            if on_epoch:
-                on_epoch(rec)
-            if cfg.patience and self.bad_epochs >= cfg.patience:
-                break
-            if stop_after is not None and epoch + 1 - self.start >= stop_after and epoch + 1 < cfg.epochs:
-                return {"run_dir": str(self.data.run_dir), "status": "interrupted", "history": self.history}
+    def finish(self) -> dict:
+        """Test the best checkpoint and write the final metrics.json; early stopping is a normal end."""
         best_model, _ = ckpt.load_checkpoint(self.data.run_dir / "best.h5")
         test = self.evaluate(best_model, "test")
         return common.write_metrics(self.data, self.cfg, self.history, self.best, test, "finished",
-                                    time.time() - self.t_start, suffix=".h5",
-                                    early_stopped=bool(cfg.patience and self.bad_epochs >= cfg.patience))
+                                    time.time() - self.t_start, suffix=".h5", early_stopped=self.early_stopped)

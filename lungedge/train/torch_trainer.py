@@ -22,6 +22,7 @@ from ..io import sha256_bytes
 from ..models import checkpoint as ckpt
 from ..models.registry import get_spec
 from . import common
+from .loop import EpochLoop
 from .metrics import class_weights
 
 
@@ -153,7 +154,7 @@ def train_torch(cfg: common.TrainConfig, on_epoch=None, show_progress: bool | No
         dist.close()
 
 
-class TorchRun:
+class TorchRun(EpochLoop):
     """One training run: data, model, optimizer and the epoch loop's state."""
 
     def __init__(self, cfg: common.TrainConfig, dist: Dist, resume_dir: Path | None):
@@ -214,11 +215,15 @@ class TorchRun:
         self.history, self.start = list(payload["meta"]["history"]), int(ts["epoch"])
         self.bad_epochs, self.best = int(ts["bad_epochs"]), ts.get("best") or None
 
+    @property
+    def main(self) -> bool:
+        return self.dist.main
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
     def meta_for(self, epoch: int) -> dict:
-        d = self.data
-        return ckpt.make_meta(self.spec, d.classes, self.prep, self.cfg.mode, d.fingerprint, epoch, self.history,
-                              build=self.build, split_manifest=d.split_path, data_root=str(d.root),
-                              config=self.cfg.to_dict(), best=self.best, world_size=self.dist.world)
+        return super().meta_for(epoch, world_size=self.dist.world)
 
     def train_epoch(self, epoch: int, show_progress: bool) -> float:
         """One pass over this rank's share of the training set; the mean training loss."""
@@ -260,10 +265,7 @@ class TorchRun:
         self.dist.sync_buffers(self.model)
         arrays = self.data.arrays
         val = evaluate(self.model, arrays.x["val"], arrays.y["val"], self.data.classes, self.device)
-        improved = common.is_better(self.best, val)
-        rec = common.epoch_record(epoch + 1, train_loss, val, seconds, improved, lr=self.opt.param_groups[0]["lr"])
-        self.history.append(common.clean(rec))
-        self.best, self.bad_epochs = (common.best_record(epoch + 1, val), 0) if improved else (self.best, self.bad_epochs + 1)
+        rec, improved = self.record_epoch(epoch, train_loss, val, seconds, lr=self.opt.param_groups[0]["lr"])
         if self.dist.main:
             run_dir = self.data.run_dir
             if improved:
@@ -273,21 +275,6 @@ class TorchRun:
             ckpt.save_torch_checkpoint(run_dir / "last.pth", self.model, self.meta_for(epoch + 1), train_state)
             common.write_metrics(self.data, self.cfg, self.history, self.best, None, "running", time.time() - self.t_start)
         return rec
-
-    def fit(self, on_epoch, show_progress: bool, stop_after: int | None) -> dict:
-        cfg, self.t_start = self.cfg, time.time()
-        for epoch in range(self.start, cfg.epochs):
-            t0 = time.time()
-            train_loss = self.train_epoch(epoch, show_progress)
-            rec = self.end_epoch(epoch, train_loss, time.time() - t0)
-            if on_epoch and self.dist.main:
-                on_epoch(rec)
-            if cfg.patience and self.bad_epochs >= cfg.patience:
-                break
-            if stop_after is not None and epoch + 1 - self.start >= stop_after and epoch + 1 < cfg.epochs:
-                self.dist.barrier()
-                return {"run_dir": str(self.data.run_dir), "status": "interrupted", "history": self.history}
-        return self.finish()
 
     def finish(self) -> dict:
         """Test the best checkpoint (rank 0), write the final metrics.json; early stopping is a normal end."""
@@ -300,6 +287,6 @@ class TorchRun:
             summary = common.write_metrics(
                 self.data, self.cfg, self.history, self.best, test, "finished", time.time() - self.t_start,
                 rank_digests=digests if self.dist.active else None,
-                early_stopped=bool(self.cfg.patience and self.bad_epochs >= self.cfg.patience))
+                early_stopped=self.early_stopped)
         self.dist.barrier()
         return summary or {"run_dir": str(self.data.run_dir), "status": "finished", "rank_digests": digests}

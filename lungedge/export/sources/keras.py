@@ -12,6 +12,7 @@ import numpy as np
 
 from ...errors import LungedgeError
 from ...io import sha256_file
+from ...models.files import load_keras_file
 from .. import declared
 from .. import source as src
 from ..kind import SourceKind
@@ -33,20 +34,10 @@ def load(path: Path, request: Request) -> Source:
     if meta is not None:
         return src.from_lungedge_checkpoint(path, KIND.name, src.registry_spec(request, "keras", path), meta)
     spec = None if custom else src.registry_spec(request, "keras", path)
-    model = _load_model(path)
+    model = load_keras_file(path)
     if spec is not None:
         _check_signature(spec, model, path)
     return _foreign(path, spec, model, request)
-
-
-def _load_model(path: Path):
-    from ...models.registry import import_keras
-
-    keras = import_keras()
-    try:
-        return keras.models.load_model(str(path), compile=False)
-    except Exception as exc:  # noqa: BLE001
-        raise LungedgeError(f"{path}: cannot load the Keras model ({str(exc).splitlines()[0][:160]})") from None
 
 
 def _shapes(weights) -> list[tuple]:
@@ -94,6 +85,11 @@ def _foreign(path: Path, spec, model, request: Request) -> Source:
     arch = spec.name if spec is not None else request.model
     build = {"source_kind": "keras", "file": path.name, "class": type(model).__name__,
              "parameters": int(model.count_params())}
+    if spec is not None:  # a registry architecture: its build record, with the file's head
+        from ...models.registry import foreign_build
+
+        build = foreign_build(spec, outputs or len(names), prep.size)
+        build["head"]["activation"] = {"probabilities": "softmax", "sigmoid": "sigmoid"}.get(kind, "linear")
     return Source(model, KIND.name, "keras", arch, names, prep, path, sha256_file(path), build=build, notes=notes,
                   output=kind, keep=keep)
 

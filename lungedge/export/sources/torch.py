@@ -121,21 +121,6 @@ def _foreign(path: Path, spec, request: Request) -> Source:
                   build=dict(build), notes=notes + more + more2, output=kind, keep=keep)
 
 
-def first_outputs(model, k: int):
-    """Wrap a torch model whose head has more outputs than labelled classes: keep the first k."""
-    import torch
-
-    class FirstOutputs(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, x):
-            return self.inner(x)[:, :k]
-
-    return FirstOutputs().eval()
-
-
 def run(source: Source, x: np.ndarray) -> np.ndarray:
     import torch
 
@@ -144,6 +129,7 @@ def run(source: Source, x: np.ndarray) -> np.ndarray:
 
 
 def to_onnx(source: Source, opset: int):
+    """The model as FP32 ONNX: input "input", output "logits", dynamic batch (TorchScript exporter)."""
     import onnx
     import torch
 

@@ -6,7 +6,6 @@ The output kind is read from the converted graph (a trailing Softmax/Sigmoid) un
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -82,20 +81,13 @@ def _module(model):
 
 def _graph(source: Source, opset: int):
     """The program as ONNX (before lungedge's output slicing)."""
-    import onnx
-    import torch
+    from .torch import to_onnx as module_to_onnx
 
-    from ... import onnx_meta
-
-    buf = io.BytesIO()
     try:
-        torch.onnx.export(source.model, torch.zeros(1, *source.preprocessing.input_shape), buf,
-                          input_names=[onnx_meta.INPUT_NAME], output_names=[onnx_meta.OUTPUT_NAME],
-                          opset_version=opset, dynamo=False,
-                          dynamic_axes={onnx_meta.INPUT_NAME: {0: "batch"}, onnx_meta.OUTPUT_NAME: {0: "batch"}})
+        model = module_to_onnx(source, opset)  # the same exporter call as a PyTorch checkpoint's
     except Exception as exc:  # noqa: BLE001
-        raise LungedgeError(f"{source.path}: the ONNX exporter cannot convert this program ({_first_line(exc)})") from None
-    model = onnx.load_from_string(buf.getvalue())
+        raise LungedgeError(f"{source.path}: the ONNX exporter cannot convert this program "
+                            f"({_first_line(exc)})") from None
     del model.graph.output[1:]  # a program returning a tuple: its first output (said at load)
     return model
 
