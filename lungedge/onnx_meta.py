@@ -68,7 +68,7 @@ def make_metadata(architecture: str, framework: str, classes: list[str], preproc
         "classes": list(classes),
         "preprocessing": preprocessing.to_dict(),
         "input_name": INPUT_NAME,
-        "input_layout": preprocessing.layout,
+        "input_layout": preprocessing.input_layout,
         "input_shape": ["batch", *preprocessing.input_shape],
         "precision": precision,
         "source_sha256": source_sha256,

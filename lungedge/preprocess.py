@@ -114,6 +114,7 @@ def to_rgb(img):
 
 CHANNEL_ORDERS = ("RGB", "BGR", "GRAY")
 RESIZES = ("center-crop-bilinear", "stretch-bilinear")
+INPUT_DTYPES = ("float32", "uint8")  # uint8: the ONNX takes N x H x W x 3 RGB pixels and normalises inside (#14)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ class Preprocessing:
     ``channel_order`` is "RGB", "BGR" or "GRAY" (one channel: the image's luma, ``mean[0]``/``std[0]``);
     ``layout`` is "NCHW" or "NHWC"; ``resize`` is "center-crop-bilinear" (the centre square, resized)
     or "stretch-bilinear" (the whole image resized to a square). The defaults are torchvision's
-    ImageNet normalisation.
+    ImageNet normalisation. ``input_dtype`` "uint8" (an ONNX exported with ``--uint8-input``): the
+    model input is the resized uint8 RGB pixels, N x H x W x 3, and scale/mean/std/order/layout are
+    applied inside the graph, so :meth:`normalize` only stacks pixels.
     """
 
     size: int = 224
@@ -134,6 +137,7 @@ class Preprocessing:
     channel_order: str = "RGB"
     layout: str = "NCHW"
     resize: str = field(default="center-crop-bilinear")
+    input_dtype: str = "float32"
 
     def __post_init__(self):
         if self.size < 8:
@@ -149,6 +153,10 @@ class Preprocessing:
             raise LungedgeError(f"unknown layout {self.layout!r} (NCHW or NHWC)")
         if self.resize not in RESIZES:
             raise LungedgeError(f"unknown resize method {self.resize!r} ({' or '.join(RESIZES)})")
+        if self.input_dtype not in INPUT_DTYPES:
+            raise LungedgeError(f"unknown input dtype {self.input_dtype!r} ({' or '.join(INPUT_DTYPES)})")
+        if self.input_dtype == "uint8" and self.channel_order == "GRAY":
+            raise LungedgeError("a uint8-input model takes RGB pixels: not for a one-channel (GRAY) model")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -175,8 +183,21 @@ class Preprocessing:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Shape of one image, without the batch axis."""
+        if self.input_dtype == "uint8":
+            return (self.size, self.size, 3)
         c = self.channels
         return (c, self.size, self.size) if self.layout == "NCHW" else (self.size, self.size, c)
+
+    @property
+    def input_layout(self) -> str:
+        """The layout of the model input: uint8 pixels are NHWC whatever the network's own layout."""
+        return "NHWC" if self.input_dtype == "uint8" else self.layout
+
+    def as_float_input(self) -> "Preprocessing":
+        """The same spec with a float32 input (what the network inside a uint8-input graph takes)."""
+        d = self.to_dict()
+        d["input_dtype"] = "float32"
+        return Preprocessing.from_dict(d)
 
     # -- the transform itself -----------------------------------------------
     def _resized(self, img):
@@ -219,6 +240,12 @@ class Preprocessing:
         """uint8 (..., H, W, 3) RGB, or (..., H, W) grayscale, -> float32 model input in this spec's
         order and layout (grayscale is replicated to the three channels)."""
         pixels = np.asarray(pixels)
+        if self.input_dtype == "uint8":  # the graph normalises: RGB pixels, grayscale replicated
+            if pixels.dtype != np.uint8:
+                raise LungedgeError(f"a uint8-input model takes uint8 pixels, got {pixels.dtype.name}")
+            if pixels.ndim == 2 or pixels.shape[-1] != 3:
+                pixels = np.repeat(pixels[..., None], 3, axis=-1)
+            return np.ascontiguousarray(pixels)
         if self.channel_order == "GRAY":
             return self._normalize_gray(pixels)
         lut = self._lut()
@@ -266,4 +293,4 @@ class Preprocessing:
         return self.normalize(self.load_pixels(path))
 
     def load_batch(self, paths) -> np.ndarray:
-        return np.stack([self.load(p) for p in paths]) if paths else np.zeros((0, *self.input_shape), np.float32)
+        return np.stack([self.load(p) for p in paths]) if paths else np.zeros((0, *self.input_shape), self.input_dtype)

@@ -111,7 +111,7 @@ def explain(runner, paths, method: str = "auto", targets=None, batch: int = 16) 
     """Predict and explain ``paths`` with an open runner: per image {"image", "class", "probability",
     "target", "method", "heat" (H, W), "pixels" (H, W, 3 uint8)}. ``targets`` (class indices) default
     to the predicted class; ``method`` auto = Grad-CAM on torch FP32 runners, occlusion elsewhere."""
-    from .preprocess import open_image
+    from .preprocess import read_image
     from .runners.base import to_probabilities
 
     check_choice(method, METHODS, "saliency method")
@@ -124,7 +124,8 @@ def explain(runner, paths, method: str = "auto", targets=None, batch: int = 16) 
         raise LungedgeError(f"Grad-CAM needs a PyTorch checkpoint run by the torch backend; "
                             f"{runner.backend} runs {runner.info.path.name}: use --method occlusion")
     prep = runner.preprocessing
-    pixels = np.stack([prep.pixels(open_image(p)) for p in paths])
+    # the decode training and every runner use (Preprocessing.load): the map explains what the model sees
+    pixels = np.stack([prep.pixels(read_image(p, prep.size)) for p in paths])
     x = prep.normalize(pixels)
     logits = np.concatenate([runner.infer(x[i:i + batch]) for i in range(0, len(x), batch)])
     probs = to_probabilities(logits, runner.output)

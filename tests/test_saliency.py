@@ -106,3 +106,37 @@ def test_explain_refuses_gradcam_without_a_torch_model():
         explain(FakeOnnx(), ["x.png"], method="lime")
     with pytest.raises(LungedgeError, match="Grad-CAM needs a PyTorch checkpoint"):
         explain(FakeOnnx(), ["x.png"], method="gradcam")
+
+
+def test_explain_sees_the_pixels_inference_sees(tmp_path):
+    """The map and the class it shows come from the decode every runner and the trainer use
+    (Preprocessing.load: a large JPEG decoded at a reduced DCT scale), not from a full decode."""
+    from PIL import Image
+
+    from lungedge.preprocess import Preprocessing
+    from lungedge.runners.base import to_probabilities
+    from lungedge.saliency import explain
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"slice{i}.jpg"
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(p, quality=90)
+        paths.append(p)
+    prep = Preprocessing(size=32)
+    w = rng.normal(size=(3, 3 * 32 * 32)).astype(np.float32)
+
+    class Runner:  # a runner's surface: preprocessing, infer (numpy in, logits out), classes, output
+        backend, classes, output, precision, model = "onnxruntime", ["a", "b", "c"], "logits", "fp32", None
+        preprocessing = prep
+
+        @staticmethod
+        def infer(x):
+            return x.reshape(len(x), -1) @ w.T
+
+    expected = to_probabilities(Runner.infer(prep.load_batch(paths)), "logits")
+    out = explain(Runner(), paths, method="occlusion")
+    for e, p in zip(out, expected):
+        assert e["class"] == Runner.classes[int(p.argmax())]
+        assert e["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+        assert e["pixels"].shape == (32, 32, 3) and e["heat"].shape == (32, 32)

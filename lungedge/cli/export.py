@@ -24,6 +24,8 @@ def export_cmd(
         "minmax", help="minmax (measured best on IQ-OTH/NCCD), entropy (TensorRT's KL, 2048 bins) or percentile."),
     max_batch: int = typer.Option(8, help="Largest batch of the TensorRT optimisation profile."),
     opset: int = typer.Option(17, help="ONNX opset."),
+    uint8_input: bool = typer.Option(False, "--uint8-input", help="Every file takes the resized uint8 RGB pixels "
+                                     "(N x H x W x 3) and normalises inside: preprocessing is decode + crop + resize."),
     engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
                                           help="Build the TensorRT engine (default: when TensorRT and a GPU are here)."),
     out: Path = typer.Option(Path("engines"), help="Output folder (files land in OUT/MODEL/)."),
@@ -66,7 +68,7 @@ def export_cmd(
                      options={"custom": custom, "input_size": input_size, "scale": scale, "mean": mean, "std": std,
                               "channels": channels, "layout": layout, "resize": resize, "output": output,
                               "transform_input": transform_input},
-                     max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100)
+                     max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100, uint8_input=uint8_input)
     typer.echo(f"wrote {', '.join(summary['files'].values())}")
     failed = failed_gates(summary)
     if gate and failed:

@@ -113,11 +113,13 @@ def eval_cmd(
     """Evaluate accuracy, balanced accuracy, sensitivity, specificity, F1, AUROC (with 95% group-bootstrap
     intervals) and FP16/INT8 drift with a paired release gate against FP32."""
     from ..evaluate import confusion_text, gate_lines, run_eval, table
+    from ..stats import check_gate_limits
     from ..results import write_rows
     from .common import print_json
 
     if bootstrap < 100:
         raise LungedgeError(f"--bootstrap must be at least 100, got {bootstrap}")
+    check_gate_limits(max_bacc_drop / 100, max_sens_drop / 100)  # before any work
     jobs = _jobs([model], False, device, backend, precision, runs, engines)
     rows = run_eval(jobs, data, split, runs, threads, log=lambda s: typer.echo(s, err=True), n_boot=bootstrap,
                     max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100)

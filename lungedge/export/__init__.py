@@ -148,7 +148,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
            engine: bool | None = None, out="engines", runs="runs", calibration="calibration",
            classes: str | None = None, data=None, trust_pickle: bool = False, log=print,
            options: dict | None = None, max_bacc_drop: float = stats.MAX_BACC_DROP,
-           max_sens_drop: float = stats.MAX_SENS_DROP) -> dict:
+           max_sens_drop: float = stats.MAX_SENS_DROP, uint8_input: bool = False) -> dict:
     """Export MODEL; returns the summary that is also written as ``<model>.export.json``.
 
     ``options``: declared facts for the source kinds (``Request.options``: --custom, preprocessing, output).
@@ -188,6 +188,11 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
             variants += precision.write_int8(fp32, base, source, cal, shown)
         if test is not None:
             _compare_variants(variants, fp32, test, source, summary, shown, max_bacc_drop, max_sens_drop)
+        if uint8_input:  # every file takes uint8 pixels and normalises inside (#14), checked against the float file
+            from .uint8 import fold_normalisation
+
+            summary["parity"]["uint8_input_vs_float"] = fold_normalisation(
+                [Path(f) for f in summary["files"].values()], source.preprocessing, shown)
         summary["files"] = {v: str(final / Path(f).name) for v, f in summary["files"].items()}
         summary["engines"] = []
         write_json(stage / f"{source.architecture}.export.json", summary)

@@ -29,7 +29,10 @@ class TensorSpec:
         fixed = ", ".join("N" if d is None else str(d) for d in self.shape)
         if x.ndim != len(self.shape) or any(d is not None and d != s for d, s in zip(self.shape, x.shape)):
             raise LungedgeError(f"{who}: expected a batch of shape ({fixed}), got {tuple(x.shape)}")
-        if x.dtype.kind != "f":
+        if np.dtype(self.dtype) == np.uint8 and x.dtype != np.uint8:
+            raise LungedgeError(f"{who}: expected uint8 pixels (a uint8-input model), got {x.dtype.name} "
+                                "(preprocess images with runner.preprocessing.load_batch)")
+        if np.dtype(self.dtype) != np.uint8 and x.dtype.kind != "f":
             raise LungedgeError(f"{who}: expected a floating-point batch ({np.dtype(self.dtype).name}), "
                                 f"got {x.dtype.name} (preprocess images with runner.preprocessing.load_batch)")
 
@@ -133,7 +136,8 @@ class Runner:
         """The inputs ``infer`` accepts: by default the artifact's preprocessed batch, any batch size."""
         from ..onnx_meta import INPUT_NAME
 
-        return {INPUT_NAME: TensorSpec(INPUT_NAME, (None, *self.preprocessing.input_shape), np.dtype(np.float32))}
+        return {INPUT_NAME: TensorSpec(INPUT_NAME, (None, *self.preprocessing.input_shape),
+                                       np.dtype(self.preprocessing.input_dtype))}
 
     # --- what a backend implements -------------------------------------------------------------
     def load(self) -> None:

@@ -7,7 +7,8 @@ import numpy as np
 from ..errors import LungedgeError
 from .base import Loader, Runner, TensorSpec
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(uint8)": np.uint8}  # uint8: pixels of a --uint8-input model
 
 
 def session_config(device: str) -> dict[str, str]:

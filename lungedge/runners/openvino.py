@@ -102,7 +102,8 @@ class OpenVinoRunner(Runner):
             return super().get_input_metadata()
         (port,) = compiled.inputs
         shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
-        return {port.get_any_name(): TensorSpec(port.get_any_name(), shape, np.dtype(np.float32))}
+        dtype = np.dtype(np.uint8) if port.get_element_type().to_string() == "u8" else np.dtype(np.float32)
+        return {port.get_any_name(): TensorSpec(port.get_any_name(), shape, dtype)}
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         self._request.infer({0: x})

@@ -6,6 +6,7 @@ sigmoid: a binary model)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def run(source: Source, x: np.ndarray) -> np.ndarray:
     return np.asarray(source.model(x, training=False), dtype=np.float32)
 
 
-def to_onnx(source: Source, opset: int):
+def convert(keras_model, input_shape, opset: int, path: Path):
     """tf2onnx's ``from_keras``; where it fails (Keras 2-era Sequential ``.h5``: a KeyError inside it),
     the model traced as a ``tf.function``, which converts the same graph."""
     import tensorflow as tf
@@ -106,19 +107,73 @@ def to_onnx(source: Source, opset: int):
 
     from ... import onnx_meta
 
-    spec = (tf.TensorSpec((None, *source.preprocessing.input_shape), tf.float32, name=onnx_meta.INPUT_NAME),)
+    spec = (tf.TensorSpec((None, *input_shape), tf.float32, name=onnx_meta.INPUT_NAME),)
     try:
-        model, _ = tf2onnx.convert.from_keras(source.model, input_signature=spec, opset=opset)
+        model, _ = tf2onnx.convert.from_keras(keras_model, input_signature=spec, opset=opset)
     except Exception:  # noqa: BLE001 - tf2onnx fails on some saved Sequential models
-        fn = tf.function(lambda x: source.model(x, training=False))
+        fn = tf.function(lambda x: keras_model(x, training=False))
         try:
             model, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset)
         except Exception as exc:  # noqa: BLE001
-            raise LungedgeError(f"{source.path}: tf2onnx cannot convert this Keras model "
+            raise LungedgeError(f"{path}: tf2onnx cannot convert this Keras model "
                                 f"({str(exc).splitlines()[0][:160]})") from None
     declared.rename_io(model, onnx_meta.INPUT_NAME, onnx_meta.OUTPUT_NAME)
     return model
 
 
+def to_onnx(source: Source, opset: int):
+    """The conversion runs in a child process (issue #14): tf2onnx's conversion of a ResNet50 alone takes
+    more than 2 GB on top of TensorFlow, and a child hands all of it back when it exits, so the export's
+    own peak stays that of the loaded model. The child loads the same file; parity (next step) compares
+    the result with the parent's model. ``LUNGEDGE_KERAS_CONVERT=inprocess`` converts in this process."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import onnx
+
+    if os.environ.get("LUNGEDGE_KERAS_CONVERT") == "inprocess":
+        return convert(source.model, source.preprocessing.input_shape, opset, source.path)
+    with tempfile.TemporaryDirectory(prefix="lungedge-keras-") as tmp:
+        out = Path(tmp) / "model.onnx"
+        cmd = [sys.executable, "-m", "lungedge.export.sources.keras", str(source.path), str(out), str(opset),
+               ",".join(str(d) for d in source.preprocessing.input_shape)]
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if p.returncode != 0 or not out.is_file():
+            lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("error: ")]
+            why = lines[-1][len("error: "):] if lines else (
+                f"killed by signal {-p.returncode} (out of memory?)" if p.returncode < 0 else
+                f"exit {p.returncode}: {(p.stderr.strip().splitlines() or ['no output'])[-1][:160]}")
+            raise LungedgeError(f"Keras->ONNX conversion of {source.path} failed in its child process: {why}")
+        return onnx.load(str(out))
+
+
+def _child(argv: list[str]) -> int:
+    """``python -m lungedge.export.sources.keras FILE OUT.onnx OPSET H,W,C``: convert, write, exit."""
+    try:
+        import torch  # noqa: F401  (torch before tensorflow, where both are installed)
+    except ImportError:
+        pass
+    from ...io import atomic_write_bytes
+
+    path, out, opset, shape = Path(argv[0]), Path(argv[1]), int(argv[2]), tuple(int(d) for d in argv[3].split(","))
+    try:
+        model = convert(load_keras_file(path), shape, opset, path)
+        atomic_write_bytes(out, model.SerializeToString())
+    except LungedgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - one line to the parent, never a traceback
+        print(f"error: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}", file=sys.stderr)
+        return 2
+    return 0
+
+
 KIND = SourceKind("keras", "Keras .h5/.hdf5/.keras (lungedge checkpoint, registry resnet50, or --custom)",
                   recognise, load, run, to_onnx)
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
