@@ -21,12 +21,13 @@ import warnings
 import numpy as np
 
 from .errors import LungedgeError
+from .gate_limits import MAX_BACC_DROP_POINTS, MAX_SENS_DROP_POINTS
 
 N_BOOT = 1000
 CONFIDENCE = 0.95
 # release gate defaults: largest allowed drop, judged on the interval's lower bound
-MAX_BACC_DROP = 0.01
-MAX_SENS_DROP = 0.02
+MAX_BACC_DROP = MAX_BACC_DROP_POINTS / 100
+MAX_SENS_DROP = MAX_SENS_DROP_POINTS / 100
 
 
 # -- metrics from (many) confusion matrices -----------------------------------------------------------

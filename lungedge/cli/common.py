@@ -139,3 +139,17 @@ def _known_os_error(exc: BaseException) -> str | None:
                      errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE):
         return one_line(f"{exc.strerror}: {where}" if where is not None else exc.strerror or str(exc))
     return None
+
+
+def max_bacc_drop_option():
+    from ..gate_limits import MAX_BACC_DROP_POINTS
+
+    return typer.Option(MAX_BACC_DROP_POINTS, "--max-bacc-drop", help="Gate: largest allowed drop of balanced "
+                        "accuracy, in points, judged on the 95% interval's lower bound.")
+
+
+def max_sens_drop_option():
+    from ..gate_limits import MAX_SENS_DROP_POINTS
+
+    return typer.Option(MAX_SENS_DROP_POINTS, "--max-sens-drop", help="Gate: largest allowed drop of each class's "
+                        "sensitivity, in points, judged on the interval's lower bound.")

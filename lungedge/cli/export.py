@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from .common import max_bacc_drop_option, max_sens_drop_option
+
 
 def register(app: typer.Typer) -> None:
     app.command("export")(export_cmd)
@@ -53,10 +55,8 @@ def export_cmd(
                                                    "input transform (default on, as for ImageNet weights)."),
     gate: bool = typer.Option(False, "--gate", help="Exit non-zero when FP16/INT8 fails the release gate against "
                               "FP32 on the test images (the files are still written; see --max-bacc-drop)."),
-    max_bacc_drop: float = typer.Option(1.0, "--max-bacc-drop", help="Gate: largest allowed drop of balanced "
-                                        "accuracy, in points, judged on the 95% interval's lower bound."),
-    max_sens_drop: float = typer.Option(2.0, "--max-sens-drop", help="Gate: largest allowed drop of each class's "
-                                        "sensitivity, in points, judged on the interval's lower bound."),
+    max_bacc_drop: float = max_bacc_drop_option(),
+    max_sens_drop: float = max_sens_drop_option(),
 ):
     """Export a checkpoint to ONNX (FP32, FP16, calibrated INT8) and build TensorRT engines."""
     from ..export import export, failed_gates

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import LungedgeError
+from .common import max_bacc_drop_option, max_sens_drop_option
 
 
 def register(app: typer.Typer) -> None:
@@ -104,10 +105,8 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the result rows as JSON."),
     gate: bool = typer.Option(False, "--gate", help="Exit non-zero when a reduced precision fails the release "
                               "gate against FP32 (paired group bootstrap; see --max-bacc-drop, --max-sens-drop)."),
-    max_bacc_drop: float = typer.Option(1.0, "--max-bacc-drop", help="Gate: largest allowed drop of balanced "
-                                        "accuracy, in points, judged on the 95% interval's lower bound."),
-    max_sens_drop: float = typer.Option(2.0, "--max-sens-drop", help="Gate: largest allowed drop of each class's "
-                                        "sensitivity, in points, judged on the interval's lower bound."),
+    max_bacc_drop: float = max_bacc_drop_option(),
+    max_sens_drop: float = max_sens_drop_option(),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% intervals."),
 ):
     """Evaluate accuracy, balanced accuracy, sensitivity, specificity, F1, AUROC (with 95% group-bootstrap
