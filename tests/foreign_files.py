@@ -28,28 +28,25 @@ def densenet121_state_dict(path: Path, seed: int = 0):
     return model
 
 
-def inception_v3_with_aux(path: Path, seed: int = 0):
+def _torchvision_state_dict(path: Path, name: str, features: int, seed: int, **kwargs):
+    """torchvision's ``name`` with ``fc`` swapped for 3 outputs, saved as a plain state dict (as the group did)."""
     import torch
     import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    model.fc = torch.nn.Linear(2048, 3)
+    model = getattr(torchvision.models, name)(weights=None, init_weights=False, **kwargs)
+    model.fc = torch.nn.Linear(features, 3)
     model.eval()
     torch.save(model.state_dict(), path)
     return model
+
+
+def inception_v3_with_aux(path: Path, seed: int = 0):
+    return _torchvision_state_dict(path, "inception_v3", 2048, seed, aux_logits=True)
 
 
 def googlenet_state_dict(path: Path, aux: bool = True, seed: int = 0):
-    import torch
-    import torchvision
-
-    torch.manual_seed(seed)
-    model = torchvision.models.googlenet(weights=None, aux_logits=aux, init_weights=False)
-    model.fc = torch.nn.Linear(1024, 3)
-    model.eval()
-    torch.save(model.state_dict(), path)
-    return model
+    return _torchvision_state_dict(path, "googlenet", 1024, seed, aux_logits=aux)
 
 
 def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0):

@@ -88,16 +88,24 @@ def test_without_tensorrt_the_build_says_where_to_build(tmp_path):
         trt.build_engine(tmp_path / "m.onnx", "m", "fp16", 1, tmp_path)
 
 
+def tiny_onnx(path, input_name: str = "input", output_name: str | None = None):
+    """A 3x16x16 -> 4 conv net with a dynamic batch axis, for the real-TensorRT tests."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), path, input_names=[input_name],
+                      output_names=[output_name] if output_name else None,
+                      dynamic_axes={input_name: {0: "batch"}}, dynamo=False)
+    return path, model
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT and a CUDA GPU")
 def test_build_and_load_a_real_engine(tmp_path):
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    onnx_file = tmp_path / "tiny.onnx"
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), onnx_file, input_names=["input"],
-                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    onnx_file, _ = tiny_onnx(tmp_path / "tiny.onnx")
     engine = trt.build_engine(onnx_file, "tiny", "fp16", 4, tmp_path)
     _, meta = trt.load_engine(engine)
     assert meta["max_batch"] == 4 and engine.name.startswith("tiny.fp16.b4.")
@@ -216,10 +224,7 @@ def test_tensorrt_runner_reads_io_from_the_engine_and_refuses_big_batches(tmp_pa
         pytest.skip("needs a CUDA GPU")
     from lungedge.runners.trt import TensorRTRunner
 
-    onnx_file = tmp_path / "tiny.onnx"
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), onnx_file, input_names=["images"], output_names=["scores"],
-                      dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    onnx_file, model = tiny_onnx(tmp_path / "tiny.onnx", "images", "scores")
     engine = trt.build_engine(onnx_file, "tiny", "fp32", 4, tmp_path, opt_batch=2)
     assert trt.read_sidecar(engine)["opt_batch"] == 2 and trt.read_sidecar(engine)["tf32"] is False
     eng, meta = trt.load_engine(engine)
