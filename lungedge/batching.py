@@ -19,3 +19,19 @@ def predict_in_batches(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, ba
 def runner_logits(runner, x: np.ndarray, batch: int = 16) -> np.ndarray:
     """Logits of an open runner over a preprocessed array, ``batch`` images a call."""
     return predict_in_batches(runner.infer, x, batch, len(runner.classes))
+
+
+def prefetched(fn: Callable, items):
+    """``fn(item)`` for each item in order, the next one computed on a background thread while the
+    caller works on the current one (decode batch k+1 while batch k runs through the model). An
+    exception from ``fn`` is raised where that item's result would have been yielded; a caller that
+    stops early leaves at most one item being computed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = iter(items)
+    with ThreadPoolExecutor(1, thread_name_prefix="lungedge-prefetch") as pool:
+        ahead = next((pool.submit(fn, it) for it in items), None)
+        while ahead is not None:
+            current = ahead
+            ahead = next((pool.submit(fn, it) for it in items), None)
+            yield current.result()

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import provenance
 from .errors import LungedgeError
+from .preprocess import decode_threads
 from .results import job_row, write_rows
 from .runners import open_runner
 from .runners.discover import Job
@@ -73,7 +74,8 @@ def bench_job(job: Job, batch_sizes, files, warmup: int = 3, iters: int | None =
                 lat, ips = latency_stats(times, bs)
                 includes = runner.includes
                 if with_prep:
-                    includes = f"decode + crop/resize/normalise of {bs} image file(s) on the CPU, then {includes}"
+                    on = f"on {min(bs, decode_threads())} CPU thread(s)" if bs > 1 else "on the CPU"
+                    includes = f"decode + crop/resize/normalise of {bs} image file(s) {on}, then {includes}"
                 row = {**base, "batch_size": bs, "preprocessing": with_prep, "includes": includes,
                        "warmup": warmup, "iters": len(times), "latency_ms": lat, "throughput_ips": ips,
                        "first_call_s": first_call_s, "provenance": provenance.collect(threads=runner.threads_used())}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .batching import prefetched
 from .errors import LungedgeError
 from .runners import open_runner
 
@@ -20,8 +21,9 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
         raise LungedgeError("give at least one IMAGE")
     with open_runner(artifact, backend, device, precision, threads) as runner:
         preds, unreadable, readable = [], [], []
-        for i in range(0, len(images), batch):  # decode a batch at a time: memory stays bounded
-            chunk, x = _decoded(runner.preprocessing, images[i : i + batch], unreadable)
+        chunks = (images[i : i + batch] for i in range(0, len(images), batch))
+        # a batch at a time (memory stays bounded), the next one decoded while this one runs
+        for chunk, x in prefetched(lambda c: _decoded(runner.preprocessing, c, unreadable), chunks):
             if not chunk:
                 continue
             readable += chunk

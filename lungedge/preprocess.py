@@ -10,9 +10,10 @@ the shorter side -> resize to ``size`` x ``size`` (bilinear) -> scale -> normali
 Fast path for files (:meth:`Preprocessing.load`): a JPEG is decoded at a reduced scale where the
 result still covers twice ``size`` (libjpeg's DCT scaling, Pillow's ``draft``; the bilinear resize
 then still averages over 2x2 source pixels or more), a grayscale image stays
-one channel through crop and resize, and scale/mean/std are one lookup table per channel that
-also replicates the gray channel. Same pixels as the full decode within interpolation tolerance
-(README: maximum difference); images that are not JPEG give exactly the same values.
+one channel through crop and resize, and scale/mean/std are applied once per output channel,
+straight into the batch (the gray channel replicated there); the files of a batch are decoded on
+a few threads. Same pixels as the full decode within interpolation tolerance (README: maximum
+difference); images that are not JPEG give exactly the same values.
 Every image goes through the same steps whatever its aspect ratio: a non-square
 CT slice is neither padded with tell-tale bars nor squashed, so an image's shape
 cannot reveal its class.
@@ -225,50 +226,37 @@ class Preprocessing:
             img = img.convert("L")
         return np.asarray(self._resized(img), dtype=np.uint8)
 
-    def _lut(self) -> np.ndarray:
-        """(3, 256) float32: output channel c of a pixel value v, the same float32 arithmetic as
-        ``(v * scale - mean[c]) / std[c]``."""
-        lut = getattr(self, "_lut_cache", None)
-        if lut is None:
-            v = np.arange(256, dtype=np.float32) * np.float32(self.scale)
-            lut = (v[None, :] - np.asarray(self.mean, np.float32)[:, None]) / np.asarray(self.std, np.float32)[:, None]
-            lut = np.ascontiguousarray(lut, dtype=np.float32)
-            object.__setattr__(self, "_lut_cache", lut)
-        return lut
-
-    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+    def normalize(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (..., H, W, 3) RGB, or (..., H, W) grayscale, -> float32 model input in this spec's
-        order and layout (grayscale is replicated to the three channels)."""
+        order and layout (grayscale is replicated to the three channels). ``out``: an array of the
+        result's shape and dtype to write into (one slot of a batch: no copy to stack)."""
         pixels = np.asarray(pixels)
         if self.input_dtype == "uint8":  # the graph normalises: RGB pixels, grayscale replicated
             if pixels.dtype != np.uint8:
                 raise LungedgeError(f"a uint8-input model takes uint8 pixels, got {pixels.dtype.name}")
             if pixels.ndim == 2 or pixels.shape[-1] != 3:
+                if out is not None:
+                    out[...] = pixels[..., None]
+                    return out
                 pixels = np.repeat(pixels[..., None], 3, axis=-1)
-            return np.ascontiguousarray(pixels)
+            return _into(out, np.ascontiguousarray(pixels))
         if self.channel_order == "GRAY":
-            return self._normalize_gray(pixels)
-        lut = self._lut()
+            return _into(out, self._normalize_gray(pixels))
         gray = pixels.ndim == 2 or pixels.shape[-1] != 3
-        if pixels.dtype != np.uint8:  # not a pixel array: the formula itself
-            x = pixels.astype(np.float32) * np.float32(self.scale)
-            x = np.repeat(x[..., None], 3, axis=-1) if gray else x
-            if self.channel_order == "BGR":
-                x = x[..., ::-1]
-            x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-            x = np.moveaxis(x, -1, -3) if self.layout == "NCHW" else x
-            return np.ascontiguousarray(x, dtype=np.float32)
-        src = [2, 1, 0] if self.channel_order == "BGR" else [0, 1, 2]
-        if self.layout == "NCHW":
-            shape = (*pixels.shape[: (-2 if gray else -3)], 3, *pixels.shape[(-2 if gray else -3):][:2])
+        lead, (h, w) = pixels.shape[: (-2 if gray else -3)], pixels.shape[(-2 if gray else -3):][:2]
+        shape = (*lead, 3, h, w) if self.layout == "NCHW" else (*lead, h, w, 3)
+        if out is None:
             out = np.empty(shape, np.float32)
-            for c in range(3):
-                out[..., c, :, :] = lut[c][pixels if gray else pixels[..., src[c]]]
-        else:
-            out = np.empty((*pixels.shape[: (-2 if gray else -3)], *pixels.shape[(-2 if gray else -3):][:2], 3),
-                           np.float32)
-            for c in range(3):
-                out[..., c] = lut[c][pixels if gray else pixels[..., src[c]]]
+        elif out.shape != shape or out.dtype != np.float32:
+            raise ValueError(f"normalize: out is {out.dtype.name}{out.shape}, needs float32{shape}")
+        x = pixels.astype(np.float32)
+        x *= np.float32(self.scale)
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        src = [2, 1, 0] if self.channel_order == "BGR" else [0, 1, 2]
+        for c in range(3):  # (x * scale - mean) / std in float32, written straight into the slot
+            dst = out[..., c, :, :] if self.layout == "NCHW" else out[..., c]
+            np.subtract(x if gray else x[..., src[c]], mean[c], out=dst)
+            np.divide(dst, std[c], out=dst)
         return out
 
     def _normalize_gray(self, pixels: np.ndarray) -> np.ndarray:
@@ -293,4 +281,49 @@ class Preprocessing:
         return self.normalize(self.load_pixels(path))
 
     def load_batch(self, paths) -> np.ndarray:
-        return np.stack([self.load(p) for p in paths]) if paths else np.zeros((0, *self.input_shape), self.input_dtype)
+        """Image files -> one batch, each image normalised straight into its slot. Two or more files are
+        decoded and resized on a few threads at once (Pillow releases the GIL while it decodes and
+        resizes); the first unreadable file raises :class:`ImageReadError`, as one at a time would."""
+        paths = list(paths)
+        out = np.empty((len(paths), *self.input_shape), self.input_dtype)
+        if len(paths) > 1:
+            for i, pixels in enumerate(decode_pool().map(self.load_pixels, paths)):
+                self.normalize(pixels, out=out[i])
+        elif paths:
+            self.normalize(self.load_pixels(paths[0]), out=out[0])
+        return out
+
+
+def _into(out: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    if out is None:
+        return x
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"normalize: out is {out.dtype.name}{out.shape}, needs {x.dtype.name}{x.shape}")
+    out[...] = x
+    return out
+
+
+MAX_DECODE_THREADS = 8
+_POOL: tuple[int, object] | None = None
+
+
+def decode_threads() -> int:
+    """Threads that decode a batch: the CPUs this process may use, at most :data:`MAX_DECODE_THREADS`."""
+    import os
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_DECODE_THREADS))
+
+
+def decode_pool():
+    """The process's decode thread pool (made again in a forked child, whose copy has no threads)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(decode_threads(), thread_name_prefix="lungedge-decode"))
+    return _POOL[1]

@@ -49,7 +49,8 @@ def googlenet_state_dict(path: Path, aux: bool = True, seed: int = 0):
     return _torchvision_state_dict(path, "googlenet", 1024, seed, aux_logits=aux)
 
 
-def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0):
+def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0, pooling: str = "avg",
+                           activation: str = "softmax"):
     """The group's notebook: frozen ResNet50 base, Sequential with a softmax Dense(3), ``model.save``."""
     import torch  # noqa: F401
 
@@ -57,9 +58,9 @@ def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0):
 
     keras = import_keras()
     keras.utils.set_random_seed(seed)
-    base = keras.applications.ResNet50(include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3))
+    base = keras.applications.ResNet50(include_top=False, weights=None, pooling=pooling, input_shape=(size, size, 3))
     base.trainable = False
-    model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Dense(3, activation=activation)])
     model.save(path)
     return model
 

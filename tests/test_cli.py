@@ -45,6 +45,13 @@ def test_every_command_has_help(cmd, capsys):
     assert len(out.split("Usage:")[1].strip().splitlines()) >= 2
 
 
+def test_backend_help_names_every_registered_backend():
+    from lungedge.cli.runtime import BACKEND_NAMES
+    from lungedge.runners.registry import BACKENDS
+
+    assert sorted(BACKEND_NAMES.split(", ")) == sorted(BACKENDS)
+
+
 def test_console_script_reports_errors_in_one_line():
     proc = subprocess.run([sys.executable, "-c", "from lungedge.cli import run; run()", "data", "inspect",
                            "/definitely/not/here"], capture_output=True, text=True)

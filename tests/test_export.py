@@ -178,8 +178,12 @@ def test_whole_pickled_model_needs_trust_pickle(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_keras_resnet50_saved_with_plain_model_save(tmp_path, capsys):
+def test_keras_resnet50_saved_with_plain_model_save(tmp_path, capsys, monkeypatch):
+    """Through tf2onnx (the reader of test_keras_resnet50_reader.py stepped aside): the converter every
+    Keras model that is not exactly ResNet50 + head goes through."""
     from lungedge.models.registry import import_keras
+
+    monkeypatch.setenv("LUNGEDGE_KERAS_CONVERTER", "tf2onnx")
 
     keras = import_keras()
     keras.utils.set_random_seed(0)
@@ -194,6 +198,7 @@ def test_keras_resnet50_saved_with_plain_model_save(tmp_path, capsys):
     path = tmp_path / "e" / "resnet50" / "resnet50.fp32.onnx"
     meta = onnx_meta.read(path)
     assert meta["classes"] == ["Benign", "Malignant", "Normal"] and meta["input_layout"] == "NHWC"
+    assert meta["extra"]["converter"] == "tf2onnx"
     x = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype(np.float32) * 50
     np.testing.assert_allclose(_ort(path, x), model(x, training=False).numpy(), rtol=1e-3, atol=1e-3)
 
@@ -270,3 +275,21 @@ def test_one_test_set_loader(tmp_path):
         load_test_set(split=split, data=tmp_path / "empty")
     with pytest.raises(LungedgeError, match="no test set given"):
         load_test_set()
+
+
+def test_without_images_parity_uses_random_pixels_in_the_models_own_range():
+    """No test images: random pixel images through the model's preprocessing, not N(0, 1) tensors (which a
+    caffe-style model, that only subtracts means, sees as a black image: every INT8 file then 'disagrees')."""
+    from types import SimpleNamespace
+
+    from lungedge.export import evaluation_set
+    from lungedge.preprocess import Preprocessing
+
+    caffe = Preprocessing(size=16, mean=(103.939, 116.779, 123.68), std=(1, 1, 1), scale=1.0, channel_order="BGR",
+                          layout="NHWC")
+    ev = evaluation_set(SimpleNamespace(split_path=None, preprocessing=caffe), limit=8)
+    assert ev.x.shape == (8, 16, 16, 3) and ev.x.dtype == np.float32 and ev.y is None
+    assert -124 <= ev.x.min() < -100 and 130 < ev.x.max() <= 152 and ev.x.std() > 50
+    assert "random-pixel images" in ev.where
+    imagenet = evaluation_set(SimpleNamespace(split_path=None, preprocessing=Preprocessing(size=16)), limit=4)
+    assert imagenet.x.shape == (4, 3, 16, 16) and -2.2 < imagenet.x.min() < -1.9 and 2.3 < imagenet.x.max() < 2.7

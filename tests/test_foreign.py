@@ -357,6 +357,9 @@ def test_group_keras_resnet50_sequential_softmax_h5(tmp_path, capsys):
                         ff.GROUP_CLASSES, "--int8", "--calib-data", data, "--calib-size", 6)
     m = onnx_meta.read(fp32)
     assert m["output"] == "probabilities" and m["architecture"] == "resnet50"
+    from lungedge.export.sources import keras_resnet50
+
+    assert m["extra"]["converter"] == keras_resnet50.NAME  # read without TensorFlow's converter
     x = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32) * 50
     own = np.asarray(model(x, training=False))
     assert _rel(_ort(fp32, x), own) <= 1e-4

@@ -28,3 +28,26 @@ def test_predict_checkpoint_json(trained_run, capsys):
     assert images[0].name in out and "googlenet via torch cpu fp32" in out
     code, _, err = run_cli(["predict", run / "best.pth", "/no/such.png"], capsys)
     assert code == 2 and err.startswith("error:")
+
+
+def test_prefetched_computes_the_next_item_while_the_current_one_is_used():
+    import threading
+
+    from lungedge.batching import prefetched
+
+    started = {i: threading.Event() for i in range(4)}
+
+    def work(i):
+        started[i].set()
+        if i == 2:
+            raise ValueError("item 2 is bad")
+        return i * 10
+
+    got = []
+    with pytest.raises(ValueError, match="item 2 is bad"):
+        for i, r in enumerate(prefetched(work, range(4))):
+            # while item i is in the caller's hands, item i+1 is already being computed
+            assert started[i + 1].wait(10), f"item {i + 1} was not started ahead"
+            got.append(r)
+    assert got == [0, 10]  # in order, and the failure surfaces where item 2's result would be
+    assert list(prefetched(work, [])) == [] and list(prefetched(work, [3])) == [30]

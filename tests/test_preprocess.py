@@ -130,3 +130,52 @@ def test_non_jpeg_and_rgb_images_give_exactly_the_formula(tmp_path):
         x = (x - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
         x = np.moveaxis(x, -1, -3) if p.layout == "NCHW" else x
         np.testing.assert_array_equal(p.load(tmp_path / name), x)
+
+
+def test_batch_decoded_on_threads_equals_one_at_a_time_in_order(tmp_path):
+    from lungedge import preprocess
+
+    paths = []
+    for i in range(7):  # different images, so a mixed-up order would show
+        paths.append(tmp_path / f"{i}.jpg")
+        _ct_like(seed=i, shape=(300 + 10 * i, 280)).save(paths[-1], quality=90)
+    for p in (Preprocessing(size=64), Preprocessing(size=64, layout="NHWC", channel_order="BGR"),
+              Preprocessing(size=64, input_dtype="uint8")):
+        batch = p.load_batch(paths)
+        assert batch.shape == (7, *p.input_shape) and batch.dtype == np.dtype(p.input_dtype)
+        np.testing.assert_array_equal(batch, np.stack([p.load(q) for q in paths]))
+    assert preprocess.decode_threads() >= 1
+    assert Preprocessing(size=64).load_batch([]).shape == (0, 3, 64, 64)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ImageReadError, match="bad.jpg"):
+        Preprocessing(size=64).load_batch([*paths[:3], tmp_path / "bad.jpg", *paths[3:]])
+
+
+def test_normalize_into_a_slot_checks_its_shape():
+    p = Preprocessing(size=8)
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    out = np.zeros((2, 3, 8, 8), np.float32)
+    assert np.shares_memory(p.normalize(pixels, out=out[1]), out)
+    np.testing.assert_array_equal(out[1], p.normalize(pixels))
+    assert not out[0].any()
+    with pytest.raises(ValueError, match="needs float32"):
+        p.normalize(pixels, out=np.zeros((3, 4, 4), np.float32))
+
+
+def test_decode_pool_is_made_again_in_a_forked_child(tmp_path):
+    import os
+
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, q in enumerate(paths):
+        _ct_like(seed=i, shape=(40, 40)).save(q)
+    p = Preprocessing(size=16)
+    expected = p.load_batch(paths)  # the parent's pool now exists, with its threads
+    pid = os.fork()
+    if pid == 0:  # a child with a copy of the pool object but none of its threads
+        import signal
+
+        signal.alarm(30)  # a pool without threads would wait for ever: the alarm ends the child instead
+        ok = np.array_equal(p.load_batch(paths), expected)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status

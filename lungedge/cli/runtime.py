@@ -18,6 +18,14 @@ def register(app: typer.Typer) -> None:
     app.command("predict")(predict_cmd)
 
 
+# the backend table's names (lungedge.runners.registry; written out so --help does not import numpy:
+# tests/test_cli.py checks that every registered backend is here)
+BACKEND_NAMES = "torch, keras, onnxruntime, openvino, onnxruntime-trt, tensorrt, torch-amp, torch-compile"
+BACKEND_HELP = (f"Comma list of {BACKEND_NAMES} (default: every installed one that runs the files on the device: "
+                "the source framework, onnxruntime and openvino on cpu; also onnxruntime-trt, tensorrt, torch-amp and "
+                "torch-compile on cuda).")
+
+
 def _ints(text: str, what: str) -> list[int]:
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
@@ -53,8 +61,7 @@ def bench_cmd(
     models: Optional[List[str]] = typer.Argument(None, help="Model names and/or artifact files (.pth, .h5, .onnx, .engine)."),
     all_models: bool = typer.Option(False, "--all", help="Every model with a checkpoint or ONNX files."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cpu; an engine runs on cuda)."),
-    backend: Optional[str] = typer.Option(None, help="Comma list of torch, keras, onnxruntime, onnxruntime-trt, "
-                                          "tensorrt (default: source framework + onnxruntime, + tensorrt on cuda)."),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
     precision: Optional[str] = typer.Option(None, help="Comma list of fp32, fp16, bf16, int8 (default: every file present; bf16: OpenVINO on the fp32 file, where the CPU has BF16)."),
     batch_sizes: str = typer.Option("1,8,32", help="Comma-separated batch sizes."),
     warmup: int = typer.Option(3, help="Untimed calls before timing."),
@@ -161,7 +168,7 @@ def report_cmd(
 def predict_cmd(
     model: str = typer.Argument(..., help="A model name or an artifact file (.pth, .h5, .onnx, .engine)."),
     images: List[Path] = typer.Argument(..., help="Image files."),
-    backend: Optional[str] = typer.Option(None, help="torch, keras, onnxruntime, onnxruntime-trt or tensorrt."),
+    backend: Optional[str] = typer.Option(None, help=f"One of {BACKEND_NAMES} (default: the first that runs the file)."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cpu; an engine runs on cuda)."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or int8 (for a MODEL name: which file)."),
     runs: Path = typer.Option(Path("runs"), help="Training runs folder."),

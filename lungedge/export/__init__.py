@@ -51,7 +51,7 @@ class EvalSet:
 
 
 def evaluation_set(source: Source, data=None, limit: int | None = None, seed: int = 0, log=print) -> EvalSet:
-    """Test images of the run's split, else images of --data, else random inputs (said so)."""
+    """Test images of the run's split, else images of --data, else random-pixel images (said so)."""
     from ..testset import load_test_set
 
     if source.split_path is not None:
@@ -63,8 +63,13 @@ def evaluation_set(source: Source, data=None, limit: int | None = None, seed: in
     if data:
         ts = load_test_set(data=data, limit=limit or PARITY_IMAGES)
         return EvalSet(ts.inputs(source.preprocessing), ts.label_indices(source.classes), ts.where, ts.groups)
-    x = np.random.default_rng(seed).normal(size=(limit or PARITY_IMAGES, *source.preprocessing.input_shape))
-    return EvalSet(x.astype(np.float32), None, f"{len(x)} random inputs (no test images known: pass --data DIR)")
+    # random pixels through the model's own preprocessing, so that the inputs have the range the model
+    # expects (N(0, 1) would be a nearly black image to a caffe-style model that only subtracts means)
+    prep = source.preprocessing
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(limit or PARITY_IMAGES, prep.size, prep.size, 3),
+                                                  dtype=np.uint8)
+    x = prep.normalize(pixels).astype(np.float32)
+    return EvalSet(x, None, f"{len(x)} random-pixel images (no test images known: pass --data DIR)")
 
 
 def _scores(outputs: np.ndarray, source: Source) -> np.ndarray:
@@ -176,6 +181,8 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         shown = lambda line: log(line.replace(str(stage), str(final)))  # noqa: E731 - paths as they will be
         fp32 = metadata.write(source_to_onnx(source, opset), source, Path(f"{base}.fp32.onnx"))
         summary["files"]["fp32"] = str(fp32)
+        if source.converter:
+            summary["converter"] = source.converter
         # the whole test part when other precisions are compared, its first images for parity
         test = evaluation_set(source, data, log=log) if (fp16 or int8) else None
         check = test.head(PARITY_IMAGES) if test is not None else evaluation_set(source, data, PARITY_IMAGES, log=log)
@@ -207,6 +214,9 @@ def _release_source(source: Source) -> None:
     memory back, so that calibration runs beside the ONNX files only (issue #14)."""
     import sys
 
+    close = getattr(source.model, "close", None)  # a worker process (KerasReference) ends here
+    if callable(close):
+        close()
     source.model = None
     keras = sys.modules.get("keras")
     if source.framework == "keras" and keras is not None:

@@ -45,6 +45,7 @@ class Source:
     notes: list[str] = field(default_factory=list)  # one line each, printed as "note: ..."
     output: str = "logits"  # logits | probabilities | sigmoid (ONNX metadata "output"; runners.base.OUTPUT_KINDS)
     keep: int | None = None  # more outputs than classes: the first ``keep`` are labelled (run_source, source_to_onnx)
+    converter: str = ""  # which converter wrote the ONNX where a kind has several (ONNX metadata extra.converter)
 
 
 def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str | Path = "runs") -> Path:
@@ -126,14 +127,16 @@ def lungedge_meta(path: Path) -> dict | None:
     return meta if meta.get("format") is not None else None
 
 
-def from_lungedge_checkpoint(path: Path, kind: str, spec, meta: dict) -> Source:
-    """A lungedge checkpoint: the model rebuilt from the file alone, with everything it records."""
+def from_lungedge_checkpoint(path: Path, kind: str, spec, meta: dict, model=None) -> Source:
+    """A lungedge checkpoint: the model rebuilt from the file alone (or ``model``, a stand-in that runs
+    it), with everything it records."""
     from ..models.checkpoint import build_of, load_checkpoint
     from ..testset import split_of_run
 
     if meta["architecture"] != spec.name:
         raise LungedgeError(f"{path} is a checkpoint of {meta['architecture']}, not {spec.name}")
-    model, meta = load_checkpoint(path)
+    if model is None:
+        model, meta = load_checkpoint(path)
     return Source(model, kind, spec.framework, spec.name, list(meta["classes"]),
                   Preprocessing.from_dict(meta["preprocessing"]), path, meta["checkpoint_sha256"],
                   build=dict(build_of(meta)), split_path=split_of_run(path),

@@ -6,6 +6,7 @@ sigmoid: a binary model)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,13 +33,36 @@ def load(path: Path, request: Request) -> Source:
     expect(path, ("hdf5", "keras-zip"), "a Keras model (.h5 saved by model.save, or a .keras archive)")
     custom = bool(request.options.get("custom"))
     meta = None if custom else src.lungedge_meta(path)
-    if meta is not None:
-        return src.from_lungedge_checkpoint(path, KIND.name, src.registry_spec(request, "keras", path), meta)
     spec = None if custom else src.registry_spec(request, "keras", path)
+    if spec is not None and spec.name == "resnet50" and os.environ.get("LUNGEDGE_KERAS_CONVERT") != "inprocess":
+        from . import keras_resnet50
+
+        try:  # read with h5py: this process never loads TensorFlow (issue #14)
+            return _resnet50_read(path, spec, meta, keras_resnet50.inspect(path), request)
+        except keras_resnet50.NotResNet50:
+            pass
+    if meta is not None:
+        return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
     model = load_keras_file(path)
     if spec is not None:
         _check_signature(spec, model, path)
-    return _foreign(path, spec, model, request)
+    return _foreign(path, spec, _facts(model), request, model)
+
+
+def _resnet50_read(path: Path, spec, meta, reading, request: Request) -> Source:
+    """A plain Keras ResNet50 + head, described from the file alone; the model that parity runs is
+    :class:`KerasReference` (Keras itself, in a worker process)."""
+    model = KerasReference(path, reading)
+    if meta is not None:
+        source = src.from_lungedge_checkpoint(path, KIND.name, spec, meta, model=model)
+    else:
+        facts = {"input_shape": (None, reading.size, reading.size, 3), "outputs": reading.outputs,
+                 "activation": {"linear": "logits", "softmax": "probabilities"}.get(reading.activation, "sigmoid"),
+                 "class": "Functional", "parameters": reading.parameters}
+        source = _foreign(path, spec, facts, request, model)
+    if model.note:
+        source.notes.append(model.note)
+    return source
 
 
 def _shapes(weights) -> list[tuple]:
@@ -71,21 +95,27 @@ def final_activation(model) -> str:
     return {"softmax": "probabilities", "sigmoid": "sigmoid"}.get(act, "logits")
 
 
-def _foreign(path: Path, spec, model, request: Request) -> Source:
+def _facts(model) -> dict:
+    """What export needs to know of a loaded Keras model."""
+    return {"input_shape": model.input_shape, "outputs": int(model.output_shape[-1]) if len(model.output_shape) == 2
+            else None, "activation": final_activation(model), "class": type(model).__name__,
+            "parameters": int(model.count_params())}
+
+
+def _foreign(path: Path, spec, facts: dict, request: Request, model) -> Source:
     opts = request.options
     names = src.class_names(request, path)
-    size, layout, channels = declared.image_facts(model.input_shape)
+    size, layout, channels = declared.image_facts(facts["input_shape"])
     base = spec.preprocessing_for(size or spec.native_size) if spec is not None else src.declared_base(request)
     prep, notes = declared.preprocessing(opts, path, size=size, layout=layout, channels=channels, base=base,
                                          default_layout="NHWC")
     if prep.layout != "NHWC":
         raise LungedgeError(f"{path}: Keras models take NHWC inputs here; --layout says {prep.layout}")
-    outputs = int(model.output_shape[-1]) if len(model.output_shape) == 2 else None
-    kind, keep, more = declared.output_kind(final_activation(model), opts.get("output"), outputs, names, path)
+    outputs = facts["outputs"]
+    kind, keep, more = declared.output_kind(facts["activation"], opts.get("output"), outputs, names, path)
     notes = [f"{path.name} carries no lungedge metadata; classes {', '.join(names)}", *notes, *more]
     arch = spec.name if spec is not None else request.model
-    build = {"source_kind": "keras", "file": path.name, "class": type(model).__name__,
-             "parameters": int(model.count_params())}
+    build = {"source_kind": "keras", "file": path.name, "class": facts["class"], "parameters": facts["parameters"]}
     if spec is not None:  # a registry architecture: its build record, with the file's head
         from ...models.registry import foreign_build
 
@@ -96,7 +126,149 @@ def _foreign(path: Path, spec, model, request: Request) -> Source:
 
 
 def run(source: Source, x: np.ndarray) -> np.ndarray:
+    if isinstance(source.model, KerasReference):
+        return source.model(x)
     return np.asarray(source.model(x, training=False), dtype=np.float32)
+
+
+class KerasReference:
+    """The Keras model of ``path`` run in a worker process (``python -m lungedge.export.sources.keras
+    --serve FILE``), started at the first call and ended by :meth:`close`: the export process never
+    holds TensorFlow, and the worker's memory is handed back when parity is done. Where TensorFlow is
+    not installed, the file's PyTorch reading (:mod:`.keras_resnet50`) runs instead (``self.note`` says so)."""
+
+    def __init__(self, path: Path, reading):
+        self.path, self.reading, self._proc, self._log = Path(path), reading, None, None
+        self.keras = all(_installed(m) for m in ("tensorflow", "keras"))
+        self.note = None if self.keras else (
+            f"TensorFlow is not installed here: {self.path.name} is checked against lungedge's PyTorch reading "
+            "of its weights, not against Keras itself")
+        self._net = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not self.keras:
+            import torch
+
+            if self._net is None:
+                self._net = self.reading.module()
+            with torch.no_grad():
+                return self._net(torch.from_numpy(x)).numpy()
+        if self._proc is None:
+            self._start()
+        try:
+            write_array(self._proc.stdin, x)
+            return read_array(self._proc.stdout)
+        except (OSError, EOFError, ValueError):
+            raise LungedgeError(f"the Keras worker for {self.path} stopped: {self._why()}") from None
+
+    def _start(self) -> None:
+        import subprocess
+        import tempfile
+
+        self._log = tempfile.TemporaryFile()
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+        self._proc = subprocess.Popen([sys.executable, "-m", "lungedge.export.sources.keras", "--serve", str(self.path)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+
+    def _why(self) -> str:
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - still running: it is killed in close()
+                pass
+        self._log.seek(0)
+        return child_failure(self._log.read().decode(errors="replace"), self._proc.returncode if self._proc else None)
+
+    def close(self) -> None:
+        proc, self._proc, self._net = self._proc, None, None
+        if proc is not None:
+            import subprocess
+
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit, or after a failed __init__
+            pass
+
+
+def child_failure(stderr: str, code: int | None) -> str:
+    """Why a child process of this module failed, in one line: its own ``error:`` line, else the signal
+    that killed it, else its last line of output."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    said = [ln for ln in lines if ln.startswith("error: ")]
+    if said:
+        return said[-1][len("error: "):]
+    if code is not None and code < 0:
+        return f"killed by signal {-code} (out of memory?)"
+    return f"exit {code}: {(lines or ['no output'])[-1][:160]}"
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` could be imported, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # e.g. sys.modules[module] = None: blocked on purpose
+        return False
+
+
+def write_array(stream, x: np.ndarray) -> None:
+    """One float32 array on a pipe: 8-byte header length, a JSON header (shape), the raw bytes."""
+    import json
+
+    head = json.dumps({"shape": list(x.shape)}).encode()
+    stream.write(len(head).to_bytes(8, "little") + head)
+    stream.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    stream.flush()
+
+
+def read_array(stream) -> np.ndarray:
+    """What :func:`write_array` wrote; EOFError at the end of the stream."""
+    import json
+
+    def exactly(n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            b = stream.read(n - got)
+            if not b:
+                raise EOFError("the stream ended")
+            chunks.append(b)
+            got += len(b)
+        return b"".join(chunks)
+
+    shape = json.loads(exactly(int.from_bytes(exactly(8), "little")))["shape"]
+    return np.frombuffer(exactly(4 * int(np.prod(shape, dtype=np.int64))), dtype=np.float32).reshape(shape).copy()
+
+
+def _serve(path: Path) -> int:
+    """The worker of :class:`KerasReference`: the model's outputs for each array read from stdin, one image
+    a call (the smallest TensorFlow peak), written to the original stdout (fd 1 is stderr meanwhile,
+    so nothing TensorFlow prints can mix with the arrays)."""
+    import os
+
+    proto = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    model = load_keras_file(path)
+    stdin = sys.stdin.buffer
+    while True:
+        try:
+            x = read_array(stdin)
+        except EOFError:
+            return 0
+        y = [np.asarray(model(x[i : i + 1], training=False), dtype=np.float32) for i in range(len(x))]
+        write_array(proto, np.concatenate(y) if y else np.zeros((0, 0), np.float32))
 
 
 def convert(keras_model, input_shape, opset: int, path: Path):
@@ -121,11 +293,29 @@ def convert(keras_model, input_shape, opset: int, path: Path):
     return model
 
 
+def convert_file(path: Path, input_shape, opset: int, out: Path, keras_model=None) -> str:
+    """Write ``path``'s ONNX to ``out``; returns the converter's name. A plain Keras ResNet50 + head
+    ``.h5`` is read without TensorFlow (:mod:`.keras_resnet50`: under 1 GB where tf2onnx passes 3.8 GB);
+    anything else goes through tf2onnx (``keras_model``: already loaded, else loaded here)."""
+    from ...io import atomic_write_bytes
+    from . import keras_resnet50
+
+    try:
+        keras_resnet50.to_onnx_file(path, out, opset, input_shape)
+        return keras_resnet50.NAME
+    except keras_resnet50.NotResNet50:
+        pass
+    model = convert(keras_model if keras_model is not None else load_keras_file(path), input_shape, opset, path)
+    atomic_write_bytes(out, model.SerializeToString())
+    return "tf2onnx"
+
+
 def to_onnx(source: Source, opset: int):
     """The conversion runs in a child process (issue #14): tf2onnx's conversion of a ResNet50 alone takes
     more than 2 GB on top of TensorFlow, and a child hands all of it back when it exits, so the export's
     own peak stays that of the loaded model. The child loads the same file; parity (next step) compares
-    the result with the parent's model. ``LUNGEDGE_KERAS_CONVERT=inprocess`` converts in this process."""
+    the result with the parent's model. ``LUNGEDGE_KERAS_CONVERT=inprocess`` converts in this process.
+    The converter used is recorded as ``source.converter`` (ONNX metadata ``extra.converter``)."""
     import os
     import subprocess
     import sys
@@ -133,35 +323,37 @@ def to_onnx(source: Source, opset: int):
 
     import onnx
 
-    if os.environ.get("LUNGEDGE_KERAS_CONVERT") == "inprocess":
-        return convert(source.model, source.preprocessing.input_shape, opset, source.path)
     with tempfile.TemporaryDirectory(prefix="lungedge-keras-") as tmp:
         out = Path(tmp) / "model.onnx"
-        cmd = [sys.executable, "-m", "lungedge.export.sources.keras", str(source.path), str(out), str(opset),
-               ",".join(str(d) for d in source.preprocessing.input_shape)]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if p.returncode != 0 or not out.is_file():
-            lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("error: ")]
-            why = lines[-1][len("error: "):] if lines else (
-                f"killed by signal {-p.returncode} (out of memory?)" if p.returncode < 0 else
-                f"exit {p.returncode}: {(p.stderr.strip().splitlines() or ['no output'])[-1][:160]}")
-            raise LungedgeError(f"Keras->ONNX conversion of {source.path} failed in its child process: {why}")
+        if os.environ.get("LUNGEDGE_KERAS_CONVERT") == "inprocess":
+            converter = convert_file(source.path, source.preprocessing.input_shape, opset, out, source.model)
+        else:
+            cmd = [sys.executable, "-m", "lungedge.export.sources.keras", str(source.path), str(out), str(opset),
+                   ",".join(str(d) for d in source.preprocessing.input_shape)]
+            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if p.returncode != 0 or not out.is_file():
+                raise LungedgeError(f"Keras->ONNX conversion of {source.path} failed in its child process: "
+                                    f"{child_failure(p.stderr, p.returncode)}")
+            said = [ln for ln in p.stdout.splitlines() if ln.startswith("converter: ")]
+            converter = said[-1][len("converter: "):] if said else "tf2onnx"
+        source.converter = converter
         return onnx.load(str(out))
 
 
 def _child(argv: list[str]) -> int:
-    """``python -m lungedge.export.sources.keras FILE OUT.onnx OPSET H,W,C``: convert, write, exit."""
+    """``python -m lungedge.export.sources.keras FILE OUT.onnx OPSET H,W,C``: convert, write, print
+    ``converter: NAME``, exit; ``... --serve FILE``: :func:`_serve`."""
     try:
         import torch  # noqa: F401  (torch before tensorflow, where both are installed)
     except ImportError:
         pass
-    from ...io import atomic_write_bytes
 
-    path, out, opset, shape = Path(argv[0]), Path(argv[1]), int(argv[2]), tuple(int(d) for d in argv[3].split(","))
     try:
-        model = convert(load_keras_file(path), shape, opset, path)
-        atomic_write_bytes(out, model.SerializeToString())
+        if argv[0] == "--serve":
+            return _serve(Path(argv[1]))
+        path, out, opset = Path(argv[0]), Path(argv[1]), int(argv[2])
+        print(f"converter: {convert_file(path, tuple(int(d) for d in argv[3].split(',')), opset, out)}")
     except LungedgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
