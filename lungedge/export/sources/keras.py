@@ -138,8 +138,9 @@ class KerasReference:
     not installed, the file's PyTorch reading (:mod:`.keras_resnet50`) runs instead (``self.note`` says so)."""
 
     def __init__(self, path: Path, reading):
-        self.path, self.reading, self._proc, self._log = Path(path), reading, None, None
+        self.path, self._proc, self._log = Path(path), None, None
         self.keras = all(_installed(m) for m in ("tensorflow", "keras"))
+        self.reading = None if self.keras else reading  # its weights (94 MB) only where they are run
         self.note = None if self.keras else (
             f"TensorFlow is not installed here: {self.path.name} is checked against lungedge's PyTorch reading "
             "of its weights, not against Keras itself")

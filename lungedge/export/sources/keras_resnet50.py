@@ -107,8 +107,31 @@ def inspect(path: Path) -> Reading:
                 raise NotResNet50("no model configuration or weights in the file")
             config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
             weights = _weights(f["model_weights"])
-    except (OSError, ValueError, KeyError) as exc:  # not HDF5, truncated, odd attributes: Keras's loader says why
-        raise NotResNet50(f"unreadable here ({type(exc).__name__})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # not HDF5, truncated, odd
+        raise NotResNet50(f"unreadable here ({type(exc).__name__})") from None  # attributes: Keras's loader says why
+    try:
+        return _check(config, weights)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:  # a configuration of another shape
+        raise NotResNet50(f"an unexpected configuration ({type(exc).__name__}: {exc})") from None
+
+
+def _expected_shapes() -> dict[str, tuple]:
+    """ResNet50's convolution kernels (kh, kw, in, out), by layer name; each BatchNormalization after
+    one (the same name with ``_bn``) has that layer's output width."""
+    shapes, width = {"conv1_conv": (7, 7, 3, 64)}, 64
+    for s, f, n, _ in STAGES:
+        for b in range(1, n + 1):
+            name = f"{s}_block{b}"
+            if b == 1:
+                shapes[f"{name}_0_conv"] = (1, 1, width, 4 * f)
+            shapes[f"{name}_1_conv"] = (1, 1, width, f)
+            shapes[f"{name}_2_conv"] = (3, 3, f, f)
+            shapes[f"{name}_3_conv"] = (1, 1, f, 4 * f)
+            width = 4 * f
+    return shapes
+
+
+def _check(config: dict, weights: dict) -> "Reading":
     layers = _layers(config)
     unknown = sorted({str(ly.get("class_name")) for ly in layers} - KNOWN)
     if unknown:
@@ -139,6 +162,13 @@ def inspect(path: Path) -> Reading:
             _check_conv(by_name[f"{s}_block{b}_2_conv"], 3, 1, "same")
             _check_conv(by_name[f"{s}_block{b}_3_conv"], 1, 1, "valid")
     _check_stem(layers, by_name)
+    for name, shape in _expected_shapes().items():
+        bn = weights.get(name.replace("_conv", "_bn"), {})
+        if tuple(weights.get(name, {}).get("kernel", np.zeros(0)).shape) != shape \
+                or tuple(weights[name].get("bias", np.zeros(0)).shape) != shape[-1:] \
+                or any(tuple(bn.get(k, np.zeros(0)).shape) != shape[-1:]
+                       for k in ("gamma", "beta", "moving_mean", "moving_variance")):
+            raise NotResNet50(f"layer {name} or its batch norm does not have ResNet50's weight shapes")
     head = dense[0]["config"]["name"]
     if head not in weights or weights[head].get("kernel", np.zeros((0, 0))).shape[0] != 2048:
         raise NotResNet50("the Dense head does not take ResNet50's 2048 pooled features")
