@@ -6,8 +6,8 @@ PyTorch module stays well under 1 GB, and runs where TensorFlow is not installed
 file whose saved configuration is exactly ``keras.applications.ResNet50`` (v1: the stride on the first
 1x1 convolution of a block, biased convolutions, the file's own BatchNorm epsilons) followed by global
 average pooling, optional dropout and one ``Dense`` layer (linear, softmax or sigmoid): the group's
-notebook model, and lungedge's own ``resnet50`` checkpoints. Anything else (another layer type, another
-order, a ``.keras`` archive) is left to tf2onnx: :func:`read` raises :class:`NotResNet50` with the reason;
+notebook model, and lungedge's own ``resnet50`` checkpoints. Anything else (another layer type or head,
+other weight shapes, a ``.keras`` archive) is left to tf2onnx: :func:`inspect` raises :class:`NotResNet50`;
 ``LUNGEDGE_KERAS_CONVERTER=tf2onnx`` sends every file there. The export then compares the ONNX with the
 Keras model itself (parity), as for any converter.
 
