@@ -296,7 +296,7 @@ def convert(keras_model, input_shape, opset: int, path: Path):
 
 def convert_file(path: Path, input_shape, opset: int, out: Path, keras_model=None) -> str:
     """Write ``path``'s ONNX to ``out``; returns the converter's name. A plain Keras ResNet50 + head
-    ``.h5`` is read without TensorFlow (:mod:`.keras_resnet50`: under 1 GB where tf2onnx passes 3.8 GB);
+    ``.h5`` is read without TensorFlow (:mod:`.keras_resnet50`: about 1.5 GB where tf2onnx passes 3.8 GB);
     anything else goes through tf2onnx (``keras_model``: already loaded, else loaded here)."""
     from ...io import atomic_write_bytes
     from . import keras_resnet50

@@ -2,7 +2,7 @@
 written in PyTorch, exported by ``torch.onnx`` (issue #14).
 
 tf2onnx's conversion of a ResNet50 alone takes more than 3.8 GB; reading 94 MB of weights and tracing a
-PyTorch module stays well under 1 GB, and runs where TensorFlow is not installed. It applies only to a
+PyTorch module takes about 1.5 GB (PyTorch included), and runs where TensorFlow is not installed. It applies only to a
 file whose saved configuration is exactly ``keras.applications.ResNet50`` (v1: the stride on the first
 1x1 convolution of a block, biased convolutions, the file's own BatchNorm epsilons) followed by global
 average pooling, optional dropout and one ``Dense`` layer (linear, softmax or sigmoid): the group's
@@ -172,8 +172,10 @@ def _check(config: dict, weights: dict) -> "Reading":
     head = dense[0]["config"]["name"]
     if head not in weights or weights[head].get("kernel", np.zeros((0, 0))).shape[0] != 2048:
         raise NotResNet50("the Dense head does not take ResNet50's 2048 pooled features")
-    eps = {ly["config"]["name"]: float(ly["config"].get("epsilon", 1e-3)) for ly in layers
-           if ly["class_name"] == "BatchNormalization"}
+    bns = [ly["config"] for ly in layers if ly["class_name"] == "BatchNormalization"]
+    if any(c.get("axis", -1) not in (3, -1, [3], [-1]) for c in bns):
+        raise NotResNet50("a batch norm over another axis than the channels")
+    eps = {c["name"]: float(c.get("epsilon", 1e-3)) for c in bns}
     return Reading(_input_size(layers), int(weights[head]["kernel"].shape[1]), act,
                    sum(int(a.size) for w in weights.values() for a in w.values()), weights, eps, head)
 
