@@ -147,3 +147,18 @@ def test_hostile_or_altered_files_are_not_taken_for_resnet50(tmp_path):
             f.attrs["model_config"] = json.dumps(bad)
         with pytest.raises(kr.NotResNet50):
             kr.inspect(tmp_path / "odd.h5")
+
+
+def test_a_worker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from lungedge.errors import LungedgeError
+    from lungedge.export.sources.keras import KerasReference
+
+    ref = KerasReference(tmp_path / "any.h5", None)
+    if not ref.keras:
+        pytest.skip("TensorFlow is not installed: no worker to start")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))  # the interpreter is gone
+    with pytest.raises(LungedgeError, match="cannot start the Keras worker") as err:
+        ref(np.zeros((1, 8, 8, 3), np.float32))
+    assert "\n" not in str(err.value)

@@ -156,7 +156,10 @@ class KerasReference:
             with torch.no_grad():
                 return self._net(torch.from_numpy(x)).numpy()
         if self._proc is None:
-            self._start()
+            try:
+                self._start()
+            except OSError as exc:  # no temporary folder to write its log to, no interpreter, ...
+                raise LungedgeError(f"cannot start the Keras worker for {self.path}: {exc}") from None
         try:
             write_array(self._proc.stdin, x)
             return read_array(self._proc.stdout)
