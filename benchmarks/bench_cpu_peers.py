@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lungedge import quantize  # noqa: E402
 from lungedge.preprocess import Preprocessing  # noqa: E402
-from lungedge.timing import alternate  # noqa: E402
+from lungedge.timing import alternate, spread  # noqa: E402
 
 MODELS = {"resnet50": ("resnet50", 224), "googlenet": ("googlenet", 224), "inception_v3": ("inception_v3", 299),
           "densenet121": ("densenet121", 224)}
@@ -152,9 +152,9 @@ def one_model(name: str, args) -> None:
             x = test[:b]
             times = alternate([lambda f=f: f(x) for f in runs.values()], args.rounds, warmup=3)
             p50 = {k: float(np.median(t)) * 1e3 for k, t in zip(runs, times)}
-            spread = {k: float(np.subtract(*np.percentile(t, [75, 25]))) * 1e3 / p50[k] for k, t in zip(runs, times)}
+            noise = {k: spread(t) for k, t in zip(runs, times)}
             for k in runs:
-                print(f"| {name} | {b} | {k} | {p50[k]:.2f} | {spread[k]:.1%} | {p50['ORT FP32'] / p50[k]:.2f}x | "
+                print(f"| {name} | {b} | {k} | {p50[k]:.2f} | {noise[k]:.1%} | {p50['ORT FP32'] / p50[k]:.2f}x | "
                       f"{agree[k]:.1%} |", flush=True)
         print(f"<!-- {name}: agreement on {where}; classes predicted by ORT FP32: "
               f"{np.bincount(ref, minlength=3).tolist()} -->", flush=True)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from lungedge import provenance  # noqa: E402
 from lungedge.batching import prefetched  # noqa: E402
 from lungedge.runners import open_runner  # noqa: E402
+from lungedge.timing import spread, time_calls  # noqa: E402
 
 
 def export_googlenet(out: Path, data: str, uint8: bool) -> Path:
@@ -116,12 +117,7 @@ def main() -> None:
                 return t[1:]  # the first includes a decode nothing overlapped
 
             def timed(fn):
-                out = []
-                for _ in range(a.per_round):
-                    t0 = time.perf_counter()
-                    fn()
-                    out.append(time.perf_counter() - t0)
-                return out
+                return time_calls(fn, 0, a.per_round, None)
 
             contenders = {"model": lambda: timed(lambda: runner.infer(x)),
                           "+prep": lambda: timed(lambda: runner.infer(prep.load_batch(nxt()))),
@@ -136,13 +132,13 @@ def main() -> None:
                     allt[k] += t
                     per_round[k].append(np.median(t))
             p50 = {k: float(np.median(v)) * 1e3 for k, v in allt.items()}
-            spread = {k: float(np.subtract(*np.percentile(v, [75, 25])) / np.median(v)) for k, v in per_round.items()}
+            noise = {k: spread(v) for k, v in per_round.items()}
             print(f"GoogLeNet {a.variant} ({'uint8' if prep.input_dtype == 'uint8' else 'float'} input), OpenVINO, "
                   f"batch 1, threads {runner.threads_used()}, {a.rounds} rounds x {a.per_round}, "
                   f"{os.cpu_count()} CPUs ({provenance.cpu_model()}), load {os.getloadavg()[0]:.2f}")
             print("| timing | p50 ms | spread | / model |\n|---|---|---|---|")
             for k in contenders:
-                print(f"| {k} | {p50[k]:.2f} | {spread[k]:.0%} | {p50[k] / p50['model']:.2f}x |")
+                print(f"| {k} | {p50[k]:.2f} | {noise[k]:.0%} | {p50[k] / p50['model']:.2f}x |")
             print(check)
 
 

@@ -531,9 +531,9 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
 
 def nncf_available() -> bool:
     """True where NNCF (the workstation install's OpenVINO quantizer) imports."""
-    import importlib.util
+    from .models.frameworks import installed
 
-    return importlib.util.find_spec("nncf") is not None
+    return installed("nncf")
 
 
 class _Images:

@@ -37,6 +37,12 @@ def alternate(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
     return times
 
 
+def spread(values) -> float:
+    """Interquartile range over median: the noise to read a median (or a ratio of medians) with."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.subtract(*np.percentile(v, [75, 25])) / np.median(v))
+
+
 def latency_stats(seconds: list[float], batch: int) -> tuple[dict, float | None]:
     """(latency in ms: p50/p90/p99/mean/std/min/max, throughput in images/s from the mean)."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3

@@ -94,3 +94,24 @@ def test_bench_bad_options(exported, capsys):
     code, _, err = run_cli(["bench", "googlenet", "--seconds", "nan", "--runs", exported["runs"], "--engines",
                             exported["engines"]], capsys)
     assert code == 2 and "--seconds" in err and len(err.strip().splitlines()) == 1
+
+
+def test_spread_is_the_interquartile_range_over_the_median():
+    from lungedge.timing import spread
+
+    assert spread([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0 / 3.0)
+    assert spread([7.0] * 9) == 0.0
+
+
+def test_installed_says_no_for_a_missing_or_blocked_module(monkeypatch):
+    import sys
+    import types
+
+    from lungedge.models.frameworks import installed
+
+    assert installed("numpy") and not installed("no_such_module_lungedge")
+    assert not installed("no_such_module_lungedge.child")  # find_spec would raise: its parent is missing
+    monkeypatch.setitem(sys.modules, "numpy", None)  # blocked on purpose
+    assert not installed("numpy")
+    monkeypatch.setitem(sys.modules, "made_here", types.ModuleType("made_here"))  # no __spec__: find_spec raises
+    assert installed("made_here")

@@ -8,6 +8,19 @@ import contextlib
 import sys
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` could be imported, without importing it: an imported module is there, one
+    blocked on purpose (``sys.modules[module] = None``) is not."""
+    import importlib.util
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # "a.b" whose parent "a" is missing
+        return False
+
+
 def import_torch_first():
     """Import torch and torchvision before anything imports tensorflow (else a later import segfaults)."""
     import torch  # noqa: F401

@@ -9,7 +9,6 @@ precisions it can run them in.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
 
 from ..errors import LungedgeError, check_choice
@@ -41,7 +40,9 @@ class Backend:
         return None if self.precisions is None else tuple(self.precisions.get(device, ()))
 
     def available(self) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+        from ..models.frameworks import installed
+
+        return all(installed(m) for m in self.requires)
 
     def runner_class(self) -> type[Runner]:
         if not isinstance(self.runner, str):

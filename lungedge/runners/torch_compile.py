@@ -18,7 +18,6 @@ Both run lungedge ``.pth`` checkpoints (torch framework), in precision fp32, fp1
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import time
 from contextlib import nullcontext
@@ -26,6 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from ..errors import LungedgeError
+from ..models.frameworks import installed
 from .base import Loader
 from .torch import TorchRunner
 
@@ -50,7 +50,7 @@ def compile_unavailable(device: str, triton_version=None, c_compiler=None) -> st
     (Triton builds its launcher with one). The arguments are facts; None means 'look it up'."""
     if device != "cuda":
         return "torch-compile runs on cuda only (compiling on the CPU takes minutes; use torch-amp or openvino)"
-    if triton_version is None and importlib.util.find_spec("triton") is None:
+    if triton_version is None and not installed("triton"):
         return "Triton is not installed (torch.compile's CUDA code generator)"
     if c_compiler is None and not (shutil.which("cc") or shutil.which("gcc")):
         return "no C compiler (cc/gcc) on PATH: Triton compiles its kernel launcher with one"

@@ -15,6 +15,7 @@ import numpy as np
 from ...errors import LungedgeError
 from ...io import sha256_file
 from ...models.files import load_keras_file
+from ...models.frameworks import installed
 from .. import declared
 from .. import source as src
 from ..kind import SourceKind
@@ -57,7 +58,7 @@ def _resnet50_read(path: Path, spec, meta, reading, request: Request) -> Source:
         source = src.from_lungedge_checkpoint(path, KIND.name, spec, meta, model=model)
     else:
         facts = {"input_shape": (None, reading.size, reading.size, 3), "outputs": reading.outputs,
-                 "activation": {"linear": "logits", "softmax": "probabilities"}.get(reading.activation, "sigmoid"),
+                 "activation": OUTPUT_OF_ACTIVATION.get(reading.activation, "logits"),
                  "class": "Functional", "parameters": reading.parameters}
         source = _foreign(path, spec, facts, request, model)
     if model.note:
@@ -83,6 +84,10 @@ def _check_signature(spec, model, path: Path) -> None:
             "and its preprocessing")
 
 
+# a Keras model's final activation -> what it outputs (runners.base.OUTPUT_KINDS); anything else: logits
+OUTPUT_OF_ACTIVATION = {"softmax": "probabilities", "sigmoid": "sigmoid"}
+
+
 def final_activation(model) -> str:
     """'probabilities' / 'sigmoid' / 'logits' from the model's last layer (Dense activation, Activation
     or Softmax layer)."""
@@ -92,7 +97,7 @@ def final_activation(model) -> str:
     if type(layer).__name__ == "Softmax":
         return "probabilities"
     act = getattr(getattr(layer, "activation", None), "__name__", "linear")
-    return {"softmax": "probabilities", "sigmoid": "sigmoid"}.get(act, "logits")
+    return OUTPUT_OF_ACTIVATION.get(act, "logits")
 
 
 def _facts(model) -> dict:
@@ -120,7 +125,7 @@ def _foreign(path: Path, spec, facts: dict, request: Request, model) -> Source:
         from ...models.registry import foreign_build
 
         build = foreign_build(spec, outputs or len(names), prep.size)
-        build["head"]["activation"] = {"probabilities": "softmax", "sigmoid": "sigmoid"}.get(kind, "linear")
+        build["head"]["activation"] = {k: a for a, k in OUTPUT_OF_ACTIVATION.items()}.get(kind, "linear")
     return Source(model, KIND.name, "keras", arch, names, prep, path, sha256_file(path), build=build, notes=notes,
                   output=kind, keep=keep)
 
@@ -139,7 +144,7 @@ class KerasReference:
 
     def __init__(self, path: Path, reading):
         self.path, self._proc, self._log = Path(path), None, None
-        self.keras = all(_installed(m) for m in ("tensorflow", "keras"))
+        self.keras = all(installed(m) for m in ("tensorflow", "keras"))
         self.reading = None if self.keras else reading  # its weights (94 MB) only where they are run
         self.note = None if self.keras else (
             f"TensorFlow is not installed here: {self.path.name} is checked against lungedge's PyTorch reading "
@@ -218,16 +223,6 @@ def child_failure(stderr: str, code: int | None) -> str:
     return f"exit {code}: {(lines or ['no output'])[-1][:160]}"
 
 
-def _installed(module: str) -> bool:
-    """Whether ``module`` could be imported, without importing it."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # e.g. sys.modules[module] = None: blocked on purpose
-        return False
-
-
 def write_array(stream, x: np.ndarray) -> None:
     """One float32 array on a pipe: 8-byte header length, a JSON header (shape), the raw bytes."""
     import json
@@ -260,8 +255,6 @@ def _serve(path: Path) -> int:
     """The worker of :class:`KerasReference`: the model's outputs for each array read from stdin, one image
     a call (the smallest TensorFlow peak), written to the original stdout (fd 1 is stderr meanwhile,
     so nothing TensorFlow prints can mix with the arrays)."""
-    import os
-
     proto = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     model = load_keras_file(path)
