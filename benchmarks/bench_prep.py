@@ -10,7 +10,9 @@ runner `lungedge bench` opens (OpenVINO, the `int8-ov` file unless --variant say
 * ``stream`` - the interval between successive results when the next file is decoded on a
   background thread while this one runs, as ``lungedge predict`` does over a folder (a throughput,
   not one request's latency);
-* ``prep``   - ``prep.load_batch([file])`` alone.
+* ``prep``   - ``prep.load_batch([file])`` alone;
+* ``+prep: its prep`` and ``+prep: its infer`` - the two halves of each ``+prep`` call, timed
+  inside it: how much slower each runs right after the other than in a loop of its own.
 
 Contenders take turns in rounds (each round: ``--per-round`` calls of each), so a burst of load on
 this shared machine hits all of them alike; ``spread`` is the interquartile range of the per-round
@@ -119,11 +121,23 @@ def main() -> None:
             def timed(fn):
                 return time_calls(fn, 0, a.per_round, None)
 
+            parts = {"+prep: its prep": [], "+prep: its infer": []}
+
+            def prep_then_infer():
+                t0 = time.perf_counter()
+                xi = prep.load_batch(nxt())
+                t1 = time.perf_counter()
+                runner.infer(xi)
+                parts["+prep: its prep"].append(t1 - t0)
+                parts["+prep: its infer"].append(time.perf_counter() - t1)
+
             contenders = {"model": lambda: timed(lambda: runner.infer(x)),
-                          "+prep": lambda: timed(lambda: runner.infer(prep.load_batch(nxt()))),
+                          "+prep": lambda: timed(prep_then_infer),
                           "stream": stream, "prep": lambda: timed(lambda: prep.load_batch(nxt()))}
             for fn in contenders.values():  # warm-up
                 fn()
+            for v in parts.values():
+                v.clear()
             per_round = {k: [] for k in contenders}
             allt = {k: [] for k in contenders}
             for _ in range(a.rounds):
@@ -131,13 +145,16 @@ def main() -> None:
                     t = fn()
                     allt[k] += t
                     per_round[k].append(np.median(t))
+            allt.update(parts)  # the two halves of each +prep call, timed inside it
+            per_round.update({k: [np.median(v[i:i + a.per_round]) for i in range(0, len(v), a.per_round)]
+                              for k, v in parts.items()})
             p50 = {k: float(np.median(v)) * 1e3 for k, v in allt.items()}
             noise = {k: spread(v) for k, v in per_round.items()}
             print(f"GoogLeNet {a.variant} ({'uint8' if prep.input_dtype == 'uint8' else 'float'} input), OpenVINO, "
                   f"batch 1, threads {runner.threads_used()}, {a.rounds} rounds x {a.per_round}, "
                   f"{os.cpu_count()} CPUs ({provenance.cpu_model()}), load {os.getloadavg()[0]:.2f}")
             print("| timing | p50 ms | spread | / model |\n|---|---|---|---|")
-            for k in contenders:
+            for k in allt:
                 print(f"| {k} | {p50[k]:.2f} | {noise[k]:.0%} | {p50[k] / p50['model']:.2f}x |")
             print(check)
 

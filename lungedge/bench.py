@@ -6,6 +6,10 @@ For every job (artifact x backend x device x precision) and batch size, two timi
   (on a GPU this includes the host->device and device->host copies: see ``includes``);
 * ``preprocessing: true`` — decode the image files, crop/resize/normalise, then infer.
 
+The two are timed in turns (:func:`lungedge.timing.time_in_turns`: stretches of back-to-back calls
+of each, about five rounds), so that a burst of load on a shared machine cannot make one of them
+look faster than the other: their ratio is what a user reads.
+
 Each result row carries its provenance (host, CPU, GPU and driver, library versions, threads,
 artifact hash, date) and is written as one JSON line under ``results/``.
 """
@@ -25,7 +29,7 @@ from .preprocess import decode_threads
 from .results import job_row, write_rows
 from .runners import open_runner
 from .runners.discover import Job
-from .timing import latency_stats, time_calls
+from .timing import latency_stats, time_in_turns
 
 SYNTHETIC_SIZE = 512
 
@@ -69,15 +73,17 @@ def bench_job(job: Job, batch_sizes, files, warmup: int = 3, iters: int | None =
             modes = [(False, lambda: runner.infer(x))]
             if preprocessing:
                 modes.append((True, lambda: runner.infer(prep.load_batch(paths))))
-            for with_prep, fn in modes:
-                times = time_calls(fn, warmup, iters, seconds)
+            timed = time_in_turns([fn for _, fn in modes], warmup, iters, seconds)
+            for (with_prep, _), times in zip(modes, timed):
                 lat, ips = latency_stats(times, bs)
                 includes = runner.includes
                 if with_prep:
                     on = f"on {min(bs, decode_threads())} CPU thread(s)" if bs > 1 else "on the CPU"
                     includes = f"decode + crop/resize/normalise of {bs} image file(s) {on}, then {includes}"
                 row = {**base, "batch_size": bs, "preprocessing": with_prep, "includes": includes,
-                       "warmup": warmup, "iters": len(times), "latency_ms": lat, "throughput_ips": ips,
+                       "warmup": warmup, "iters": len(times), "timed_in_turns_with": [
+                           "+prep" if w else "model only" for w, _ in modes if w != with_prep],
+                       "latency_ms": lat, "throughput_ips": ips,
                        "first_call_s": first_call_s, "provenance": provenance.collect(threads=runner.threads_used())}
                 if not with_prep:
                     row.update(runner.timing_facts(bs, len(times)))

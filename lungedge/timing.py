@@ -37,6 +37,34 @@ def alternate(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
     return times
 
 
+TURNS = 5
+
+
+def time_in_turns(fns, warmup: int, iters: int | None, seconds: float | None, turns: int = TURNS,
+                  min_iters: int = 3) -> list[list[float]]:
+    """Seconds of each timed call of each of ``fns``, timed in turns: a stretch of back-to-back calls of
+    the first, then of the second, ..., round after round (about ``turns`` rounds). A burst of load on
+    a shared machine then falls on all of them alike, so their ratio holds, while each stretch still
+    times the steady state that a loop of one function times. Each gets ``iters`` calls, or at least
+    ``min_iters`` and ``seconds`` of timed calls in all (as :func:`time_calls`); warm-up calls first."""
+    for fn in fns:
+        for _ in range(max(0, warmup)):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    per_turn = -(-iters // max(1, turns)) if iters is not None else None
+    while True:
+        for fn, ts in zip(fns, times):
+            if per_turn is not None:
+                ts += time_calls(fn, 0, min(per_turn, iters - len(ts)), None) if len(ts) < iters else []
+            else:
+                ts += time_calls(fn, 0, None, (seconds or 0) / max(1, turns), min_iters=1)
+        if per_turn is not None:
+            if all(len(ts) >= iters for ts in times):
+                return times
+        elif all(len(ts) >= min_iters and sum(ts) >= (seconds or 0) for ts in times):
+            return times
+
+
 def spread(values) -> float:
     """Interquartile range over median: the noise to read a median (or a ratio of medians) with."""
     v = np.asarray(values, dtype=np.float64)

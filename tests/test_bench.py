@@ -26,6 +26,28 @@ def test_stats_and_timing_loop():
     assert [len(t) for t in rounds] == [3, 3] and order == ["a", "b"] * 4  # contenders take turns
 
 
+def test_time_in_turns_times_stretches_of_each_round_after_round():
+    import time
+
+    from lungedge.timing import time_in_turns
+
+    order = []
+    times = time_in_turns([lambda: order.append("a"), lambda: order.append("b")], warmup=1, iters=6, seconds=None,
+                          turns=3)
+    assert [len(t) for t in times] == [6, 6]
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up once each, then stretches of 2 in turn
+    order.clear()
+    times = time_in_turns([lambda: order.append("a"), lambda: order.append("b")], warmup=0, iters=5, seconds=None,
+                          turns=2)
+    assert [len(t) for t in times] == [5, 5] and order == list("aaabbbaabb")
+    order.clear()
+    slow, fast = (lambda: (order.append("s"), time.sleep(0.004))), (lambda: order.append("f"))
+    times = time_in_turns([slow, fast], warmup=0, iters=None, seconds=0.04, turns=4)
+    assert sum(times[0]) >= 0.04 and sum(times[1]) >= 0.04 and len(times[0]) >= 3
+    switches = sum(1 for x, y in zip(order, order[1:]) if x != y)
+    assert switches >= 2 * 4 - 1  # at least four rounds of both, not one long stretch each
+
+
 def test_provenance_is_cheap_and_complete():
     from lungedge import provenance
 
@@ -63,6 +85,7 @@ def test_bench_all_cpu(exported, capsys):
     assert len(rows) == 3 * 2 * 2
     for r in rows:
         assert r["iters"] == 3 and r["warmup"] == 1 and r["includes"]
+        assert r["timed_in_turns_with"] == ["model only" if r["preprocessing"] else "+prep"]
         assert set(r["latency_ms"]) >= {"p50", "p90", "p99", "mean", "std"} and r["throughput_ips"] > 0
         p = r["provenance"]
         assert p["threads"] == 1 and p["host"] and p["cpu"] and p["libraries"] and p["date"]

@@ -77,6 +77,26 @@ def test_fp32_runs_in_fp32_and_matches_onnxruntime(files, tmp_path):
     assert facts["cache_dir"] == str(tmp_path / "cache") and any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.parametrize("how", ["under-a-file", "read-only"])
+def test_a_cache_folder_it_cannot_write_is_not_claimed(files, tmp_path, monkeypatch, how):
+    import os
+
+    if how == "under-a-file":
+        (tmp_path / "afile").write_text("x")
+        folder = tmp_path / "afile" / "cache"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("running as root: permissions do not stop writing")
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+    monkeypatch.setenv("LUNGEDGE_OPENVINO_CACHE", str(folder))
+    with registry.open_runner(files["fp32"], backend="openvino", threads=1) as r:
+        got = r.infer(files["x"])
+        assert r.describe()["cache_dir"] is None  # provenance does not name a cache that holds nothing
+    np.testing.assert_allclose(got, _ort(files["fp32"], files["x"]), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("variant", ["int8", "int8-cpu", "int8-ov"])
 def test_int8_files_run_quantized_and_agree(files, variant):
     if variant not in files:

@@ -66,9 +66,11 @@ class CompiledModelFromOnnx(Loader):
         folder = cache_dir()
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):  # a read-only disk or folder: OpenVINO would write nothing
+                raise PermissionError(folder)
             core.set_property({"CACHE_DIR": str(folder)})
         except OSError:
-            folder = None  # read-only home: no cache, still runs
+            folder = None  # read-only home: no cache (describe() says so), still runs
         config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": PERFORMANCE_HINT}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
