@@ -69,11 +69,30 @@ def write_error(path, exc: OSError, what: str = "cannot write") -> WriteError:
     return WriteError(f"{what} {path}: {_reason(exc)}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def _publish_new(tmp: str, path: Path) -> None:
+    """Give the complete file ``tmp`` the name ``path`` only if nothing has it: FileExistsError else.
+    A hard link takes the name atomically; where the file system has none, the name is taken with
+    O_EXCL first (an empty file for an instant) and the complete file renamed over it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = False) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
     A reader never sees a half-written file, and an existing file is replaced only
     once the new one is complete. A failure is a :class:`WriteError` naming ``path``.
+    ``exclusive``: never replace an existing file; FileExistsError (nothing written) if ``path`` is
+    taken, also by another process writing it at the same moment.
     """
     path = Path(path)
     if path.is_dir():
@@ -89,7 +108,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _publish_new(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except FileExistsError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exclusive:
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        raise write_error(path, exc) from None
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise write_error(path, exc) from None
@@ -111,8 +138,8 @@ def atomic_write_png(path: str | os.PathLike, fig) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, exclusive: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), exclusive)
 
 
 def dumps_json(obj: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -21,13 +22,14 @@ def job_row(kind: str, job, runner) -> dict:
 
 
 def write_rows(rows: list[dict], out, kind: str) -> Path:
-    """results/<kind>-<host>-<UTC time>.jsonl (one JSON object a line); never overwrites."""
+    """results/<kind>-<host>-<UTC time>.jsonl (one JSON object a line); never overwrites, not even
+    the file of another run that finishes in the same second (the name is taken atomically)."""
     host = provenance.slug_host()
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = Path(out) / f"{kind}-{host}-{stamp}.jsonl"
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path(out) / f"{kind}-{host}-{stamp}-{n}.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
-    return path
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    for n in itertools.count(1):
+        path = Path(out) / f"{kind}-{host}-{stamp}{'' if n == 1 else f'-{n}'}.jsonl"
+        try:
+            return atomic_write_text(path, text, exclusive=True)
+        except FileExistsError:
+            continue

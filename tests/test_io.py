@@ -29,6 +29,33 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert [q.name for q in p.parent.iterdir()] == ["b.json"]  # no temporary file left
 
 
+def test_exclusive_write_never_replaces_a_file(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    atomic_write_text(p, "first\n", exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write_text(p, "second\n", exclusive=True)
+    assert p.read_text() == "first\n" and [q.name for q in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_runs_finishing_in_the_same_second_keep_their_own_results(tmp_path):
+    """Eight processes write their rows at the same moment: eight files, each whole and its own."""
+    code = ("import sys, time\nfrom lungedge.results import write_rows\n"
+            "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
+            f"print(write_rows([{{'run': int(sys.argv[2])}}] * 50, {str(tmp_path)!r}, 'bench'))\n")
+    start = f"{time.time() + 3:.3f}"
+    procs = [subprocess.Popen([sys.executable, "-c", code, start, str(i)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+             for i in range(8)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(set(outs)) == 8 and sorted(Path(o).name for o in outs) == sorted(q.name for q in tmp_path.iterdir())
+    runs = set()
+    for out in outs:
+        rows = [json.loads(line) for line in Path(out).read_text().splitlines()]
+        assert len(rows) == 50 and len({r["run"] for r in rows}) == 1
+        runs.add(rows[0]["run"])
+    assert runs == set(range(8))
+
+
 def test_write_into_read_only_folder_is_one_line(tmp_path):
     ro = unwritable_folder(tmp_path)
     try:
