@@ -75,9 +75,7 @@ def _publish_new(tmp: str, path: Path) -> None:
     O_EXCL first (an empty file for an instant) and the complete file renamed over it."""
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError as exc:
+    except OSError as exc:  # FileExistsError (EEXIST) among them: raised as it is
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
             raise
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
@@ -112,13 +110,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = F
             _publish_new(tmp, path)
         else:
             os.replace(tmp, path)
-    except FileExistsError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exclusive:
-            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
-        raise write_error(path, exc) from None
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        if exclusive and isinstance(exc, FileExistsError):
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
         raise write_error(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,18 +25,6 @@ def time_calls(fn, warmup: int, iters: int | None, seconds: float | None, min_it
     return times
 
 
-def alternate(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
-    """Seconds of each of ``fns`` over ``repeats`` rounds; they take turns, so a burst of load hits all alike."""
-    for _ in range(max(0, warmup)):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            ts += time_calls(fn, 0, 1, None)
-    return times
-
-
 TURNS = 5
 
 
@@ -63,6 +51,15 @@ def time_in_turns(fns, warmup: int, iters: int | None, seconds: float | None, tu
                 return times
         elif all(len(ts) >= min_iters and sum(ts) >= (seconds or 0) for ts in times):
             return times
+
+
+def alternate(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
+    """Seconds of each of ``fns`` over ``repeats`` rounds of one call each (:func:`time_in_turns` with
+    stretches of one call), warm-up rounds first; a burst of load hits all alike."""
+    for _ in range(max(0, warmup)):
+        for fn in fns:
+            fn()
+    return time_in_turns(fns, 0, repeats, None, turns=repeats)
 
 
 def spread(values) -> float:

@@ -176,9 +176,8 @@ class KerasReference:
         import tempfile
 
         self._log = tempfile.TemporaryFile()
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-        self._proc = subprocess.Popen([sys.executable, "-m", "lungedge.export.sources.keras", "--serve", str(self.path)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        self._proc = subprocess.Popen(child_command("--serve", str(self.path)), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=self._log, env=child_env())
 
     def _why(self) -> str:
         if self._proc is not None:
@@ -209,6 +208,16 @@ class KerasReference:
             self.close()
         except Exception:  # noqa: BLE001 - at interpreter exit, or after a failed __init__
             pass
+
+
+def child_command(*args: str) -> list[str]:
+    """This module run as a child process (:func:`_child`) with ``args``."""
+    return [sys.executable, "-m", "lungedge.export.sources.keras", *args]
+
+
+def child_env() -> dict:
+    """The child's environment: TensorFlow's C++ start-up chatter off unless the user asked for it."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
 
 
 def child_failure(stderr: str, code: int | None) -> str:
@@ -313,9 +322,7 @@ def to_onnx(source: Source, opset: int):
     own peak stays that of the loaded model. The child loads the same file; parity (next step) compares
     the result with the parent's model. ``LUNGEDGE_KERAS_CONVERT=inprocess`` converts in this process.
     The converter used is recorded as ``source.converter`` (ONNX metadata ``extra.converter``)."""
-    import os
     import subprocess
-    import sys
     import tempfile
 
     import onnx
@@ -325,10 +332,9 @@ def to_onnx(source: Source, opset: int):
         if os.environ.get("LUNGEDGE_KERAS_CONVERT") == "inprocess":
             converter = convert_file(source.path, source.preprocessing.input_shape, opset, out, source.model)
         else:
-            cmd = [sys.executable, "-m", "lungedge.export.sources.keras", str(source.path), str(out), str(opset),
-                   ",".join(str(d) for d in source.preprocessing.input_shape)]
-            env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            cmd = child_command(str(source.path), str(out), str(opset),
+                                ",".join(str(d) for d in source.preprocessing.input_shape))
+            p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
             if p.returncode != 0 or not out.is_file():
                 raise LungedgeError(f"Keras->ONNX conversion of {source.path} failed in its child process: "
                                     f"{child_failure(p.stderr, p.returncode)}")

@@ -148,9 +148,8 @@ def _check(config: dict, weights: dict) -> "Reading":
     if activations - {"relu"}:
         raise NotResNet50(f"activations other than relu: {sorted(map(str, activations - {'relu'}))}")
     convs = [ly for ly in layers if ly["class_name"] == "Conv2D"]
-    expected = ["conv1_conv"] + [f"{s}_block{b}_{i}_conv" for s, _, n, _ in STAGES for b in range(1, n + 1)
-                                 for i in ((0, 1, 2, 3) if b == 1 else (1, 2, 3))]
-    if sorted(c["config"]["name"] for c in convs) != sorted(expected):
+    shapes = _expected_shapes()
+    if sorted(c["config"]["name"] for c in convs) != sorted(shapes):
         raise NotResNet50("its convolutions are not ResNet50's (names or count)")
     _check_conv(by_name["conv1_conv"], 7, 2, "valid")
     for s, _, n, stride in STAGES:
@@ -162,7 +161,7 @@ def _check(config: dict, weights: dict) -> "Reading":
             _check_conv(by_name[f"{s}_block{b}_2_conv"], 3, 1, "same")
             _check_conv(by_name[f"{s}_block{b}_3_conv"], 1, 1, "valid")
     _check_stem(layers, by_name)
-    for name, shape in _expected_shapes().items():
+    for name, shape in shapes.items():
         bn = weights.get(name.replace("_conv", "_bn"), {})
         if tuple(weights.get(name, {}).get("kernel", np.zeros(0)).shape) != shape \
                 or tuple(weights[name].get("bias", np.zeros(0)).shape) != shape[-1:] \
