@@ -77,7 +77,9 @@ def read_image(path: str | Path, size: int | None = None):
                 side = min(w, h)
                 img.draft(img.mode, (-(-w * 2 * size // side), -(-h * 2 * size // side)))
             img.load()  # force a full decode: truncated files fail here, not later
-            return img.copy()
+            # a JPEG (one frame) is kept as decoded: leaving the block closes its file, not its pixels;
+            # other formats may hold a handle of their own (TIFF) until the image goes: a copy, then
+            return img if img.format == "JPEG" else img.copy()
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:

@@ -151,6 +151,24 @@ def test_batch_decoded_on_threads_equals_one_at_a_time_in_order(tmp_path):
         Preprocessing(size=64).load_batch([*paths[:3], tmp_path / "bad.jpg", *paths[3:]])
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "TIFF"])
+def test_a_decoded_image_outlives_its_closed_file(tmp_path, fmt):
+    # read_image keeps a decoded JPEG as it is (no copy), copies other formats: no file left open, pixels usable
+    import os
+
+    from lungedge.preprocess import read_image
+
+    frames = [_ct_like(seed=s, shape=(40, 50)) for s in (0, 1)]
+    path = tmp_path / f"x.{fmt.lower()}"
+    frames[0].save(path, format=fmt, **({"save_all": True, "append_images": frames[1:]} if fmt in ("GIF", "TIFF") else {}))
+    before = len(os.listdir("/proc/self/fd"))
+    imgs = [read_image(path, 16) for _ in range(20)]
+    assert len(os.listdir("/proc/self/fd")) == before  # no file left open
+    expected = np.asarray(Image.open(path).convert("L"))
+    for img in imgs:
+        np.testing.assert_array_equal(np.asarray(img.convert("L")), expected)  # the first frame
+
+
 def test_normalize_into_a_slot_checks_its_shape():
     p = Preprocessing(size=8)
     pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
