@@ -153,10 +153,51 @@ def test_rotated_and_flipped_copies_are_near_duplicates_and_strangers_are_not():
     strangers = [smooth_image(rng, 96) for _ in range(30)]
     copies = [a, a.transpose(Image.FLIP_TOP_BOTTOM), a.rotate(270), augmented_rotation(a, -15)]
     thumbs = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in copies + strangers])
-    sim = dedup.similarity(dedup.features(thumbs))
-    among_copies = sim[:4, :4][~np.eye(4, dtype=bool)]
-    assert among_copies.min() >= dedup.DEFAULT_THRESHOLD
-    assert sim[:4, 4:].max() < dedup.DEFAULT_THRESHOLD
+    pairs = dedup.duplicate_pairs(dedup.similar_pairs(dedup.features(thumbs), dedup.DEFAULT_THRESHOLD),
+                                  dedup.DEFAULT_THRESHOLD)
+    assert pairs == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # the copies, and no stranger
+
+
+def _dense_similarity(feats):
+    """The N x N matrix the search built before it streamed: best correlation over variants, symmetric."""
+    n, k, d = feats.shape
+    sim = (feats[:, 0] @ feats.reshape(n * k, d).T).reshape(n, n, k).max(-1)
+    sim = np.maximum(sim, sim.T)
+    np.fill_diagonal(sim, -1.0)
+    return sim
+
+
+def test_streamed_pairs_are_the_dense_matrix_pairs_at_every_block_size(monkeypatch):
+    rng = np.random.default_rng(5)
+    images = [smooth_image(rng, 96) for _ in range(12)]
+    images += [im.rotate(90) for im in images[:4]] + [augmented_rotation(im, 10) for im in images[4:7]]
+    thumbs = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in images])
+    feats = dedup.features(thumbs)
+    sim = _dense_similarity(feats)
+    for threshold in (0.5, dedup.LOOSE_THRESHOLD, dedup.DEFAULT_THRESHOLD):
+        i, j = np.nonzero(np.triu(sim >= threshold, 1))
+        dense = list(zip(i.tolist(), j.tolist()))
+        assert len(dense) >= 7  # the turned copies, at least
+        for block_bytes in (1, 5 * feats.shape[0] * feats.shape[1] * 4, dedup.BLOCK_BYTES):  # 1 row, 5 rows, all
+            monkeypatch.setattr(dedup, "BLOCK_BYTES", block_bytes)
+            found = dedup.similar_pairs(feats, threshold)
+            assert dedup.duplicate_pairs(found, threshold) == dense
+            np.testing.assert_allclose(found[2], sim[found[0], found[1]], atol=1e-5)  # each pair's larger direction
+        found = dedup.similar_pairs(feats, 0.5)  # found once at the loosest, filtered at each (as audit does)
+        assert dedup.duplicate_pairs(found, threshold) == dense
+
+
+def test_features_are_the_plain_formula_computed_in_place(monkeypatch):
+    thumbs = np.random.default_rng(6).integers(0, 256, size=(7, 64, 64), dtype=np.uint8)
+    thumbs[3] = 0  # a blank image: zero-length variants stay zero
+    v = np.stack([dedup.variants(t) for t in thumbs])
+    x = (v - v.mean(axis=0, keepdims=True)).reshape(7, v.shape[1], -1)
+    x = x - x.mean(-1, keepdims=True)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    norm[norm == 0] = 1.0
+    monkeypatch.setattr(dedup, "CHUNK", 3)  # chunks of 3, 3, 1
+    np.testing.assert_array_equal(dedup.features(thumbs), (x / norm).astype(np.float32))
+    assert dedup.features(thumbs[:0]).shape == (0, v.shape[1], dedup.SIDE * dedup.SIDE)
 
 
 def test_components_chain_pairs():

@@ -95,8 +95,8 @@ def group_images(records: list[ScannedImage], group_by: str, threshold: float) -
     check_choice(group_by, GROUP_BY, "--group-by")
     if group_by == "none":
         return list(range(len(records)))
-    sim = dedup.similarity(dedup.features(np.stack([r.thumb for r in records])))
-    pairs = dedup.duplicate_pairs(sim, threshold) + dedup.identical_pairs([r.sha256 for r in records])
+    near = dedup.similar_pairs(dedup.features(np.stack([r.thumb for r in records])), threshold)
+    pairs = dedup.duplicate_pairs(near, threshold) + dedup.identical_pairs([r.sha256 for r in records])
     return dedup.components(len(records), pairs)
 
 
@@ -250,15 +250,14 @@ def audit(path, thresholds=None, root=None, show_progress: bool | None = None, s
         _check_threshold(t)
     splits = [it["split"] for it in manifest["items"]]
     identical = dedup.identical_pairs([r.sha256 for r in records])
-    sim = dedup.similarity(dedup.features(np.stack([r.thumb for r in records])))
-    train = np.array([s == "train" for s in splits])
+    found = dedup.similar_pairs(dedup.features(np.stack([r.thumb for r in records])), min(thresholds))
     test_idx = [i for i, s in enumerate(splits) if s == "test"]
     near = []
     for t in thresholds:
-        pairs = dedup.duplicate_pairs(sim, t)
-        leaked = int((sim[np.ix_(test_idx, np.flatnonzero(train))] >= t).any(axis=1).sum()) if test_idx and train.any() else 0
+        pairs = dedup.duplicate_pairs(found, t)
+        leaked = {a if splits[a] == "test" else b for a, b in pairs if {splits[a], splits[b]} == {"test", "train"}}
         near.append({"threshold": t, "pairs": len(pairs), "cross_split": _cross_split(pairs, splits),
-                     "test_images_with_train_near_duplicate": leaked})
+                     "test_images_with_train_near_duplicate": len(leaked)})
     return {
         "manifest": str(path),
         "group_by": manifest["params"]["group_by"],
