@@ -230,7 +230,7 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
     machines = sorted({x["machine"] for x in pts})
     backends = sorted({x["backend"] for x in pts})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, x in enumerate(pts):
+    for x in pts:
         ax.scatter(x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"],
                    marker=markers[machines.index(x["machine"]) % len(markers)],
                    color=colours[backends.index(x["backend"]) % len(colours)], s=60, zorder=3)
@@ -239,9 +239,6 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
             y = x["eval"]["metrics"]["balanced_accuracy"]
             ax.errorbar(x["p50_b1"], y, yerr=[[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]], fmt="none",
                         ecolor=colours[backends.index(x["backend"]) % len(colours)], capsize=3, lw=1, zorder=2)
-        short = short_name(x["backend"])
-        ax.annotate(f"{x['model']} {short} {x['precision']}", (x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"]),
-                    textcoords="offset points", xytext=(5, 4 - 10 * (i % 3)), fontsize=7)
     for mach in machines:
         mine = [x for x in pts if x["machine"] == mach]
         xy = [(x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"]) for x in mine]
@@ -264,7 +261,71 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    place_labels(ax, [(x["p50_b1"], x["eval"]["metrics"]["balanced_accuracy"]) for x in pts],
+                 [f"{x['model']} {short_name(x['backend'])} {x['precision']}" for x in pts])
     return atomic_write_png(path, fig)
+
+
+def _label_offsets():
+    """Offsets (points) tried for a label, nearest first: 12 directions on rings of growing radius."""
+    import math
+
+    out = []
+    for radius in (6, 12, 20, 30, 42, 56, 72, 90):
+        for deg in (15, -15, 165, 195, 90, 270, 45, -45, 135, 225, 60, -60, 120, 240):
+            dx, dy = radius * math.cos(math.radians(deg)), radius * math.sin(math.radians(deg))
+            out.append((dx, dy, "left" if dx > 1 else "right" if dx < -1 else "center",
+                        "bottom" if dy > 1 else "top" if dy < -1 else "center_baseline"))
+    return out
+
+
+def place_labels(ax, xy: list[tuple[float, float]], labels: list[str], fontsize: int = 7) -> list:
+    """Annotate each point with its label where it covers no earlier label, no point and no legend and
+    stays inside the axes: the nearest free place of :func:`_label_offsets` (a thin leader line when it is
+    not next to its point), else the place overlapping least. Call it once the layout is final (the
+    extents are measured). Returns the annotations."""
+    from matplotlib.text import Text
+
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    dots = [ax.transData.transform(p) for p in xy]
+    r = 4.0 * fig.dpi / 72  # a marker's half size in pixels
+    taken = [(x - r, y - r, x + r, y + r) for x, y in dots]
+    if ax.get_legend() is not None:  # where the legend was drawn ("best") stays the legend's
+        e = ax.get_legend().get_window_extent(renderer)
+        taken.append((e.x0, e.y0, e.x1, e.y1))
+
+    def overlap(a, b) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    area = (inside.x0, inside.y0, inside.x1, inside.y1)
+    texts = []
+    for k in sorted(range(len(xy)), key=lambda k: (dots[k][0], dots[k][1])):  # left to right
+        best = None
+        for dx, dy, ha, va in _label_offsets():
+            far = dx * dx + dy * dy > 13 ** 2
+            t = ax.annotate(labels[k], xy[k], textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                            fontsize=fontsize, arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey",
+                                                           "shrinkA": 0, "shrinkB": 3} if far else None)
+            t.update_positions(renderer)
+            e = Text.get_window_extent(t, renderer)  # the text alone (an Annotation's adds its leader line)
+            box = (e.x0, e.y0, e.x1, e.y1)
+            cost = sum(overlap(box, o) for o in taken) + (e.width * e.height - overlap(box, area))  # + outside
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, t, box)
+            else:
+                t.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+        texts.append(best[1])
+    return texts
 
 
 # -- rendering --------------------------------------------------------------------------------------

@@ -100,3 +100,32 @@ def test_report_without_results_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(["report", "--results", tmp_path / "empty"], capsys)
     assert code == 2 and err.startswith("error: no bench or eval results")
+
+
+def test_crowded_scatter_labels_cover_neither_each_other_nor_a_point():
+    # 16 rows within 10 % latency and 2 points of accuracy: the former fixed offsets stacked their labels
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lungedge.report import place_labels
+
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    xy = [(10.0 * (1 + 0.1 * (k % 4) / 3), 0.80 + 0.02 * (k // 4) / 3) for k in range(16)]
+    ax.scatter(*zip(*xy))
+    ax.set_xscale("log")
+    ax.set_xlim(3, 40)
+    ax.set_ylim(0.70, 0.90)
+    labels = [f"densenet121 ov int8-ov #{k}" for k in range(16)]
+    texts = place_labels(ax, xy, labels)
+    assert sorted(t.get_text() for t in texts) == sorted(labels)
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, r) for t in texts]  # the text, without its leader line
+    assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    dots = [ax.transData.transform(p) for p in xy]
+    assert not [t for t, e in zip(texts, boxes) for x, y in dots if e.x0 < x < e.x1 and e.y0 < y < e.y1]
+    plt.close(fig)
