@@ -267,7 +267,7 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
 
 
 def _label_offsets():
-    """Offsets (points) tried for a label, nearest first: 12 directions on rings of growing radius."""
+    """Offsets (points) tried for a label, nearest first: 14 directions on rings of growing radius."""
     import math
 
     out = []

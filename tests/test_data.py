@@ -189,7 +189,7 @@ def test_streamed_pairs_are_the_dense_matrix_pairs_at_every_block_size(monkeypat
 
 def test_features_are_the_plain_formula_computed_in_place(monkeypatch):
     thumbs = np.random.default_rng(6).integers(0, 256, size=(7, 64, 64), dtype=np.uint8)
-    thumbs[3] = 0  # a blank image: zero-length variants stay zero
+    thumbs[3] = 0  # a blank image among them
     v = np.stack([dedup.variants(t) for t in thumbs])
     x = (v - v.mean(axis=0, keepdims=True)).reshape(7, v.shape[1], -1)
     x = x - x.mean(-1, keepdims=True)
