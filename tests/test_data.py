@@ -196,7 +196,12 @@ def test_features_are_the_plain_formula_computed_in_place(monkeypatch):
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     norm[norm == 0] = 1.0
     monkeypatch.setattr(dedup, "CHUNK", 3)  # chunks of 3, 3, 1
-    np.testing.assert_array_equal(dedup.features(thumbs), (x / norm).astype(np.float32))
+    steps = []
+    feats = dedup.features(thumbs, steps.append)
+    np.testing.assert_array_equal(feats, (x / norm).astype(np.float32))
+    monkeypatch.setattr(dedup, "BLOCK_BYTES", 2 * feats.shape[1] * 7 * 4)  # blocks of 2 rows: 2, 2, 2, 1
+    dedup.similar_pairs(feats, 0.9, steps.append)
+    assert steps == [1] * 7 + [2, 2, 2, 1]  # the progress bar: one step per image, in each stage
     assert dedup.features(thumbs[:0]).shape == (0, v.shape[1], dedup.SIDE * dedup.SIDE)
 
 

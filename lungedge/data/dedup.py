@@ -66,16 +66,18 @@ CHUNK = 1024  # images normalised at a time (bounds the temporaries of :func:`fe
 BLOCK_BYTES = 512 * 2**20  # the largest block of correlations :func:`similar_pairs` holds at once
 
 
-def features(thumbs: np.ndarray) -> np.ndarray:
+def features(thumbs: np.ndarray, advance=lambda n=1: None) -> np.ndarray:
     """(N, 64, 64) uint8 thumbnails -> (N, V, SIDE*SIDE) unit vectors, variant 0 plain.
 
     Built in place: the result and temporaries of one :data:`CHUNK` of images, so peak memory is
     about the result's (N x 88 x 400 float32: 2.1 GB for LC25000's 15,000 lung images), with the
-    values of the plain formula (``v - mean``, each variant centred and scaled to unit length)."""
+    values of the plain formula (``v - mean``, each variant centred and scaled to unit length).
+    ``advance(1)`` is called after each image (a progress bar's)."""
     n, k, d = len(thumbs), len(ANGLES) * 8, SIDE * SIDE
     out = np.empty((n, k, d), np.float32)
     for i, t in enumerate(thumbs):
         out[i] = variants(t).reshape(k, d)
+        advance(1)
     if n:
         out -= out.mean(axis=0, keepdims=True)  # the data set's mean variant
     for i0 in range(0, n, CHUNK):
@@ -87,11 +89,13 @@ def features(thumbs: np.ndarray) -> np.ndarray:
     return out
 
 
-def similar_pairs(feats: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def similar_pairs(feats: np.ndarray, threshold: float,
+                  advance=lambda n=1: None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of images whose similarity is at least ``threshold``: (i, j, similarity) arrays,
     i < j, in (i, j) order. The similarity of a and b is the larger of (a's plain thumbnail against
     b's best variant) and the other way round. Computed a block of rows at a time (at most
-    :data:`BLOCK_BYTES` of correlations), so memory grows with the pairs found, not with N x N."""
+    :data:`BLOCK_BYTES` of correlations), so memory grows with the pairs found, not with N x N.
+    ``advance(rows)`` is called after each block."""
     n, k, d = feats.shape
     everything = feats.reshape(n * k, d)
     block = int(max(1, min(512, BLOCK_BYTES // max(1, n * k * 4))))
@@ -103,6 +107,7 @@ def similar_pairs(feats: np.ndarray, threshold: float) -> tuple[np.ndarray, np.n
         rows += i0
         off = rows != cols
         found.append((rows[off], cols[off], value[off]))
+        advance(len(part))
     r, c, v = (np.concatenate(a) for a in zip(*found))
     i, j = np.minimum(r, c).astype(np.int64), np.maximum(r, c).astype(np.int64)
     order = np.lexsort((-v, j, i))  # by pair, the larger direction first
