@@ -303,10 +303,11 @@ def place_labels(ax, xy: list[tuple[float, float]], labels: list[str], fontsize:
         return w * h if w > 0 and h > 0 else 0.0
 
     area = (inside.x0, inside.y0, inside.x1, inside.y1)
+    offsets = _label_offsets()
     texts = []
     for k in sorted(range(len(xy)), key=lambda k: (dots[k][0], dots[k][1])):  # left to right
         best = None
-        for dx, dy, ha, va in _label_offsets():
+        for dx, dy, ha, va in offsets:
             far = dx * dx + dy * dy > 13 ** 2
             t = ax.annotate(labels[k], xy[k], textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
                             fontsize=fontsize, arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey",
