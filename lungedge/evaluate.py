@@ -1,8 +1,9 @@
-"""Accuracy of any runner on a test set, with the metrics a clinician needs (all from scikit-learn).
+"""Accuracy of any runner on a test set, with the metrics a clinician needs (:mod:`lungedge.metrics`).
 
 For every job: accuracy, balanced accuracy, per-class sensitivity, specificity, precision and
-F1, macro-F1, one-vs-rest AUROC, the confusion matrix, and for FP16/INT8 the share of test
-images whose predicted class differs from the FP32 model's.
+F1, macro-F1, one-vs-rest AUROC, the confusion matrix, how well its probabilities are calibrated
+(Brier score, ECE, the reliability diagram), and for FP16/INT8 the share of test images whose
+predicted class differs from the FP32 model's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from . import provenance, testset
 from .batching import runner_logits
 from .errors import LungedgeError
-from .metrics import classification_metrics, disagreement
+from .metrics import calibration, classification_metrics, disagreement
 from .results import job_row
 from .runners import open_runner
 from .runners.base import to_probabilities
@@ -98,13 +99,19 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT) -> tu
                                 f"({', '.join(runner.classes)})")
         y = np.array([runner.classes.index(lbl) for lbl in ts.labels])
         logits = runner_logits(runner, ts.inputs(runner.preprocessing), BATCH)
+        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        if bad:
+            raise LungedgeError(f"{job.artifact.name} ({job.backend} {job.precision}): the model's output is NaN "
+                                f"or infinite on {bad} of {len(logits)} test images")
         pred = logits.argmax(1)
-        metrics = classification_metrics(y, pred, runner.classes, scores=to_probabilities(logits, runner.output))
+        probs = to_probabilities(logits, runner.output)
+        metrics = classification_metrics(y, pred, runner.classes, scores=probs)
+        metrics["calibration"] = calibration(y, probs)
         row = {**job_row("eval", job, runner), "classes": runner.classes, "test_set": ts.where,
                "metrics": metrics, "predictions": pred.tolist()}
         # 95% intervals by bootstrap over the split's near-duplicate groups (issue #16)
-        row["intervals"] = bootstrap_metrics(y, pred, ts.groups, runner.classes, n_boot=n_boot,
-                                             scores=to_probabilities(logits, runner.output))
+        row["intervals"] = bootstrap_metrics(y, pred, ts.groups, runner.classes, n_boot=n_boot, scores=probs,
+                                             probs=probs)
         if ts.groups is None:
             row["intervals"]["method"] = "percentile bootstrap over images (no groups known: pass --split)"
         row["images"] = [str(p) for p in ts.paths]
@@ -145,8 +152,9 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
         rows.append(row)
         m, d = row["metrics"], row["differs_from_fp32"]
         log(f"{job.model} {row['backend']} {row['device']} {row['variant']}: balanced accuracy "
-            f"{m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
-            + (f", differs from FP32 on {d:.1%}" if d is not None else "") + f" ({ts.where})")
+            f"{m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
+            f"ECE {m['calibration']['ece']:.3f}" + (f", differs from FP32 on {d:.1%}" if d is not None else "")
+            + f" ({ts.where})")
     return rows
 
 
@@ -155,7 +163,7 @@ def table(rows: list[dict]):
 
     t = Table(title="lungedge eval (95% intervals: bootstrap over near-duplicate groups)", title_justify="left")
     for col in ("model", "backend", "device", "precision", "images", "accuracy", "balanced acc", "macro-F1",
-                "macro AUROC", "≠ FP32", "gate", "sensitivity", "specificity"):
+                "macro AUROC", "ECE", "≠ FP32", "gate", "sensitivity", "specificity"):
         t.add_column(col)
     for r in rows:
         m, ci = r["metrics"], r.get("intervals") or {}
@@ -170,10 +178,16 @@ def table(rows: list[dict]):
         gate = r.get("gate")
         t.add_row(r["model"], r["backend"], r["device"], r["variant"], str(m["n"]), one("accuracy"),
                   one("balanced_accuracy"), one("macro_f1"),
-                  one("macro_auroc") if m.get("macro_auroc") is not None else "–",
+                  one("macro_auroc") if m.get("macro_auroc") is not None else "–", ece_pm(r),
                   f"{r['differs_from_fp32']:.1%}" if r.get("differs_from_fp32") is not None else "–",
                   ("pass" if gate["pass"] else "FAIL") if gate else "–", per("sensitivity"), per("specificity"))
     return t
+
+
+def ece_pm(row: dict) -> str:
+    """The row's expected calibration error with its interval ("–" for rows written before it was measured)."""
+    cal = row["metrics"].get("calibration") or {}
+    return pm(cal["ece"], (row.get("intervals") or {}).get("ece")) if cal.get("ece") is not None else "–"
 
 
 def gate_lines(rows: list[dict]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Classification metrics, all from scikit-learn (no hand-written formulas).
+"""Classification metrics, from scikit-learn where it has them.
 
 :func:`classification_metrics` is what ``eval`` reports for every backend and precision;
 ``lungedge.train.metrics.summarize`` and ``lungedge.export.compare.accuracy`` delegate here.
@@ -80,6 +80,46 @@ def auroc(y_true, scores, classes) -> dict:
             per[c] = _none_if_nan(roc_auc_score(pos.astype(int), scores[:, i]))
     vals = [v for v in per.values() if v is not None]
     return {"auroc": per, "macro_auroc": float(np.mean(vals)) if vals else None}
+
+
+CALIBRATION_BINS = 10
+
+
+def calibration_parts(y_true, probs, bins: int = CALIBRATION_BINS) -> dict:
+    """Per-image pieces of :func:`calibration` (so that a bootstrap can reweight them): each image's
+    Brier loss (sum over classes of (p_k - y_k)^2), whether its top class is
+    right, its top probability and the equal-width bin that probability falls in (1.0 in the last)."""
+    y = np.asarray(y_true, dtype=int).ravel()
+    p = np.asarray(probs, dtype=np.float64)
+    p = p / np.clip(p.sum(axis=1, keepdims=True), 1e-12, None)  # FP16/INT8 softmax heads sum to 1 +- rounding
+    brier = ((p - np.eye(p.shape[1])[y]) ** 2).sum(axis=1)  # its mean is sklearn's brier_score_loss (tested)
+    conf = p.max(axis=1)
+    return {"brier": brier, "correct": (p.argmax(axis=1) == y).astype(np.float64), "confidence": conf,
+            "bin": np.minimum((conf * bins).astype(int), bins - 1), "bins": bins}
+
+
+def calibration(y_true, probs, bins: int = CALIBRATION_BINS) -> dict:
+    """Whether the predicted probabilities mean what they say (a clinician reads "Malignant 97 %" as
+    a frequency). ``brier``: the multiclass Brier score, mean over images of sum_k (p_k - y_k)^2
+    (0 perfect, 2 worst; equals scikit-learn's ``brier_score_loss``). ``ece``: the top-label expected
+    calibration error (Guo et al. 2017): images binned by top probability into ``bins`` equal-width
+    bins; the sum over bins of |right answers - summed confidence| in the bin, over N.
+    ``mean_confidence`` and ``top1_accuracy``: confidence above accuracy is over-confidence.
+    ``reliability``: per non-empty bin, its range, image count, mean confidence and accuracy (the
+    reliability diagram)."""
+    c = calibration_parts(y_true, probs, bins)
+    n = len(c["brier"])
+    if n == 0:
+        return {"brier": None, "ece": None, "mean_confidence": None, "top1_accuracy": None, "bins": bins,
+                "reliability": []}
+    count = np.bincount(c["bin"], minlength=bins)
+    right = np.bincount(c["bin"], weights=c["correct"], minlength=bins)
+    conf = np.bincount(c["bin"], weights=c["confidence"], minlength=bins)
+    rel = [{"range": [b / bins, (b + 1) / bins], "n": int(count[b]), "confidence": float(conf[b] / count[b]),
+            "accuracy": float(right[b] / count[b])} for b in range(bins) if count[b]]
+    return {"brier": float(c["brier"].mean()), "ece": float(np.abs(right - conf).sum() / n),
+            "mean_confidence": float(c["confidence"].mean()), "top1_accuracy": float(c["correct"].mean()),
+            "bins": bins, "reliability": rel}
 
 
 def softmax(logits) -> np.ndarray:

@@ -266,6 +266,70 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
     return atomic_write_png(path, fig)
 
 
+CAL_COLUMNS = ("machine", "model", "backend", "precision", "images", "top-1 accuracy", "mean confidence",
+               "confidence − accuracy", "ECE [95% CI]", "Brier [95% CI]", "results file")
+CAL_NOTE = ("Whether a probability means what it says: of the images a well-calibrated model calls at 90 %, "
+            "90 % are right. ECE: top-label expected calibration error over 10 equal-width confidence bins "
+            "(0 is perfect; on a small test set it is biased upward, so its interval can sit above it). "
+            "Brier: mean over images of the sum over classes of (p − y)² (0 perfect, 2 worst). "
+            "Confidence above accuracy is over-confidence. Intervals: bootstrap over near-duplicate groups. "
+            "In the diagram each point is one confidence bin (its size: the number of images); on the "
+            "diagonal, confidence equals accuracy.")
+
+
+def _calibrated(rows) -> list[dict]:
+    return [r for r in rows if r["kind"] == "eval" and (r["metrics"].get("calibration") or {}).get("ece") is not None]
+
+
+def calibration_table(rows) -> list[list[str]]:
+    """One line per eval row that measured calibration (:func:`lungedge.metrics.calibration`)."""
+    from .stats import pm
+
+    out = []
+    for r in _calibrated(rows):
+        cal, ci = r["metrics"]["calibration"], r.get("intervals") or {}
+        out.append([r["machine"], r["model"], r["backend"], r["variant"], _s(r["metrics"].get("n")),
+                    f"{cal['top1_accuracy']:.3f}", f"{cal['mean_confidence']:.3f}",
+                    f"{cal['mean_confidence'] - cal['top1_accuracy']:+.3f}", pm(cal["ece"], ci.get("ece")),
+                    pm(cal["brier"], ci.get("brier")), r["_file"]])
+    return out
+
+
+def reliability_png(rows, path: Path) -> Path | None:
+    """Reliability diagrams: one panel per model, a line per backend, precision and machine."""
+    rows = _calibrated(rows)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    cols = min(len(models), 3)
+    lines = -(-len(models) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4.2 * cols, 4.0 * lines), dpi=110, squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.set_visible(False)
+    for ax, model in zip(axes.flat, models):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        for r in (r for r in rows if r["model"] == model):
+            rel = r["metrics"]["calibration"]["reliability"]
+            label = f"{short_name(r['backend'])} {r['variant']} {r['machine']}"
+            line, = ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], linewidth=1, label=label)
+            ax.scatter([b["confidence"] for b in rel], [b["accuracy"] for b in rel],
+                       s=[12 + 120 * b["n"] / r["metrics"]["n"] for b in rel], color=line.get_color(), zorder=3)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("mean confidence in bin (top class)")
+        ax.set_ylabel("accuracy in bin")
+        ax.set_title(model)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    return atomic_write_png(path, fig)
+
+
 def _label_offsets():
     """Offsets (points) tried for a label, nearest first: 14 directions on rings of growing radius."""
     import math
@@ -432,10 +496,12 @@ def build_report(results, out="reports", title="lungedge accuracy vs latency", s
              "thread settings or runs are separate rows labelled by machine id and results file, never averaged. "
              "Latency is measured after warm-up; 'model only' times one infer call on a preprocessed batch "
              "(on a GPU including host<->device copies), '+prep' adds decoding and preprocessing the image files.")
-    sections = report_sections(rows, machines, lat, png, grid)
+    rel = reliability_png(rows, out / "reliability.png")
+    sections = report_sections(rows, machines, lat, png, grid, rel)
     md_path = atomic_write_text(out / "report.md", _markdown(title, intro, sections))
     html_path = atomic_write_text(out / "report.html", _html(title, intro, sections))
     return {"markdown": str(md_path), "html": str(html_path), "png": str(png) if png else None,
+            "reliability": str(rel) if rel else None,
             "saliency": str(grid) if grid else None,
             "rows": len(rows), "machines": {k: v["label"] for k, v in machines.items()}}
 
@@ -447,7 +513,7 @@ GRID_NOTE = ("Per class, test images the FP32 model classifies right and wrong, 
              "for FP32 and INT8 (red: covering this region lowers the predicted class's probability most).")
 
 
-def report_sections(rows, machines, lat, png, grid) -> list[tuple]:
+def report_sections(rows, machines, lat, png, grid, reliability=None) -> list[tuple]:
     """The report's sections, in order, for both renderings: (level, heading, note, body) with body
     ("table", columns, rows) | ("image", alt, path) | ("none", text)."""
     group, gates = group_table(rows), gate_table(rows)
@@ -459,6 +525,12 @@ def report_sections(rows, machines, lat, png, grid) -> list[tuple]:
         out.append((2, "Accuracy vs latency (Pareto front dashed)", None, ("image", "accuracy vs latency", png)))
     if gates:
         out.append((2, "Release gate: reduced precision vs FP32", GATE_NOTE, ("table", GATE_COLUMNS, gates)))
+    cal = calibration_table(rows)
+    if cal:
+        out.append((2, "Calibration: do the probabilities mean what they say?", CAL_NOTE,
+                    ("table", CAL_COLUMNS, cal)))
+    if reliability:
+        out.append((3, "Reliability diagrams", None, ("image", "reliability diagrams", reliability)))
     if grid:
         out.append((2, "Where the models look", GRID_NOTE, ("image", "saliency maps", grid)))
     out.append((2, "Confusion matrices (rows: true class, columns: predicted)", None, None))

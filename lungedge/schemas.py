@@ -206,8 +206,24 @@ class BenchRow(_Row):
     latency_ms: dict
 
 
+class ReliabilityBin(_Open):
+    range: list[float] = Field(min_length=2, max_length=2)
+    n: int = Field(ge=1)
+    confidence: float
+    accuracy: float
+
+
+class Calibration(_Open):
+    brier: float | None = None
+    ece: float | None = None
+    mean_confidence: float | None = None
+    top1_accuracy: float | None = None
+    reliability: list[ReliabilityBin] = Field(default_factory=list)
+
+
 class EvalMetrics(_Open):
     confusion_matrix: list[list[int]]
+    calibration: Calibration | None = None  # rows written before calibration was measured have none
 
 
 class EvalRow(_Row):

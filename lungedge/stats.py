@@ -113,11 +113,12 @@ def _pack(point: dict, lo: dict, hi: dict, classes) -> dict:
 
 
 def bootstrap_metrics(y_true, y_pred, groups, classes, n_boot: int = N_BOOT, confidence: float = CONFIDENCE,
-                      seed: int = 0, scores=None) -> dict:
+                      seed: int = 0, scores=None, probs=None) -> dict:
     """95% (``confidence``) percentile intervals, by resampling whole groups, of every metric
     ``classification_metrics`` reports: {"accuracy": [lo, hi], "sensitivity": {class: [lo, hi]}, ...,
-    "n_boot", "groups", "confidence"}. With ``scores`` (N x K), AUROC intervals as well.
-    ``groups=None`` treats every image as its own group (the classic image bootstrap)."""
+    "n_boot", "groups", "confidence"}. With ``scores`` (N x K), AUROC intervals as well; with ``probs``
+    (N x K probabilities), the Brier score's and ECE's (:func:`lungedge.metrics.calibration`), from the
+    same replicates. ``groups=None`` treats every image as its own group (the classic image bootstrap)."""
     y_true = np.asarray(y_true, int).ravel()
     _check(y_true, groups)
     groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
@@ -130,9 +131,31 @@ def bootstrap_metrics(y_true, y_pred, groups, classes, n_boot: int = N_BOOT, con
     out = _pack(point, lo, hi, classes)
     if scores is not None:
         out.update(_auroc_intervals(y_true, np.asarray(scores, float), groups, ids, draws, classes, confidence))
+    if probs is not None:
+        reps = calibration_replicates(y_true, probs, np.searchsorted(ids, groups), draws)
+        out.update({key: [_num(v) for v in _interval(reps[key], confidence)] for key in reps})
     out.update({"n_boot": int(n_boot), "groups": int(len(ids)), "confidence": confidence,
                 "method": "percentile bootstrap over groups"})
     return out
+
+
+def calibration_replicates(y_true, probs, group_index, draws: np.ndarray) -> dict:
+    """Brier score and ECE of every replicate (B values each): each image counts as often as its group
+    (``group_index``, 0..G-1) was drawn in the replicate (``draws``, B x G), so a replicate is a few
+    matrix products on per-group sums, like the confusion matrices above."""
+    from .metrics import calibration_parts
+
+    c = calibration_parts(y_true, probs)
+    g, n_groups, bins = np.asarray(group_index), draws.shape[1], c["bins"]
+
+    def per_group(v, width=1, at=0):  # G x width sums of v over each group's images (in bin ``at``)
+        return np.bincount(g * width + at, weights=v, minlength=n_groups * width).reshape(n_groups, width)
+
+    d = draws.astype(np.float64)
+    n = d @ per_group(np.ones(len(g)))[:, 0]
+    right = d @ per_group(c["correct"], bins, c["bin"])
+    conf = d @ per_group(c["confidence"], bins, c["bin"])
+    return {"brier": d @ per_group(c["brier"])[:, 0] / n, "ece": np.abs(right - conf).sum(1) / n}
 
 
 def _interval_dict(reps: dict, confidence: float):

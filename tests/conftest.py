@@ -145,3 +145,27 @@ def small_file_limit(nbytes: int):
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
 
     return apply
+
+
+# -- tests write under tmp_path, never into the checkout ----------------------------------------------------------
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+OUTPUT_FOLDERS = ("results", "runs", "engines", "calibration", "reports", "splits", "demo")
+
+
+def _outputs() -> set[Path]:
+    return {p for d in OUTPUT_FOLDERS if (CHECKOUT / d).is_dir() for p in (CHECKOUT / d).rglob("*")}
+
+
+def pytest_sessionstart(session):
+    session.config._outputs_before = _outputs()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A command run by a test without ``--out`` writes into the checkout's default folders (results/,
+    runs/, ...): the session fails and names the files."""
+    new = sorted(_outputs() - getattr(session.config, "_outputs_before", set()))
+    if new:
+        print(f"\nerror: tests wrote into the checkout: {', '.join(str(p.relative_to(CHECKOUT)) for p in new[:5])}"
+              + (f" and {len(new) - 5} more" if len(new) > 5 else ""))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

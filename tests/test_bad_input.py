@@ -385,6 +385,42 @@ def test_table_printed_before_a_failed_write(exported, tmp_path, command, failur
     assert not list(tmp_path.rglob("*.jsonl"))
 
 
+def _nan_output(src: Path, dst: Path, foreign: bool = False) -> Path:
+    """The exported ONNX with its output multiplied by NaN: a model broken in one layer (``foreign``:
+    without lungedge's metadata, as another tool would write it)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    if foreign:
+        del model.metadata_props[:]
+    out = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = [f"{o}_pre" if o == out else o for o in node.output]
+    model.graph.node.append(helper.make_node("Constant", [], ["nan_c"], value=helper.make_tensor(
+        "nan_c", onnx.TensorProto.FLOAT, [], [float("nan")])))
+    model.graph.node.append(helper.make_node("Mul", [f"{out}_pre", "nan_c"], [out]))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_eval_refuses_a_model_whose_output_is_nan(exported, tmp_path, capsys):
+    onnx_file = _nan_output(exported["onnx"], tmp_path / "smallcnn.fp32.onnx")
+    code, _, err = run_cli(["eval", onnx_file, "--split", exported["split"], "--data", exported["data"],
+                            "--out", tmp_path / "res"], capsys)
+    one_error(code, err, match=r"smallcnn\.fp32\.onnx \(onnxruntime fp32\): the model's output is NaN or infinite "
+                               r"on \d+ of \d+ test images")
+    assert not (tmp_path / "res").exists()
+
+
+def test_export_refuses_a_source_whose_output_is_nan(exported, tmp_path, capsys):
+    onnx_file = _nan_output(exported["onnx"], tmp_path / "broken.onnx", foreign=True)
+    code, _, err = run_cli(["export", "broken", "--checkpoint", onnx_file, "--custom", "--classes", ",".join(CLASSES),
+                            "--out", tmp_path / "e", "--no-engine"], capsys)
+    one_error(code, err, match=r"broken\.onnx: the model's own output is NaN or infinite on 32 of 32 random-pixel")
+    assert not (tmp_path / "e" / "broken").exists()
+
+
 # -- 4. eval checks the manifest's hashes ----------------------------------------------------------------------
 
 def test_eval_refuses_images_changed_since_the_split(exported, tmp_path, capsys):

@@ -53,6 +53,30 @@ def test_absent_class_and_auroc():
     assert disagreement([0, 1, 2, 2], [0, 1, 1, 2]) == pytest.approx(0.25)
 
 
+def test_calibration_by_hand():
+    from sklearn.metrics import brier_score_loss
+
+    from lungedge.metrics import calibration
+
+    # top probabilities 0.95, 0.95 (one right: bin 9 accuracy 0.5), 0.6 (right), 0.45 (wrong); classes a, b, c
+    probs = np.array([[0.95, 0.03, 0.02], [0.95, 0.02, 0.03], [0.2, 0.6, 0.2], [0.3, 0.25, 0.45]])
+    y = np.array([0, 1, 1, 0])
+    c = calibration(y, probs)
+    # bins: 9 -> |1 - 1.9| = 0.9; 6 -> |1 - 0.6| = 0.4; 4 -> |0 - 0.45| = 0.45; over 4 images
+    assert c["ece"] == pytest.approx((0.9 + 0.4 + 0.45) / 4)
+    assert c["brier"] == pytest.approx(brier_score_loss(y, probs, labels=[0, 1, 2], scale_by_half=False))
+    assert c["brier"] == pytest.approx(np.mean([0.05 ** 2 + 0.03 ** 2 + 0.02 ** 2, 0.95 ** 2 + 0.98 ** 2 + 0.03 ** 2,
+                                                0.2 ** 2 + 0.4 ** 2 + 0.2 ** 2, 0.7 ** 2 + 0.25 ** 2 + 0.45 ** 2]))
+    assert c["mean_confidence"] == pytest.approx((0.95 + 0.95 + 0.6 + 0.45) / 4) and c["top1_accuracy"] == 0.5
+    assert [(b["range"][0], b["n"], b["accuracy"]) for b in c["reliability"]] == \
+        [(pytest.approx(0.4), 1, 0.0), (pytest.approx(0.6), 1, 1.0), (pytest.approx(0.9), 2, 0.5)]
+    # probabilities that say what happens: 80 % confidence, 4 of 5 right -> ECE 0; a top probability of 1.0
+    # falls in the last bin; an FP16 head summing to 1.002 is renormalised
+    exact = calibration([0, 0, 0, 0, 1, 2], [[0.8, 0.1, 0.1]] * 5 + [[0.0, 0.0, 1.002]])
+    assert exact["ece"] == pytest.approx(0.0, abs=1e-12) and exact["reliability"][-1]["n"] == 1
+    assert calibration([], np.zeros((0, 3)))["ece"] is None
+
+
 def test_training_summary_keeps_its_shape():
     from lungedge.train.metrics import summarize
 
@@ -99,6 +123,10 @@ def test_eval_model_every_backend_and_precision(exported, capsys):
         assert np.asarray(m["confusion_matrix"]).sum() == n
         assert (r["differs_from_fp32"] is None) == (r["precision"] == "fp32")
         assert r["provenance"]["libraries"]["onnxruntime"] and r["provenance"]["date"]
+        cal, ci = m["calibration"], r["intervals"]
+        assert cal["top1_accuracy"] == pytest.approx(m["accuracy"]) and sum(b["n"] for b in cal["reliability"]) == n
+        assert 0 <= cal["ece"] <= 1 and 0 <= cal["brier"] <= 2
+        assert ci["ece"][0] <= ci["ece"][1] and ci["brier"][0] <= cal["brier"] <= ci["brier"][1]
     assert rows[0]["model_info"]["total_params"] > 0 and rows[0]["model_info"]["epochs"] == 1
     files = list(out.glob("eval-*.jsonl"))
     assert len(files) == 1 and len(files[0].read_text().splitlines()) == len(rows)

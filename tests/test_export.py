@@ -293,3 +293,18 @@ def test_without_images_parity_uses_random_pixels_in_the_models_own_range():
     assert "random-pixel images" in ev.where
     imagenet = evaluation_set(SimpleNamespace(split_path=None, preprocessing=Preprocessing(size=16)), limit=4)
     assert imagenet.x.shape == (4, 3, 16, 16) and -2.2 < imagenet.x.min() < -1.9 and 2.3 < imagenet.x.max() < 2.7
+
+
+def test_parity_counts_nan_outputs_and_refuses_a_nan_reference():
+    from lungedge.export.compare import within
+
+    ref = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 4.0]])
+    other = ref.copy()
+    other[1, 0] = np.nan
+    other[2, 2] = np.inf
+    p = parity(ref, other)
+    assert p["nonfinite"] == 2 and p["top1_agreement"] == pytest.approx(1 / 3) and p["max_abs"] == 0.0
+    assert not within(p) and within(parity(ref, ref.copy()))
+    json.dumps(p, allow_nan=False)  # the export summary stays valid JSON
+    with pytest.raises(ValueError, match="reference output is NaN or infinite on 1 of 3"):
+        parity(np.array([[np.nan, 0, 0], [0, 0, 0], [1, 0, 0]]), ref)

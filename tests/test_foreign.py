@@ -115,7 +115,7 @@ def _image_folder(tmp_path, classes, size=24, colour=True):
 
 def _export(tmp_path, capsys, name, path, *extra):
     code, out, err = run_cli(["export", name, "--checkpoint", path, "--out", tmp_path / "e", "--no-engine",
-                              *extra], capsys)
+                              "--calibration", tmp_path / "c", *extra], capsys)
     assert code == 0, err
     return out, tmp_path / "e" / name / f"{name}.fp32.onnx"
 
@@ -205,7 +205,7 @@ def test_keras_softmax_model_predicts_its_own_probabilities(tmp_path, capsys):
     got = np.array([[p["probabilities"][c] for c in "abc"] for p in json.loads(out)["predictions"]])
     own = np.asarray(model(m["preprocessing"].load_batch(imgs), training=False))
     np.testing.assert_allclose(got, own, atol=1e-5)  # not softmaxed twice
-    code, _, err = run_cli(["eval", fp32, "--data", data], capsys)
+    code, _, err = run_cli(["eval", fp32, "--data", data, "--out", tmp_path / "r"], capsys)
     assert code == 0, err
 
 

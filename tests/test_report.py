@@ -89,6 +89,31 @@ def test_html_is_self_contained_and_lists_every_row(two_machines, capsys):
     assert "Confusion matrices" in page and page.count("true \\ predicted") == 3
 
 
+def test_calibration_section_lists_each_measured_row_and_draws_its_diagram(two_machines, capsys):
+    import numpy as np
+
+    from lungedge.metrics import calibration
+    from lungedge.stats import bootstrap_metrics
+
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4]])
+    y = np.array([0, 0, 1, 1])
+    row = _eval("googlenet", "onnxruntime", "fp16", 0.75, _prov("laptop", "Intel Xeon"), sha="c" * 64)
+    row["metrics"]["calibration"] = calibration(y, probs)
+    row["intervals"] = bootstrap_metrics(y, probs.argmax(1), None, ["A", "B"], n_boot=50, probs=probs)
+    _write(two_machines / "a" / "eval-new.jsonl", [row])
+    out = two_machines / "reports"
+    code, _, err = run_cli(["report", "--results", two_machines / "a", "--out", out], capsys)
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    section = md.split("## Calibration")[1].split("\n## ")[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("| M")]
+    assert len(lines) == 1  # the two rows written before calibration was measured are not made up
+    ece = row["metrics"]["calibration"]["ece"]  # |1 - 0.9| + |0 - 0.6| + |1 - 0.7| + |1 - 0.8|, over 4
+    assert ece == pytest.approx(0.3)
+    assert "| googlenet | onnxruntime | fp16 | 4 | 0.750 | 0.750 | +0.000 | 0.300 [" in lines[0]
+    assert (out / "reliability.png").stat().st_size > 1000 and "![reliability diagrams](reliability.png)" in md
+
+
 def test_pareto_front():
     from lungedge.report import pareto
 

@@ -272,3 +272,26 @@ def test_eval_gates_bf16_rows_like_any_reduced_precision():
     con = Console(width=300, record=True)
     con.print(table(rows))
     assert "FAIL" in con.export_text()
+
+
+def test_calibration_replicate_equals_the_resampled_data_set():
+    """A replicate's Brier score and ECE (weights on per-group sums) equal :func:`calibration` on the images
+    of the drawn groups, repeated as often as drawn."""
+    from lungedge.metrics import calibration
+    from lungedge.stats import bootstrap_metrics, calibration_replicates, group_draws
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet([0.5, 0.5, 0.5], size=120)
+    y = np.array([rng.choice(3, p=p) for p in probs])
+    groups = rng.integers(0, 30, size=120)  # 30 groups of unequal size
+    ids, g = np.unique(groups, return_inverse=True)
+    draws = group_draws(len(ids), n_boot=5, seed=1)
+    reps = calibration_replicates(y, probs, g, draws)
+    for b in range(5):
+        take = np.repeat(np.arange(120), draws[b][g])
+        ref = calibration(y[take], probs[take])
+        assert reps["brier"][b] == pytest.approx(ref["brier"], abs=1e-12)
+        assert reps["ece"][b] == pytest.approx(ref["ece"], abs=1e-12)
+    ci = bootstrap_metrics(y, probs.argmax(1), groups, CLASSES, n_boot=200, probs=probs)
+    point = calibration(y, probs)
+    assert ci["brier"][0] < point["brier"] < ci["brier"][1] and ci["ece"][0] < ci["ece"][1]

@@ -91,15 +91,25 @@ def _check_fp32(source: Source, fp32: Path, base: Path, check: EvalSet, summary:
     from ..batching import predict_in_batches
 
     # the source a few images a call: a Keras ResNet50 on 32 images at once alone took > 3.8 GB (#14)
-    p = compare.compare_outputs(predict_in_batches(lambda c: run_source(source, c), check.x, 4),
-                                compare.run_onnx(fp32, check.x))
+    ref = predict_in_batches(lambda c: run_source(source, c), check.x, 4)
+    bad = compare.nonfinite_rows(ref)
+    if bad:
+        raise LungedgeError(f"{source.path}: the model's own output is NaN or infinite on {bad} of "
+                            f"{check.where}: a broken checkpoint, or inputs it was not made for")
+    p = compare.compare_outputs(ref, compare.run_onnx(fp32, check.x))
     summary["parity"]["fp32_vs_source"] = p
     log(f"fp32 ONNX {fp32}: top-1 agreement {p['top1_agreement']:.1%}, max rel error {p['max_rel']:.2e} "
-        f"on {check.where}")
+        f"on {check.where}" + _nonfinite_note(p))
     if not compare.within(p):
         write_json(f"{base}.export.json", summary)
         raise LungedgeError(f"ONNX export of {source.path} does not match the source (top-1 agreement "
-                            f"{p['top1_agreement']:.1%}, relative error {p['max_rel']:.1e} > {PARITY_MAX_REL})")
+                            f"{p['top1_agreement']:.1%}, relative error {p['max_rel']:.1e} > {PARITY_MAX_REL}"
+                            f"{_nonfinite_note(p)})")
+
+
+def _nonfinite_note(parity: dict) -> str:
+    n = parity.get("nonfinite")
+    return f"; output NaN or infinite on {n} of {parity['images']} images" if n else ""
 
 
 def _compare_variants(variants: list[tuple[str, Path]], fp32: Path, test: EvalSet, source: Source, summary: dict,
@@ -117,7 +127,7 @@ def _compare_variants(variants: list[tuple[str, Path]], fp32: Path, test: EvalSe
         got = compare.run_onnx(file, test.x)
         agreement = compare.compare_outputs(ref, got)
         summary["parity"][f"{name}_vs_fp32"] = agreement
-        line = f"{name} {file}: top-1 agreement with fp32 {agreement['top1_agreement']:.1%}"
+        line = f"{name} {file}: top-1 agreement with fp32 {agreement['top1_agreement']:.1%}{_nonfinite_note(agreement)}"
         if test.y is not None:
             summary["accuracy"][name] = compare.accuracy(_scores(got, source), test.y, source.classes)
             line += f", balanced accuracy {summary['accuracy'][name]['balanced_accuracy']:.3f}" \

@@ -21,30 +21,42 @@ PARITY_MAX_REL = 1e-3  # the largest relative error export accepts between ONNX 
 Run = Callable[[np.ndarray], np.ndarray]
 
 
+def nonfinite_rows(outputs: np.ndarray) -> int:
+    """How many images have a NaN or infinite output (FP16 overflow, a broken layer)."""
+    return int((~np.isfinite(outputs)).reshape(len(outputs), -1).any(axis=1).sum())
+
+
 def compare_outputs(reference: np.ndarray, other: np.ndarray, tie: float = PARITY_MAX_REL) -> dict:
     """Max absolute and relative (to the largest reference output) difference, and top-1 agreement.
 
     ``top1_agreement`` counts every image. ``top1_agreement_decisive`` leaves out images whose
     two best reference outputs are closer than ``tie`` x scale: a randomly initialised network
-    can output near-equal logits, whose order any rounding flips.
+    can output near-equal logits, whose order any rounding flips. ``nonfinite``: images whose
+    ``other`` output is NaN or infinite; they count as disagreeing and the errors are measured on the
+    rest. A reference with such outputs is refused (ValueError): there is nothing to compare with.
     """
     if reference.shape != other.shape:
         raise ValueError(f"outputs of different shapes: {reference.shape} vs {other.shape}")
-    diff = np.abs(reference - other)
+    if nonfinite_rows(reference):
+        raise ValueError(f"the reference output is NaN or infinite on {nonfinite_rows(reference)} of "
+                         f"{len(reference)} images")
+    ok = np.isfinite(other).reshape(len(other), -1).all(axis=1)
+    diff = np.abs(reference[ok] - other[ok])
     scale = max(float(np.abs(reference).max(initial=0.0)), 1e-12)
-    agree = reference.argmax(1) == other.argmax(1)
+    agree = (reference.argmax(1) == other.argmax(1)) & ok
     top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
     decisive = (top2[:, 1] - top2[:, 0]) > tie * scale
     return {"images": int(len(reference)), "max_abs": float(diff.max(initial=0.0)),
             "max_rel": float(diff.max(initial=0.0) / scale),
             "top1_agreement": float(agree.mean()) if len(agree) else 1.0,
             "top1_agreement_decisive": float(agree[decisive].mean()) if decisive.any() else 1.0,
-            "decisive_images": int(decisive.sum())}
+            "decisive_images": int(decisive.sum()), "nonfinite": int((~ok).sum())}
 
 
 def within(result: dict, max_rel: float = PARITY_MAX_REL) -> bool:
-    """The export's pass mark: every decisive image agrees and the relative error is small."""
-    return result["top1_agreement_decisive"] >= 1.0 and result["max_rel"] <= max_rel
+    """The export's pass mark: no NaN/inf output, every decisive image agrees and the relative error is small."""
+    return (not result.get("nonfinite") and result["top1_agreement_decisive"] >= 1.0
+            and result["max_rel"] <= max_rel)
 
 
 def compare(reference: Run, other: Run, x: np.ndarray, batch: int = 16) -> dict:
