@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -106,8 +107,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = F
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        pending = getattr(_TOGETHER, "pending", None)
         if exclusive:
             _publish_new(tmp, path)
+        elif pending is not None:  # inside written_together(): named when the block ends
+            earlier, pending[path] = pending.get(path), tmp
+            if earlier:
+                Path(earlier).unlink(missing_ok=True)
         else:
             os.replace(tmp, path)
     except OSError as exc:
@@ -119,6 +125,43 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = F
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+_TOGETHER = threading.local()
+
+
+@contextmanager
+def written_together() -> Iterator[None]:
+    """A set of files that is never half old, half new (a report's page and its PNGs): inside the block
+    each :func:`atomic_write_bytes` leaves its complete file under a temporary name; when the block ends
+    they all take their names (a rename each: no space needed), and on an error none does and the
+    temporaries go. :func:`read_written` reads a file written in the block."""
+    if getattr(_TOGETHER, "pending", None) is not None:  # nested: the outer block publishes
+        yield
+        return
+    pending: dict[Path, str] = {}
+    _TOGETHER.pending = pending
+    try:
+        yield
+    except BaseException:
+        for tmp in pending.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        _TOGETHER.pending = None
+    for path, tmp in pending.items():
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            for rest in pending.values():
+                Path(rest).unlink(missing_ok=True)
+            raise write_error(path, exc) from None
+
+
+def read_written(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path`` as written so far, also inside :func:`written_together`."""
+    pending = getattr(_TOGETHER, "pending", None) or {}
+    return Path(pending.get(Path(path), path)).read_bytes()
 
 
 def atomic_write_png(path: str | os.PathLike, fig) -> Path:

@@ -249,6 +249,16 @@ def calibration_tensors(model) -> list[str]:
     return names
 
 
+def _with_shapes(onnx_path: str | Path):
+    """The ONNX model with value_info (shape inference run if it has none)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    if not any(vi.name for vi in model.graph.value_info):
+        model = onnx.shape_inference.infer_shapes(model)
+    return model
+
+
 def collect_ranges(onnx_path: str | Path, batches: Iterable[np.ndarray], methods=CALIB_METHODS,
                    sub_batch: int = CALIB_BATCH, threads: int | None = None) -> dict[str, dict[str, tuple]]:
     """One streaming pass: {method: {tensor: (low, high)}} for each of ``methods``.
@@ -256,12 +266,9 @@ def collect_ranges(onnx_path: str | Path, batches: Iterable[np.ndarray], methods
     The model runs ``sub_batch`` images at a time with its activations as extra outputs; each
     output is folded into a :class:`RangeCollector` and dropped before the next run.
     """
-    import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(onnx_path))
-    if not any(vi.name for vi in model.graph.value_info):
-        model = onnx.shape_inference.infer_shapes(model)
+    model = _with_shapes(onnx_path)
     names = calibration_tensors(model)
     infos = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.input)}
     existing = {o.name for o in model.graph.output}
@@ -315,6 +322,24 @@ def read_ranges(path: str | Path) -> dict[str, tuple[float, float]]:
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     return {t: (float(d.lowest), float(d.highest)) for t, d in load_tensors_data(Path(path)).items()}
+
+
+def ranges_problem(path: str | Path, tensors: list[str] | None = None) -> str | None:
+    """Why the ranges cache ``path`` cannot be used (truncated, not ONNX Runtime's format, empty, a range
+    not finite or upside down, ``tensors`` it has no range for), or None."""
+    try:
+        ranges = read_ranges(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        return f"not a calibration cache ({type(exc).__name__}: {str(exc)[:80]})"
+    if not ranges:
+        return "it holds no ranges"
+    bad = [t for t, (lo, hi) in ranges.items() if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi)]
+    if bad:
+        return f"{len(bad)} range(s) not finite or upside down, e.g. {bad[0]}: {ranges[bad[0]]}"
+    missing = [t for t in tensors or () if t not in ranges]
+    if missing:
+        return f"no range for {len(missing)} tensor(s) of the model, e.g. {missing[0]}"
+    return None
 
 
 # -- FP16 ------------------------------------------------------------------------------------------------
@@ -496,7 +521,12 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
     try:
         # shape inference and graph optimisation first, as ONNX Runtime recommends for quantisation
         quant_pre_process(str(onnx_in), pre, skip_symbolic_shape=True)
-        if not ranges_cache.is_file():
+        if ranges_cache.is_file():
+            problem = ranges_problem(ranges_cache, calibration_tensors(_with_shapes(pre)))
+            if problem:
+                raise LungedgeError(f"calibration cache {ranges_cache} cannot be used: {problem}; delete it to "
+                                    "calibrate again")
+        else:
             write_ranges(ranges_cache, collect_ranges(pre, batches, methods=(method,))[method], method)
         extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
         ops = None

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .errors import LungedgeError
-from .io import atomic_write_png, atomic_write_text
+from .io import atomic_write_png, atomic_write_text, read_written, written_together
 from .provenance import machine_label
 from .runners.registry import short_name
 
@@ -109,11 +109,11 @@ def latency_rows(rows: list[dict]) -> list[dict]:
         out.append({"machine": machine, "file": file, "model": model, "backend": backend, "device": device,
                     "precision": variant, "threads": threads, "sha": sha,
                     "p50_b1": b1["latency_ms"]["p50"] if b1 else None, "b1": b1["batch_size"] if b1 else None,
-                    "p99_b1": b1["latency_ms"]["p99"] if b1 else None,
-                    "ips": big["throughput_ips"] if big else None, "big": big["batch_size"] if big else None,
+                    "p99_b1": b1["latency_ms"].get("p99") if b1 else None,
+                    "ips": big.get("throughput_ips") if big else None, "big": big["batch_size"] if big else None,
                     "vs_source": b1.get("vs_source") if b1 else None,
                     "prep_p50_b1": prep[0]["latency_ms"]["p50"] if prep else None,
-                    "includes": b1["includes"] if b1 else "", "eval": ev,
+                    "includes": b1.get("includes", "") if b1 else "", "eval": ev,
                     "eval_elsewhere": ev is not None and ev["machine"] != machine,
                     "date": (b1 or rs[0]).get("provenance", {}).get("date")})
     for e in evals:  # evaluated but not benchmarked
@@ -418,7 +418,7 @@ def _confusions(rows):
         classes = r["classes"]
         header = ["true \\ predicted", *classes]
         table = [[c, *counts] for c, counts in zip(classes, r["metrics"]["confusion_matrix"])]
-        title = f"{r['model']} · {r['backend']} · {r['device']} · {r['variant']} · {r['machine']} · {r['test_set']}"
+        title = " · ".join([r["model"], r["backend"], r["device"], r["variant"], r["machine"], r.get("test_set", "")])
         out.append((title, header, table))
     return out
 
@@ -485,6 +485,11 @@ def build_report(results, out="reports", title="lungedge accuracy vs latency", s
     machines = label_machines(rows)
     lat = latency_rows(rows)
     out = Path(out)
+    with written_together():  # the page and its PNGs: all new, or (on a failed write) all as they were
+        return _write_report(rows, machines, lat, out, title, saliency, log)
+
+
+def _write_report(rows, machines, lat, out: Path, title: str, saliency: bool, log) -> dict:
     png = scatter_png(lat, out / "accuracy_latency.png")
     grid = None
     if saliency:
@@ -568,7 +573,7 @@ def _html(title: str, intro: str, sections) -> str:
         if body[0] == "table":
             parts.append(_html_table(body[1], body[2]))
         elif body[0] == "image":
-            b64 = base64.b64encode(body[2].read_bytes()).decode("ascii")
+            b64 = base64.b64encode(read_written(body[2])).decode("ascii")
             parts.append(f"<img alt='{body[1]}' src='data:image/png;base64,{b64}'>")
         else:
             parts.append(f"<p>{html.escape(body[1])}</p>")

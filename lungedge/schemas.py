@@ -189,6 +189,8 @@ class EngineSidecar(_Open):
 
 # -- result rows (results/*.jsonl from bench and eval) ------------------------------------------------------
 
+
+
 class _Row(_Open):
     format: str | None = None
     model: str
@@ -199,11 +201,31 @@ class _Row(_Open):
     provenance: dict = Field(default_factory=dict)
 
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v):
+        from .results import FORMAT
+
+        if v is not None and v != FORMAT:
+            raise ValueError(f"{v!r} is not {FORMAT!r}, the format this lungedge reads (written by another version?)")
+        return v
+
+
+class Latency(_Open):
+    p50: float = Field(gt=0, allow_inf_nan=False)
+    p90: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    p99: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    mean: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    std: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
 class BenchRow(_Row):
     kind: Literal["bench"]
     batch_size: int = Field(ge=1)
     preprocessing: bool
-    latency_ms: dict
+    latency_ms: Latency
+    throughput_ips: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    vs_source: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class ReliabilityBin(_Open):
@@ -221,9 +243,34 @@ class Calibration(_Open):
     reliability: list[ReliabilityBin] = Field(default_factory=list)
 
 
+def _fraction(v):
+    if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+        raise ValueError(f"{v!r} is not a number from 0 to 1")
+    return v
+
+
 class EvalMetrics(_Open):
     confusion_matrix: list[list[int]]
+    n: int = Field(ge=0)
+    accuracy: float
+    balanced_accuracy: float
+    macro_f1: float
+    macro_auroc: float | None = None
+    sensitivity: dict[str, float | None] = Field(default_factory=dict)
+    specificity: dict[str, float | None] = Field(default_factory=dict)
     calibration: Calibration | None = None  # rows written before calibration was measured have none
+
+    @field_validator("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+    @classmethod
+    def _share(cls, v):
+        return _fraction(v)
+
+    @field_validator("sensitivity", "specificity")
+    @classmethod
+    def _shares(cls, v):
+        for x in v.values():
+            _fraction(x)
+        return v
 
 
 class EvalRow(_Row):

@@ -363,6 +363,20 @@ def test_export_opset_out_of_range(exported, tmp_path, capsys, opset):
     assert not (tmp_path / "e" / "smallcnn").exists()
 
 
+def test_export_calibrates_again_over_a_truncated_ranges_cache(exported, tmp_path, capsys):
+    args = ["export", "smallcnn", "--runs", exported["runs"], "--out", tmp_path / "e", "--int8", "--calib-size", "6",
+            "--calib-method", "minmax", "--calibration", tmp_path / "c", "--no-engine"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    first = (tmp_path / "e" / "smallcnn" / "smallcnn.int8.onnx").read_bytes()
+    cache = next((tmp_path / "c").rglob("ranges.*.json"))
+    cache.write_text(cache.read_text()[:300])  # a copy cut short
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert f"note: calibration cache {cache} could not be used (not a calibration cache (JSONDecodeError" in out
+    assert (tmp_path / "e" / "smallcnn" / "smallcnn.int8.onnx").read_bytes() == first  # the same ranges again
+
+
 # -- 5. measurements survive a failed write ------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", ["bench", "eval"])
@@ -453,6 +467,43 @@ def test_report_rows_missing_fields(tmp_path, capsys, row, pattern):
     res.write_text(json.dumps(row) + "\n")
     code, _, err = run_cli(["report", "--results", res, "--out", tmp_path / "rep"], capsys)
     one_error(code, err, match=rf"{re.escape(str(res))} {pattern}")
+
+
+_EVAL_ROW = {"format": "lungedge-result/1", "kind": "eval", "model": "m", "backend": "onnxruntime", "device": "cpu",
+             "variant": "fp32", "artifact_sha256": "0" * 64, "classes": ["a", "b"],
+             "metrics": {"n": 2, "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5,
+                         "confusion_matrix": [[1, 0], [1, 0]], "sensitivity": {"a": 1.0, "b": 0.0}}}
+_BENCH_ROW = {**{k: _EVAL_ROW[k] for k in ("format", "model", "backend", "device", "variant", "artifact_sha256")},
+              "kind": "bench", "batch_size": 1, "preprocessing": False, "latency_ms": {"p50": 2.0, "p99": 3.0}}
+
+
+@pytest.mark.parametrize("path, value, pattern", [
+    (("metrics", "balanced_accuracy"), "high", r"metrics\.balanced_accuracy: Input should be a valid number"),
+    (("metrics", "balanced_accuracy"), 7.5, r"metrics\.balanced_accuracy: 7\.5 is not a number from 0 to 1"),
+    (("metrics", "sensitivity"), {"a": -0.1}, r"metrics\.sensitivity: -0\.1 is not a number from 0 to 1"),
+    (("format",), "lungedge-result/9", r"format: 'lungedge-result/9' is not 'lungedge-result/1'"),
+    (("latency_ms", "p50"), -1, r"latency_ms\.p50: Input should be greater than 0"),
+    (("latency_ms", "p99"), float("inf"), r"latency_ms\.p99: Input should be a finite number"),
+])
+def test_report_rows_with_values_out_of_range(tmp_path, capsys, path, value, pattern):
+    row = copy.deepcopy(_BENCH_ROW if path[0] == "latency_ms" else _EVAL_ROW)
+    *parents, key = path
+    target = row
+    for p in parents:
+        target = target[p]
+    target[key] = value
+    res = tmp_path / "results.jsonl"
+    res.write_text(json.dumps(row) + "\n")  # json writes inf as Infinity, which Python's reader takes
+    code, _, err = run_cli(["report", "--results", res, "--out", tmp_path / "rep"], capsys)
+    one_error(code, err, match=rf"{re.escape(str(res))} row 1: {pattern}")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_valid_row_of_each_kind_makes_a_report(tmp_path, capsys):
+    res = tmp_path / "results.jsonl"
+    res.write_text(json.dumps(_EVAL_ROW) + "\n" + json.dumps(_BENCH_ROW) + "\n")
+    code, _, err = run_cli(["report", "--results", res, "--out", tmp_path / "rep"], capsys)
+    assert code == 0, err
 
 
 # -- 3. export sets: locked, staged, never mixed ---------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -82,6 +85,25 @@ def test_int8_forms_and_cached_ranges(tiny_onnx, tmp_path, target, dtype):
 def test_int8_without_calibration_data_is_a_clear_error(tiny_onnx, tmp_path):
     with pytest.raises(LungedgeError, match="needs calibration data"):
         quantize.to_int8(tiny_onnx, tmp_path / "x.onnx", "trt", "minmax", tmp_path / "none.json")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda text: text[:300], r"not a calibration cache \(JSONDecodeError"),
+    (lambda text: json.dumps({**json.loads(text), "data": {}}), "it holds no ranges"),
+    (lambda text: text.replace('"highest": {"data": ', '"highest": {"data": NaN, "x": ', 1),
+     r"1 range\(s\) not finite or upside down"),
+    (lambda text: json.dumps({**json.loads(text), "data": dict(list(json.loads(text)["data"].items())[1:])}),
+     "no range for 1 tensor"),
+])
+def test_a_damaged_ranges_cache_is_named_not_used(tiny_onnx, tmp_path, damage, reason):
+    x = _images(16)
+    cache = tmp_path / "ranges.json"
+    quantize.to_int8(tiny_onnx, tmp_path / "first.onnx", "trt", "minmax", cache, batches=iter([x]))
+    cache.write_text(damage(cache.read_text()))
+    assert (quantize.ranges_problem(cache) is None) == ("no range for" in reason)  # tensors are known from the model
+    with pytest.raises(LungedgeError, match=rf"calibration cache {re.escape(str(cache))} cannot be used: {reason}"):
+        quantize.to_int8(tiny_onnx, tmp_path / "x.onnx", "trt", "minmax", cache)
     assert not (tmp_path / "x.onnx").exists()
 
 

@@ -114,6 +114,27 @@ def test_calibration_section_lists_each_measured_row_and_draws_its_diagram(two_m
     assert (out / "reliability.png").stat().st_size > 1000 and "![reliability diagrams](reliability.png)" in md
 
 
+def test_a_failed_write_leaves_the_previous_report_whole(two_machines):
+    """The page and its PNGs are published together: a write that fails half way (here: a file size limit
+    between the PNGs' and the HTML page's, as a nearly full disk) leaves every earlier file as it was."""
+    import subprocess
+    import sys
+
+    from conftest import small_file_limit
+
+    out = two_machines / "reports"
+    cmd = [sys.executable, "-m", "lungedge", "report", "--results", two_machines, "--out", out]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    limit = int(max(len(b) for name, b in before.items() if name != "report.html") * 1.2)
+    assert len(before["report.html"]) > limit * 1.2
+    bench = two_machines / "a" / "bench-laptop.jsonl"
+    bench.write_text(bench.read_text().replace('"p50": 40.0', '"p50": 41.0'))  # new results, the same shape
+    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_file_limit(limit))
+    assert proc.returncode == 2 and f"cannot write {out / 'report.html'}" in proc.stderr, proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing new, no temporary file left
+
+
 def test_pareto_front():
     from lungedge.report import pareto
 

@@ -83,6 +83,14 @@ def calibration(source: Source, calib_data, size: int, calib_root: Path, method:
 def write_int8(fp32: Path, base: Path, source: Source, cal: Calibration, log=print) -> list[tuple[str, Path]]:
     """Both INT8 files; ranges are computed once and cached beside the calibration manifest."""
     ranges = cal.ranges(source)
+    problem = quantize.ranges_problem(ranges) if ranges.is_file() else None
+    if problem:  # a cache damaged on disk or by hand: derived data, computed again from the same images
+        try:
+            ranges.unlink()
+        except OSError as exc:
+            raise LungedgeError(f"calibration cache {ranges} cannot be used ({problem}) nor removed "
+                                f"({exc.strerror}); remove it or pass another --calibration folder") from None
+        log(f"note: calibration cache {ranges} could not be used ({problem}): calibrating again")
     written = []
     for target in INT8_TARGETS:
         variant = onnx_meta.variant_of("int8", target)
