@@ -70,11 +70,12 @@ class SplitItem(_LabelledFile):
 
 
 class SplitParams(_Open):
-    val: float = Field(ge=0, lt=1)
-    test: float = Field(ge=0, lt=1)
-    seed: int
+    """Numbers as numbers (strict: the readers compare them, a string ``"NaN"`` would break them)."""
+    val: float = Field(ge=0, lt=1, strict=True)
+    test: float = Field(ge=0, lt=1, strict=True)
+    seed: int = Field(strict=True)
     group_by: str
-    threshold: float | None = None
+    threshold: float | None = Field(default=None, gt=0, le=1, strict=True, allow_inf_nan=False)
 
 
 class SplitDataset(_Open):
@@ -90,16 +91,19 @@ class SplitManifest(_Open):
     dataset: SplitDataset
     classes: list[str] = Field(min_length=2)
     counts: dict[str, dict[str, int]]
-    items: list[SplitItem]
+    items: list[SplitItem] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _labels_known(self):
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes: class names repeat")
-        known = set(self.classes)
+        known, seen = set(self.classes), {}
         for i, it in enumerate(self.items):
             if it.label not in known:
                 raise ValueError(f"items.{i}.label: {it.label!r} is not one of the classes {self.classes}")
+            if it.path in seen:
+                raise ValueError(f"items.{i}.path: {it.path!r} is listed twice (also items.{seen[it.path]})")
+            seen[it.path] = i
         return self
 
 

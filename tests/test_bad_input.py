@@ -188,6 +188,13 @@ def _mutations():
         "absolute path": (item(0, path="/etc/passwd"), r"items\.0\.path: '/etc/passwd' is not inside .*absolute"),
         "missing dataset": (lambda m: m.pop("dataset"), r"dataset: Field required"),
         "one class": (lambda m: m.__setitem__("classes", ["benign"]), r"classes: List should have at least 2"),
+        "string threshold": (lambda m: m["params"].__setitem__("threshold", "NaN"),
+                             r"params\.threshold: Input should be a valid number"),
+        "nan threshold": (lambda m: m["params"].__setitem__("threshold", float("nan")),
+                          r"params\.threshold: Input should be a finite number"),
+        "no items": (lambda m: m.__setitem__("items", []), r"items: List should have at least 1 item"),
+        "repeated item": (lambda m: m["items"].append(dict(m["items"][0])),
+                          r"items\.24\.path: '.*' is listed twice \(also items\.0\)"),
     }
 
 
@@ -220,6 +227,21 @@ def test_manifest_entries_stay_inside_the_root_without_the_schema(small, tmp_pat
     path.write_text(json.dumps(manifest))
     with pytest.raises(LungedgeError, match=r"manifest entry '.*' is not inside"):
         load_manifest(path, root=small["data"])
+
+
+def test_training_part_without_a_declared_class_is_refused(small, tmp_path, capsys):
+    """A hand-edited manifest whose training images are all of one class (or that declares a class without
+    images) would train a model that never saw the others, and score it on val/test parts that hide it."""
+    manifest = copy.deepcopy(small["manifest"])
+    manifest["items"] = [it for it in manifest["items"] if it["label"] == "benign" or it["split"] != "train"]
+    path = tmp_path / "only-benign.json"
+    path.write_text(json.dumps(manifest))
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["train", "smallcnn", "--split", path, "--epochs", "1", "--weights", "none",
+                            "--image-size", SIZE, "--out", runs], capsys)
+    one_error(code, err, match=r"training part has no images of malignant, normal "
+                               r"\(classes benign, malignant, normal\)")
+    assert not any(p.is_dir() for p in runs.glob("smallcnn/*")), list(runs.rglob("*"))
 
 
 # -- 2. numeric options --------------------------------------------------------------------------------------

@@ -157,6 +157,10 @@ def load_arrays(manifest: dict, root: Path, prep: Preprocessing) -> Arrays:
         out.paths[split] = [items[i]["path"] for i in idx]
     if len(out.y["train"]) == 0:
         raise LungedgeError("the split has no training images")
+    absent = [c for i, c in enumerate(classes) if not (out.y["train"] == i).any()]
+    if absent:  # the model would have outputs it never learns, and val/test scores that hide it
+        raise LungedgeError(f"the split's training part has no images of {', '.join(absent)} (classes "
+                            f"{', '.join(classes)}): add images of each class, or list only the classes present")
     if len(out.y["val"]) == 0:  # the best epoch is chosen on it; without it every score is NaN
         raise LungedgeError(f"the split has no validation images ({len(items)} images in all): add images, "
                             "or give --split a manifest with a 'val' part")
