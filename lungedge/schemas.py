@@ -130,6 +130,39 @@ class CalibrationManifest(_Open):
         return self
 
 
+# -- run configurations (<runs>/<model>/<run>/config.json, read by train --resume) -------------------------
+
+_COUNT = dict(default=None, ge=1, strict=True)
+_NUMBER = dict(strict=True, allow_inf_nan=False)
+
+
+class RunConfig(_Open):
+    """What ``lungedge train`` stored; strict types (a hand-edited ``"epochs": "many"`` is named here)."""
+    model: str
+    data: str | None = None
+    split: str | None = None
+    epochs: int | None = Field(**_COUNT)
+    batch_size: int | None = Field(**_COUNT)
+    image_size: int | None = Field(default=None, ge=8, strict=True)
+    lr: float | None = Field(default=None, gt=0, le=1, **_NUMBER)
+    weights: str = "imagenet"
+    mode: str | None = None
+    device: str = "cpu"
+    out: str = "runs"
+    run_name: str | None = None
+    seed: int = Field(default=0, strict=True)
+    patience: int = Field(default=0, ge=0, strict=True)
+    augment: bool = Field(default=True, strict=True)
+    group_by: str = "near-duplicate"
+    val: float = Field(default=0.15, ge=0, lt=1, **_NUMBER)
+    test: float = Field(default=0.15, ge=0, lt=1, **_NUMBER)
+    unfreeze: str | None = None
+    init_checkpoint: str | None = None
+    weight_decay: float = Field(default=1e-4, ge=0, **_NUMBER)
+    warmup_epochs: float = Field(default=1.0, ge=0, **_NUMBER)
+    threads: int | None = Field(**_COUNT)
+
+
 # -- ONNX metadata (metadata_props "lungedge.*") ----------------------------------------------------------
 
 class PreprocessingFields(_Open):

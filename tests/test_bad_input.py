@@ -313,6 +313,66 @@ def test_second_train_into_same_run_refuses_and_first_set_stays_whole(small, tmp
     one_error(again.returncode, again.stderr, match="already holds a run; use --resume or another --run-name")
 
 
+def _unfinished_copy(run: Path, dst: Path) -> Path:
+    """A copy of a finished run as a kill after its first epoch leaves it: metrics.json says "running";
+    its best checkpoint is the newest file under the runs folder."""
+    import shutil
+
+    shutil.copytree(run, dst)
+    metrics = json.loads((dst / "metrics.json").read_text())
+    (dst / "metrics.json").write_text(json.dumps({**metrics, "status": "running", "test": None}))
+    later = time.time() + 60
+    os.utime(dst / "best.pth", (later, later))
+    return dst
+
+
+def test_default_checkpoint_is_the_newest_finished_run(small, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(small["run"], runs / "smallcnn" / "r")
+    killed = _unfinished_copy(small["run"], runs / "smallcnn" / "k")
+    code, out, err = run_cli(["export", "smallcnn", "--runs", runs, "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "smallcnn" / "smallcnn.export.json").read_text())
+    assert summary["checkpoint"] == str(runs / "smallcnn" / "r" / "best.pth")
+    assert re.search(r"^note: using .*/r/best\.pth, the newest finished run; passed over the newer unfinished k",
+                     out, re.M), out
+    shutil.rmtree(runs / "smallcnn" / "r")  # only the killed run is left: refused, with the way to use it anyway
+    code, _, err = run_cli(["export", "smallcnn", "--runs", runs, "--out", tmp_path / "e2", "--no-engine"], capsys)
+    one_error(code, err, match=rf"training of {re.escape(str(killed))} did not finish \(status running\).* "
+                               rf"--resume', or pass --checkpoint {re.escape(str(killed / 'best.pth'))} ")
+    code, _, err = run_cli(["eval", "smallcnn", "--runs", runs, "--engines", tmp_path / "none", "--backend", "torch",
+                            "--out", tmp_path / "res"], capsys)
+    one_error(code, err, match=r"did not finish \(status running\), so it is not used by default")
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda text: text[: len(text) // 2], r" is damaged \(invalid JSON: .*\); the run cannot be resumed"),
+    (lambda text: text.replace('"epochs": 1', '"epochs": "many"'), r": epochs: Input should be a valid integer"),
+    (lambda text: re.sub(r'"lr": [^,]+', '"lr": 5', text), r": lr: Input should be less than or equal to 1"),
+])
+def test_resume_with_a_damaged_config_names_the_file_and_field(small, tmp_path, capsys, edit, pattern):
+    run = _unfinished_copy(small["run"], tmp_path / "runs" / "smallcnn" / "k")
+    (run / "config.json").write_text(edit((run / "config.json").read_text()))
+    before = _set_digest(run)
+    code, _, err = run_cli(["train", "smallcnn", "--out", tmp_path / "runs", "--run-name", "k", "--resume"], capsys)
+    one_error(code, err, match=re.escape(str(run / "config.json")) + pattern)
+    assert "--lr" not in err and _set_digest(run) == before  # the stored value is named, not an option never given
+
+
+def test_resume_refuses_options_that_differ_from_the_run(small, tmp_path, capsys):
+    run = _unfinished_copy(small["run"], tmp_path / "runs" / "smallcnn" / "k")
+    before = _set_digest(run)
+    code, _, err = run_cli(["train", "smallcnn", "--out", tmp_path / "runs", "--run-name", "k", "--resume",
+                            "--epochs", "3", "--lr", "0.5", "--image-size", "64", "--no-augment"], capsys)
+    one_error(code, err, match=rf"--resume continues {re.escape(str(run))} as it was started, but --epochs 3 "
+                               r"\(started with 1\); --image-size 64 \(started with 32\); --lr 0\.5 \(started with "
+                               r"[0-9.e-]+\); --no-augment \(started with --augment\): drop these options")
+    assert _set_digest(run) == before
+
+
 # -- exported ONNX: one small export shared by the rest -----------------------------------------------------
 
 @pytest.fixture(scope="module")

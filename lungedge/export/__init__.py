@@ -174,7 +174,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
     if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
         raise LungedgeError(f"--opset must be from {OPSETS[0]} to {OPSETS[1]} (what the torch and Keras "
                             f"exporters and the INT8 Q/DQ writer all support), got {opset}")
-    path = resolve_checkpoint(model_name, checkpoint, runs)
+    path = resolve_checkpoint(model_name, checkpoint, runs, log=log)
     source = load_source(path, Request(model_name, classes=classes, data=data, trust_pickle=trust_pickle,
                                          options=dict(options or {})))
     for note in source.notes:

@@ -230,7 +230,20 @@ def save_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def load_config(run_dir: Path) -> TrainConfig:
-    return TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    """The stored ``config.json``; a damaged or hand-edited one is one line naming the file (and the field)."""
+    from ..validation import validate
+
+    path = run_dir / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LungedgeError(f"{path} is damaged (invalid JSON: {exc}); the run cannot be resumed") from None
+    except OSError as exc:
+        raise LungedgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise LungedgeError(f"{path} is not a run configuration (a JSON object expected)")
+    validate("RunConfig", data, path)  # fields typed and in range: "epochs": "many" is named here, not as --epochs
+    return TrainConfig.from_dict(data)
 
 
 def check_device(device: str, framework: str) -> None:
