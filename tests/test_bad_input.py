@@ -545,6 +545,19 @@ def _set_digest(folder: Path) -> dict:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
 
 
+def test_reexport_names_the_precisions_it_removes(exported, tmp_path, capsys):
+    import shutil
+
+    engines = tmp_path / "engines"
+    shutil.copytree(exported["folder"], engines / "smallcnn")  # an FP32 + FP16 set
+    code, out, err = run_cli(["export", "smallcnn", "--runs", exported["runs"], "--out", engines, "--no-engine"],
+                             capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (engines / "smallcnn").iterdir()) == ["smallcnn.export.json", "smallcnn.fp32.onnx"]
+    assert re.search(rf"^note: {re.escape(str(engines / 'smallcnn'))} was replaced by the new set; removed 1 file of "
+                     r"the previous set that it does not have: smallcnn\.fp16\.onnx$", out, re.M), out
+
+
 def test_bundle_refuses_onnx_files_of_two_exports(exported, tmp_path, capsys):
     import shutil
 

@@ -186,7 +186,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
                "parity": {}, "accuracy": {}}
     # the set is written into a locked staging folder and replaces OUT/MODEL only once all of it is
     # written and checked: a kill or a failure leaves the previous complete set (issue #13)
-    with staged_folder(final, "lungedge export", check=lambda stage: _check_set(stage, source)) as stage:
+    with staged_folder(final, "lungedge export", check=lambda stage: _check_set(stage, source), log=log) as stage:
         base = stage / source.architecture
         shown = lambda line: log(line.replace(str(stage), str(final)))  # noqa: E731 - paths as they will be
         fp32 = metadata.write(source_to_onnx(source, opset), source, Path(f"{base}.fp32.onnx"))
