@@ -368,25 +368,33 @@ def clean_stale(final: str | os.PathLike) -> list[str]:
     return done
 
 
-def replace_folder(stage: Path, final: Path) -> None:
-    """Move the finished ``stage`` to ``final``; the previous ``final`` stays until the new one is in place."""
-    old = None
+def _files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def replace_folder(stage: Path, final: Path) -> list[str]:
+    """Move the finished ``stage`` to ``final``; the previous ``final`` stays until the new one is in place.
+    Returns the files of the previous set that the new one does not have (now gone), sorted."""
+    old, dropped = None, []
     if final.exists():
+        dropped = sorted(_files_under(final) - _files_under(stage))
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         os.rename(final, old)
     os.rename(stage, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return dropped
 
 
 @contextmanager
 def staged_folder(final: str | os.PathLike, command: str | None = None,
-                  check: Callable[[Path], None] | None = None, lock: bool = True) -> Iterator[Path]:
+                  check: Callable[[Path], None] | None = None, lock: bool = True, log=None) -> Iterator[Path]:
     """``with staged_folder(out) as stage:`` write every file into ``stage``; on success it becomes ``out``.
 
     While the block runs ``out`` is locked (:class:`FolderLock`); ``check(stage)`` runs before the move
     and may raise to refuse the set. On any failure or interrupt the stage is removed and ``out`` is
-    left exactly as it was.
+    left exactly as it was. The whole set is replaced: ``log`` gets a note naming the previous set's files
+    that the new one lacks (e.g. the FP16/INT8 files after an FP32-only export).
     """
     final = Path(final)
     guard = FolderLock(final, command) if lock else None
@@ -403,9 +411,13 @@ def staged_folder(final: str | os.PathLike, command: str | None = None,
             if check is not None:
                 check(stage)
             try:
-                replace_folder(stage, final)
+                dropped = replace_folder(stage, final)
             except OSError as exc:
                 raise write_error(final, exc, "cannot move the finished set into") from None
+            if dropped and log:
+                shown = ", ".join(dropped[:8]) + (f" and {len(dropped) - 8} more" if len(dropped) > 8 else "")
+                log(f"note: {final} was replaced by the new set; removed {len(dropped)} "
+                    f"file{'s' if len(dropped) > 1 else ''} of the previous set that it does not have: {shown}")
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             note_kept(f"{final}: unchanged" if final.exists() else f"{final}: nothing written")

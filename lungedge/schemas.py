@@ -70,11 +70,12 @@ class SplitItem(_LabelledFile):
 
 
 class SplitParams(_Open):
-    val: float = Field(ge=0, lt=1)
-    test: float = Field(ge=0, lt=1)
-    seed: int
+    """Numbers as numbers (strict: the readers compare them, a string ``"NaN"`` would break them)."""
+    val: float = Field(ge=0, lt=1, strict=True)
+    test: float = Field(ge=0, lt=1, strict=True)
+    seed: int = Field(strict=True)
     group_by: str
-    threshold: float | None = None
+    threshold: float | None = Field(default=None, gt=0, le=1, strict=True, allow_inf_nan=False)
 
 
 class SplitDataset(_Open):
@@ -90,16 +91,19 @@ class SplitManifest(_Open):
     dataset: SplitDataset
     classes: list[str] = Field(min_length=2)
     counts: dict[str, dict[str, int]]
-    items: list[SplitItem]
+    items: list[SplitItem] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _labels_known(self):
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("classes: class names repeat")
-        known = set(self.classes)
+        known, seen = set(self.classes), {}
         for i, it in enumerate(self.items):
             if it.label not in known:
                 raise ValueError(f"items.{i}.label: {it.label!r} is not one of the classes {self.classes}")
+            if it.path in seen:
+                raise ValueError(f"items.{i}.path: {it.path!r} is listed twice (also items.{seen[it.path]})")
+            seen[it.path] = i
         return self
 
 
@@ -124,6 +128,39 @@ class CalibrationManifest(_Open):
         if len(self.files) != self.size:
             raise ValueError(f"size: {self.size} but {len(self.files)} files are listed")
         return self
+
+
+# -- run configurations (<runs>/<model>/<run>/config.json, read by train --resume) -------------------------
+
+_COUNT = dict(default=None, ge=1, strict=True)
+_NUMBER = dict(strict=True, allow_inf_nan=False)
+
+
+class RunConfig(_Open):
+    """What ``lungedge train`` stored; strict types (a hand-edited ``"epochs": "many"`` is named here)."""
+    model: str
+    data: str | None = None
+    split: str | None = None
+    epochs: int | None = Field(**_COUNT)
+    batch_size: int | None = Field(**_COUNT)
+    image_size: int | None = Field(default=None, ge=8, strict=True)
+    lr: float | None = Field(default=None, gt=0, le=1, **_NUMBER)
+    weights: str = "imagenet"
+    mode: str | None = None
+    device: str = "cpu"
+    out: str = "runs"
+    run_name: str | None = None
+    seed: int = Field(default=0, strict=True)
+    patience: int = Field(default=0, ge=0, strict=True)
+    augment: bool = Field(default=True, strict=True)
+    group_by: str = "near-duplicate"
+    val: float = Field(default=0.15, ge=0, lt=1, **_NUMBER)
+    test: float = Field(default=0.15, ge=0, lt=1, **_NUMBER)
+    unfreeze: str | None = None
+    init_checkpoint: str | None = None
+    weight_decay: float = Field(default=1e-4, ge=0, **_NUMBER)
+    warmup_epochs: float = Field(default=1.0, ge=0, **_NUMBER)
+    threads: int | None = Field(**_COUNT)
 
 
 # -- ONNX metadata (metadata_props "lungedge.*") ----------------------------------------------------------

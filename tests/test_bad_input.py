@@ -188,6 +188,13 @@ def _mutations():
         "absolute path": (item(0, path="/etc/passwd"), r"items\.0\.path: '/etc/passwd' is not inside .*absolute"),
         "missing dataset": (lambda m: m.pop("dataset"), r"dataset: Field required"),
         "one class": (lambda m: m.__setitem__("classes", ["benign"]), r"classes: List should have at least 2"),
+        "string threshold": (lambda m: m["params"].__setitem__("threshold", "NaN"),
+                             r"params\.threshold: Input should be a valid number"),
+        "nan threshold": (lambda m: m["params"].__setitem__("threshold", float("nan")),
+                          r"params\.threshold: Input should be a finite number"),
+        "no items": (lambda m: m.__setitem__("items", []), r"items: List should have at least 1 item"),
+        "repeated item": (lambda m: m["items"].append(dict(m["items"][0])),
+                          r"items\.24\.path: '.*' is listed twice \(also items\.0\)"),
     }
 
 
@@ -220,6 +227,21 @@ def test_manifest_entries_stay_inside_the_root_without_the_schema(small, tmp_pat
     path.write_text(json.dumps(manifest))
     with pytest.raises(LungedgeError, match=r"manifest entry '.*' is not inside"):
         load_manifest(path, root=small["data"])
+
+
+def test_training_part_without_a_declared_class_is_refused(small, tmp_path, capsys):
+    """A hand-edited manifest whose training images are all of one class (or that declares a class without
+    images) would train a model that never saw the others, and score it on val/test parts that hide it."""
+    manifest = copy.deepcopy(small["manifest"])
+    manifest["items"] = [it for it in manifest["items"] if it["label"] == "benign" or it["split"] != "train"]
+    path = tmp_path / "only-benign.json"
+    path.write_text(json.dumps(manifest))
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["train", "smallcnn", "--split", path, "--epochs", "1", "--weights", "none",
+                            "--image-size", SIZE, "--out", runs], capsys)
+    one_error(code, err, match=r"training part has no images of malignant, normal "
+                               r"\(classes benign, malignant, normal\)")
+    assert not any(p.is_dir() for p in runs.glob("smallcnn/*")), list(runs.rglob("*"))
 
 
 # -- 2. numeric options --------------------------------------------------------------------------------------
@@ -289,6 +311,66 @@ def test_second_train_into_same_run_refuses_and_first_set_stays_whole(small, tmp
     assert not list(run.glob(".*.tmp")) and not (runs / "smallcnn" / ".same.lock").exists()
     again = cli([*args, "--epochs", "1"])
     one_error(again.returncode, again.stderr, match="already holds a run; use --resume or another --run-name")
+
+
+def _unfinished_copy(run: Path, dst: Path) -> Path:
+    """A copy of a finished run as a kill after its first epoch leaves it: metrics.json says "running";
+    its best checkpoint is the newest file under the runs folder."""
+    import shutil
+
+    shutil.copytree(run, dst)
+    metrics = json.loads((dst / "metrics.json").read_text())
+    (dst / "metrics.json").write_text(json.dumps({**metrics, "status": "running", "test": None}))
+    later = time.time() + 60
+    os.utime(dst / "best.pth", (later, later))
+    return dst
+
+
+def test_default_checkpoint_is_the_newest_finished_run(small, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(small["run"], runs / "smallcnn" / "r")
+    killed = _unfinished_copy(small["run"], runs / "smallcnn" / "k")
+    code, out, err = run_cli(["export", "smallcnn", "--runs", runs, "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "smallcnn" / "smallcnn.export.json").read_text())
+    assert summary["checkpoint"] == str(runs / "smallcnn" / "r" / "best.pth")
+    assert re.search(r"^note: using .*/r/best\.pth, the newest finished run; passed over the newer unfinished k",
+                     out, re.M), out
+    shutil.rmtree(runs / "smallcnn" / "r")  # only the killed run is left: refused, with the way to use it anyway
+    code, _, err = run_cli(["export", "smallcnn", "--runs", runs, "--out", tmp_path / "e2", "--no-engine"], capsys)
+    one_error(code, err, match=rf"training of {re.escape(str(killed))} did not finish \(status running\).* "
+                               rf"--resume', or pass --checkpoint {re.escape(str(killed / 'best.pth'))} ")
+    code, _, err = run_cli(["eval", "smallcnn", "--runs", runs, "--engines", tmp_path / "none", "--backend", "torch",
+                            "--out", tmp_path / "res"], capsys)
+    one_error(code, err, match=r"did not finish \(status running\), so it is not used by default")
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "res").exists()
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda text: text[: len(text) // 2], r" is damaged \(invalid JSON: .*\); the run cannot be resumed"),
+    (lambda text: text.replace('"epochs": 1', '"epochs": "many"'), r": epochs: Input should be a valid integer"),
+    (lambda text: re.sub(r'"lr": [^,]+', '"lr": 5', text), r": lr: Input should be less than or equal to 1"),
+])
+def test_resume_with_a_damaged_config_names_the_file_and_field(small, tmp_path, capsys, edit, pattern):
+    run = _unfinished_copy(small["run"], tmp_path / "runs" / "smallcnn" / "k")
+    (run / "config.json").write_text(edit((run / "config.json").read_text()))
+    before = _set_digest(run)
+    code, _, err = run_cli(["train", "smallcnn", "--out", tmp_path / "runs", "--run-name", "k", "--resume"], capsys)
+    one_error(code, err, match=re.escape(str(run / "config.json")) + pattern)
+    assert "--lr" not in err and _set_digest(run) == before  # the stored value is named, not an option never given
+
+
+def test_resume_refuses_options_that_differ_from_the_run(small, tmp_path, capsys):
+    run = _unfinished_copy(small["run"], tmp_path / "runs" / "smallcnn" / "k")
+    before = _set_digest(run)
+    code, _, err = run_cli(["train", "smallcnn", "--out", tmp_path / "runs", "--run-name", "k", "--resume",
+                            "--epochs", "3", "--lr", "0.5", "--image-size", "64", "--no-augment"], capsys)
+    one_error(code, err, match=rf"--resume continues {re.escape(str(run))} as it was started, but --epochs 3 "
+                               r"\(started with 1\); --image-size 64 \(started with 32\); --lr 0\.5 \(started with "
+                               r"[0-9.e-]+\); --no-augment \(started with --augment\): drop these options")
+    assert _set_digest(run) == before
 
 
 # -- exported ONNX: one small export shared by the rest -----------------------------------------------------
@@ -512,6 +594,19 @@ def _set_digest(folder: Path) -> dict:
     from lungedge.io import sha256_file
 
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+
+
+def test_reexport_names_the_precisions_it_removes(exported, tmp_path, capsys):
+    import shutil
+
+    engines = tmp_path / "engines"
+    shutil.copytree(exported["folder"], engines / "smallcnn")  # an FP32 + FP16 set
+    code, out, err = run_cli(["export", "smallcnn", "--runs", exported["runs"], "--out", engines, "--no-engine"],
+                             capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (engines / "smallcnn").iterdir()) == ["smallcnn.export.json", "smallcnn.fp32.onnx"]
+    assert re.search(rf"^note: {re.escape(str(engines / 'smallcnn'))} was replaced by the new set; removed 1 file of "
+                     r"the previous set that it does not have: smallcnn\.fp16\.onnx$", out, re.M), out
 
 
 def test_bundle_refuses_onnx_files_of_two_exports(exported, tmp_path, capsys):

@@ -159,6 +159,19 @@ def test_staged_folder_replaces_the_set_whole(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["m"]  # no stage, old set or lock left
 
 
+def test_replacing_a_set_names_the_files_it_removes(tmp_path):
+    out, notes = tmp_path / "m", []
+    with staged_folder(out, log=notes.append) as stage:
+        for name in ("m.fp32.onnx", "m.fp16.onnx", "m.int8.onnx"):
+            (stage / name).write_text("one")
+    assert notes == []  # a first set removes nothing
+    with staged_folder(out, log=notes.append) as stage:
+        (stage / "m.fp32.onnx").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["m.fp32.onnx"]  # still swapped whole
+    assert notes == [f"note: {out} was replaced by the new set; removed 2 files of the previous set that it does "
+                     "not have: m.fp16.onnx, m.int8.onnx"]
+
+
 def test_failed_or_refused_set_leaves_previous_one(tmp_path):
     out = tmp_path / "m"
     with staged_folder(out) as stage:

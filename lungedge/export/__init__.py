@@ -174,7 +174,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
     if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
         raise LungedgeError(f"--opset must be from {OPSETS[0]} to {OPSETS[1]} (what the torch and Keras "
                             f"exporters and the INT8 Q/DQ writer all support), got {opset}")
-    path = resolve_checkpoint(model_name, checkpoint, runs)
+    path = resolve_checkpoint(model_name, checkpoint, runs, log=log)
     source = load_source(path, Request(model_name, classes=classes, data=data, trust_pickle=trust_pickle,
                                          options=dict(options or {})))
     for note in source.notes:
@@ -186,7 +186,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
                "parity": {}, "accuracy": {}}
     # the set is written into a locked staging folder and replaces OUT/MODEL only once all of it is
     # written and checked: a kill or a failure leaves the previous complete set (issue #13)
-    with staged_folder(final, "lungedge export", check=lambda stage: _check_set(stage, source)) as stage:
+    with staged_folder(final, "lungedge export", check=lambda stage: _check_set(stage, source), log=log) as stage:
         base = stage / source.architecture
         shown = lambda line: log(line.replace(str(stage), str(final)))  # noqa: E731 - paths as they will be
         fp32 = metadata.write(source_to_onnx(source, opset), source, Path(f"{base}.fp32.onnx"))

@@ -48,8 +48,17 @@ class Source:
     converter: str = ""  # which converter wrote the ONNX where a kind has several (ONNX metadata extra.converter)
 
 
-def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str | Path = "runs") -> Path:
-    """``checkpoint`` if given, else the best checkpoint of MODEL's latest run under ``runs``."""
+class UnfinishedRun(LungedgeError):
+    """MODEL has runs, but none whose training finished (the message says how to use or finish one)."""
+
+
+def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str | Path = "runs", log=None) -> Path:
+    """``checkpoint`` if given, else the best checkpoint of MODEL's latest finished run under ``runs``.
+
+    A run whose training did not finish (killed, interrupted, still running) is never taken by default: its
+    best checkpoint is of an epoch before the end and untested (``log`` gets a note naming a newer one that
+    was passed over). With only such runs, one line names the newest and how to use it anyway
+    (``--checkpoint``) or finish it (``--resume``)."""
     from ..models.registry import get_spec
 
     if checkpoint:  # any name: a registry model's file or (--custom) the user's own
@@ -63,7 +72,32 @@ def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str
     if not found:
         raise LungedgeError(f"no trained {model_name} under {Path(runs, model_name)}; train one with "
                             f"'lungedge train {model_name} --data DIR' or pass --checkpoint PATH")
-    return found[-1]
+    finished = [p for p in found if not _unfinished(p.parent)]
+    if finished:
+        skipped = [p.parent.name for p in found if p.stat().st_mtime > finished[-1].stat().st_mtime]
+        if skipped and log:
+            log(f"note: using {finished[-1]}, the newest finished run; passed over the newer unfinished "
+                f"{', '.join(skipped)} (use one with --checkpoint PATH)")
+        return finished[-1]
+    last = found[-1]
+    exc = UnfinishedRun(f"the training of {last.parent} did not finish (status {_status(last.parent)}) and no run of "
+                        f"{model_name} under {Path(runs, model_name)} did; finish it with 'lungedge train {model_name} "
+                        f"--out {runs} --run-name {last.parent.name} --resume', or pass --checkpoint {last} to use "
+                        "its best epoch so far")
+    exc.checkpoint, exc.status = last, _status(last.parent)
+    raise exc
+
+
+def _status(run_dir: Path) -> str:
+    from ..train.common import read_status
+
+    return read_status(run_dir) or "unknown: no metrics.json"
+
+
+def _unfinished(run_dir: Path) -> bool:
+    """A run folder lungedge trained (its config.json is there) whose metrics.json does not say finished; a
+    checkpoint put there without them is the user's own, taken as it is."""
+    return (run_dir / "config.json").exists() and _status(run_dir) != "finished"
 
 
 def registry_spec(request: Request, framework: str, path: Path):

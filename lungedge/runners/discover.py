@@ -47,6 +47,22 @@ def source_checkpoint(model: str, runs) -> Path | None:
         return None
 
 
+def _unfinished_only(model: str, runs) -> str:
+    """"; the training of ... did not finish ..." when MODEL's runs are all unfinished (else "")."""
+    from ..export.source import UnfinishedRun, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(model, None, runs)
+    except UnfinishedRun as exc:
+        run = exc.checkpoint.parent
+        return (f"; the training of {run} did not finish (status {exc.status}), so it is not used by default: "
+                f"finish it with 'lungedge train {model} --out {runs} --run-name {run.name} --resume', or name "
+                f"{exc.checkpoint} instead of {model} to use its best epoch so far")
+    except LungedgeError:
+        pass
+    return ""
+
+
 _SHA_CACHE: dict = {}
 
 
@@ -217,7 +233,8 @@ def resolve(specs, all_models: bool = False, device: str | None = None, backends
             continue  # --all: this model has no artifact for the asked backends/precisions
         if not found:
             raise LungedgeError(f"no artifacts for {s} match (looked in {Path(runs, s)} and {Path(engines, s)}; "
-                                f"backends {','.join(backends or BACKENDS)}, precisions {','.join(precisions or PRECISIONS)})")
+                                f"backends {','.join(backends or BACKENDS)}, "
+                                f"precisions {','.join(precisions or PRECISIONS)})" + _unfinished_only(s, runs))
         out += found
     if not out:
         raise LungedgeError(f"no artifacts match backends {','.join(backends or BACKENDS)} and precisions "

@@ -33,6 +33,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
 
         resume_dir = find_resumable(cfg)
         stored = load_config(resume_dir)
+        _check_resume_options(cfg, stored, resume_dir)
         stored.device, stored.threads = cfg.device, cfg.threads or stored.threads
         cfg = stored
     cfg = cfg.resolved(spec)
@@ -66,6 +67,32 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
     finally:
         if lock is not None:
             lock.release()
+
+
+# where a run runs (free to change on resume) and how it is found (--out, --run-name)
+_RESUME_FREE = ("model", "device", "threads", "out", "run_name")
+
+
+def _check_resume_options(given: TrainConfig, stored: TrainConfig, run_dir: Path) -> None:
+    """Refuse options that differ from the run being resumed: it continues exactly as it was started (the
+    schedule is laid out over its epochs): a differing --lr or --epochs is refused, not silently ignored."""
+    import os
+
+    default = TrainConfig(model=given.model)
+    differ = []
+    for name in (f for f in given.to_dict() if f not in _RESUME_FREE):
+        value, was = getattr(given, name), getattr(stored, name)
+        if value == getattr(default, name) or value == was:
+            continue  # not given (its default), or the same
+        if name in ("data", "split", "init_checkpoint") and was and os.path.abspath(value) == os.path.abspath(was):
+            continue
+        if isinstance(value, bool):  # --augment/--no-augment
+            differ.append(f"--{'' if value else 'no-'}{name} (started with --{'' if was else 'no-'}{name})")
+        else:
+            differ.append(f"--{name.replace('_', '-')} {value} (started with {was})")
+    if differ:
+        raise LungedgeError(f"--resume continues {run_dir} as it was started, but {'; '.join(differ)}: "
+                            "drop these options, or start a new run with another --run-name")
 
 
 def _train(cfg: TrainConfig, spec, resume_dir, on_epoch, show_progress, stop_after, strategy) -> dict:

@@ -157,6 +157,10 @@ def load_arrays(manifest: dict, root: Path, prep: Preprocessing) -> Arrays:
         out.paths[split] = [items[i]["path"] for i in idx]
     if len(out.y["train"]) == 0:
         raise LungedgeError("the split has no training images")
+    absent = [c for i, c in enumerate(classes) if not (out.y["train"] == i).any()]
+    if absent:  # the model would have outputs it never learns, and val/test scores that hide it
+        raise LungedgeError(f"the split's training part has no images of {', '.join(absent)} (classes "
+                            f"{', '.join(classes)}): add images of each class, or list only the classes present")
     if len(out.y["val"]) == 0:  # the best epoch is chosen on it; without it every score is NaN
         raise LungedgeError(f"the split has no validation images ({len(items)} images in all): add images, "
                             "or give --split a manifest with a 'val' part")
@@ -226,7 +230,20 @@ def save_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 
 def load_config(run_dir: Path) -> TrainConfig:
-    return TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    """The stored ``config.json``; a damaged or hand-edited one is one line naming the file (and the field)."""
+    from ..validation import validate
+
+    path = run_dir / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LungedgeError(f"{path} is damaged (invalid JSON: {exc}); the run cannot be resumed") from None
+    except OSError as exc:
+        raise LungedgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise LungedgeError(f"{path} is not a run configuration (a JSON object expected)")
+    validate("RunConfig", data, path)  # fields typed and in range: "epochs": "many" is named here, not as --epochs
+    return TrainConfig.from_dict(data)
 
 
 def check_device(device: str, framework: str) -> None:
