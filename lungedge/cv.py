@@ -118,7 +118,8 @@ def _evaluate_checkpoint(ckpt: Path, root: Path, items: list[dict], classes: lis
             raise LungedgeError(f"{ckpt} has classes {runner.classes}, the data set {classes}")
         x = runner.preprocessing.load_batch(paths)
         logits = np.concatenate([runner.infer(x[i:i + 32]) for i in range(0, len(x), 32)])
-    return {"pred": logits.argmax(1).tolist(), "probs": np.round(to_probabilities(logits, runner.output), 5).tolist()}
+    probs = to_probabilities(logits, runner.output, runner.temperature)
+    return {"pred": logits.argmax(1).tolist(), "probs": np.round(probs, 5).tolist()}
 
 
 def run_fold(model: str, root: Path, manifest: dict, fold_dir: Path, settings: dict, log) -> dict:

@@ -104,11 +104,11 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT) -> tu
             raise LungedgeError(f"{job.artifact.name} ({job.backend} {job.precision}): the model's output is NaN "
                                 f"or infinite on {bad} of {len(logits)} test images")
         pred = logits.argmax(1)
-        probs = to_probabilities(logits, runner.output)
+        probs = to_probabilities(logits, runner.output, runner.temperature)
         metrics = classification_metrics(y, pred, runner.classes, scores=probs)
         metrics["calibration"] = calibration(y, probs)
         row = {**job_row("eval", job, runner), "classes": runner.classes, "test_set": ts.where,
-               "metrics": metrics, "predictions": pred.tolist()}
+               "metrics": metrics, "predictions": pred.tolist(), "temperature": runner.temperature}
         # 95% intervals by bootstrap over the split's near-duplicate groups (issue #16)
         row["intervals"] = bootstrap_metrics(y, pred, ts.groups, runner.classes, n_boot=n_boot, scores=probs,
                                              probs=probs)

@@ -43,6 +43,7 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
                     p["overlay"] = f
         return {"artifact": str(artifact), "model": runner.info.architecture, "backend": runner.backend,
                 "device": runner.device, "precision": runner.variant, "classes": runner.classes,
+                "temperature": runner.temperature,
                 "predictions": preds, "unreadable": unreadable}
 
 

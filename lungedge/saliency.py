@@ -128,7 +128,7 @@ def explain(runner, paths, method: str = "auto", targets=None, batch: int = 16) 
     pixels = np.stack([prep.pixels(read_image(p, prep.size)) for p in paths])
     x = prep.normalize(pixels)
     logits = np.concatenate([runner.infer(x[i:i + batch]) for i in range(0, len(x), batch)])
-    probs = to_probabilities(logits, runner.output)
+    probs = to_probabilities(logits, runner.output, runner.temperature)
     pred = probs.argmax(1)
     tg = pred if targets is None else np.asarray(targets, int)
     use = "gradcam" if method == "gradcam" or (method == "auto" and torch_ok) else "occlusion"

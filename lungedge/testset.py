@@ -66,27 +66,29 @@ def split_of_run(checkpoint: str | Path) -> Path | None:
     return Path(split) if split and Path(split).is_file() else None
 
 
-def _from_manifest(manifest_path: str | Path, data: str | Path | None, limit: int | None) -> TestImages:
+def _from_manifest(manifest_path: str | Path, data: str | Path | None, limit: int | None,
+                   part: str = "test") -> TestImages:
     from .data.split import read_manifest
 
     manifest = read_manifest(manifest_path)
     root = Path(data) if data else Path(manifest["dataset"]["root"])
-    items = [it for it in manifest["items"] if it["split"] == "test"]
+    items = [it for it in manifest["items"] if it["split"] == part]
+    name = {"val": "validation"}.get(part, part)
     if not items:
-        raise LungedgeError(f"{manifest_path} has no test images")
+        raise LungedgeError(f"{manifest_path} has no {name} images")
     missing = [it["path"] for it in items if not (root / it["path"]).is_file()]
     if missing:
-        raise LungedgeError(f"{len(missing)} test images of {manifest_path} are missing under {root} "
+        raise LungedgeError(f"{len(missing)} {name} images of {manifest_path} are missing under {root} "
                             f"(first: {missing[0]}); pass --data DIR with the data set's folder")
     items = items[:limit] if limit else items
     from .io import sha256_file
 
     changed = [it["path"] for it in items if sha256_file(root / it["path"]) != it["sha256"]]
     if changed:  # as train and audit do: an image changed since the split is not evaluated silently
-        raise LungedgeError(f"{manifest_path}: {len(changed)} of {len(items)} test images changed since the split "
+        raise LungedgeError(f"{manifest_path}: {len(changed)} of {len(items)} {name} images changed since the split "
                             f"(first: {changed[0]}); re-run 'lungedge data split'")
     return TestImages([root / it["path"] for it in items], [it["label"] for it in items],
-                      f"{len(items)} test images of {manifest_path}",
+                      f"{len(items)} {name} images of {manifest_path}",
                       groups=[it.get("group", k) for k, it in enumerate(items)])
 
 
@@ -101,6 +103,11 @@ def _from_folder(data: str | Path, limit: int | None) -> TestImages:
     else:
         where = f"all {len(files)} images of {layout.root}"
     return TestImages([layout.root / f.path for f in files], [f.label for f in files], where)
+
+
+def load_validation_set(split: str | Path, data: str | Path | None = None) -> TestImages:
+    """The validation part of ``split`` (what training chose its best epoch on, never the test part)."""
+    return _from_manifest(split, data, None, part="val")
 
 
 def load_test_set(split: str | Path | None = None, data: str | Path | None = None,

@@ -28,6 +28,9 @@ def export_cmd(
     opset: int = typer.Option(17, help="ONNX opset."),
     uint8_input: bool = typer.Option(False, "--uint8-input", help="Every file takes the resized uint8 RGB pixels "
                                      "(N x H x W x 3) and normalises inside: preprocessing is decode + crop + resize."),
+    temperature: bool = typer.Option(True, "--temperature/--no-temperature",
+                                     help="Fit a temperature on the run's validation images so that the "
+                                     "probabilities say how often the model is right (predictions unchanged)."),
     engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
                                           help="Build the TensorRT engine (default: when TensorRT and a GPU are here)."),
     out: Path = typer.Option(Path("engines"), help="Output folder (files land in OUT/MODEL/)."),
@@ -68,7 +71,8 @@ def export_cmd(
                      options={"custom": custom, "input_size": input_size, "scale": scale, "mean": mean, "std": std,
                               "channels": channels, "layout": layout, "resize": resize, "output": output,
                               "transform_input": transform_input},
-                     max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100, uint8_input=uint8_input)
+                     max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100, uint8_input=uint8_input,
+                     temperature=temperature)
     typer.echo(f"wrote {', '.join(summary['files'].values())}")
     failed = failed_gates(summary)
     if gate and failed:

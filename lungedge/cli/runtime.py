@@ -190,8 +190,9 @@ def predict_cmd(
     if as_json:
         print_json(result)
         return
+    t = result.get("temperature", 1.0)
     typer.echo(f"{result['model']} via {result['backend']} {result['device']} {result['precision']} "
-               f"({result['artifact']})")
+               f"({result['artifact']})" + (f"; probabilities calibrated with temperature {t:.2f}" if t != 1 else ""))
     for p in result["predictions"]:
         probs = "  ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
         typer.echo(f"{p['image']}: {p['class']}  ({probs})" + (f"  -> {p['overlay']}" if p.get("overlay") else ""))

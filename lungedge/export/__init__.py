@@ -163,8 +163,11 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
            engine: bool | None = None, out="engines", runs="runs", calibration="calibration",
            classes: str | None = None, data=None, trust_pickle: bool = False, log=print,
            options: dict | None = None, max_bacc_drop: float = stats.MAX_BACC_DROP,
-           max_sens_drop: float = stats.MAX_SENS_DROP, uint8_input: bool = False) -> dict:
+           max_sens_drop: float = stats.MAX_SENS_DROP, uint8_input: bool = False, temperature: bool = True) -> dict:
     """Export MODEL; returns the summary that is also written as ``<model>.export.json``.
+
+    ``temperature``: fit one on the run's validation images and stamp it on every file
+    (:mod:`lungedge.temperature`; nothing is fitted without validation images).
 
     ``options``: declared facts for the source kinds (``Request.options``: --custom, preprocessing, output).
     With FP16/INT8 and labelled test images, ``summary["gate"]`` holds each precision's release gate
@@ -197,7 +200,8 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         test = evaluation_set(source, data, log=log) if (fp16 or int8) else None
         check = test.head(PARITY_IMAGES) if test is not None else evaluation_set(source, data, PARITY_IMAGES, log=log)
         _check_fp32(source, fp32, base, check, summary, shown)
-        _release_source(source)  # the framework's model is not run again: free it before calibrating (#14)
+        if temperature:
+            _fit_temperature(source, fp32, data, summary, shown)  # the framework's model is not run again: free it before calibrating (#14)
         variants = [precision.write_fp16(fp32, base, source)] if fp16 else []
         if int8:
             cal = precision.calibration(source, calib_data, calib_size, Path(calibration), calib_method)
@@ -217,6 +221,39 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
     if summary["engines"]:
         write_json(final / f"{source.architecture}.export.json", summary)
     return summary
+
+
+def _fit_temperature(source: Source, fp32: Path, data, summary: dict, log) -> None:
+    """Temperature scaling on the run's validation part with the FP32 ONNX; the FP32 file is stamped
+    again and every later file inherits it through ``source.temperature``. Said in a note where it
+    cannot be fitted (no run split, too few validation images)."""
+    from .. import temperature as temp
+    from ..testset import load_validation_set
+
+    if source.split_path is None:
+        log("note: probabilities not temperature-scaled: no validation images known (a run's split has them)")
+        return
+    try:
+        val = load_validation_set(source.split_path, data)
+    except LungedgeError as exc:
+        log(f"note: probabilities not temperature-scaled ({exc})")
+        return
+    if len(val.paths) < temp.MIN_IMAGES:
+        log(f"note: probabilities not temperature-scaled: {val.where} are fewer than {temp.MIN_IMAGES}")
+        return
+    labels = val.label_indices(source.classes)
+    if labels is None:
+        log(f"note: probabilities not temperature-scaled: the labels of {val.where} are not the model's classes")
+        return
+    scores = _scores(compare.run_onnx(fp32, val.inputs(source.preprocessing)), source)
+    fit = temp.fit(scores, labels, "logits" if source.output == "logits" else "probabilities")
+    fit["fitted_on"] = val.where
+    source.temperature = fit
+    metadata.restamp(fp32, source, "fp32")
+    summary["temperature"] = fit
+    log(f"temperature {fit['value']:.3f} fitted on {val.where}: their negative log-likelihood "
+        f"{fit['nll_before']:.3f} -> {fit['nll_after']:.3f}" + (" (at the search bound)" if fit["at_bound"] else "")
+        + "; predictions unchanged")
 
 
 def _release_source(source: Source) -> None:

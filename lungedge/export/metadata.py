@@ -12,6 +12,8 @@ from .source import Source
 def metadata(source: Source, precision: str, **extra) -> dict:
     if source.converter:
         extra = {"converter": source.converter, **extra}
+    if source.temperature:
+        extra = {"temperature": source.temperature, **extra}
     return onnx_meta.make_metadata(source.architecture, source.framework, source.classes, source.preprocessing,
                                    precision, source.sha256, build=source.build, output=source.output, **extra)
 

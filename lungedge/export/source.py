@@ -46,6 +46,7 @@ class Source:
     output: str = "logits"  # logits | probabilities | sigmoid (ONNX metadata "output"; runners.base.OUTPUT_KINDS)
     keep: int | None = None  # more outputs than classes: the first ``keep`` are labelled (run_source, source_to_onnx)
     converter: str = ""  # which converter wrote the ONNX where a kind has several (ONNX metadata extra.converter)
+    temperature: dict | None = None  # fitted at export on the run's validation images (lungedge.temperature)
 
 
 class UnfinishedRun(LungedgeError):

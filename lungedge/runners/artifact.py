@@ -32,6 +32,7 @@ class ArtifactInfo:
     variant: str = ""  # e.g. "int8-cpu" (U8S8 for ONNX Runtime CPU) or "int8" (S8S8 for TensorRT)
     extra: dict = field(default_factory=dict)
     output: str = "logits"  # logits | probabilities | sigmoid (runners.base.OUTPUT_KINDS)
+    temperature: float = 1.0  # divides the logits before the softmax (fitted at export; lungedge.temperature)
 
     @property
     def fixed_precision(self) -> bool:
@@ -61,6 +62,16 @@ def _onnx_variant(meta: dict) -> str:
     return precision
 
 
+def _temperature(meta: dict, path: Path) -> float:
+    """The temperature an exported file carries (``extra.temperature.value``), 1 where none was fitted."""
+    t = (meta.get("extra") or {}).get("temperature")
+    if t is None:
+        return 1.0
+    from ..temperature import check
+
+    return check(t.get("value") if isinstance(t, dict) else t, f"{path}: metadata extra.temperature")
+
+
 def _checkpoint(path: Path) -> ArtifactInfo:
     from ..models.checkpoint import read_meta
     from ..models.sniff import check_model_file
@@ -87,7 +98,8 @@ def _onnx(path: Path) -> ArtifactInfo:
     m = onnx_meta.read(path)
     return ArtifactInfo(path, "onnx", m["architecture"], m.get("framework", "?"), list(m["classes"]),
                         m["preprocessing"], m.get("precision", "fp32"), m.get("source_sha256"),
-                        _onnx_variant(m), dict(m.get("extra") or {}), m.get("output", "logits"))
+                        _onnx_variant(m), dict(m.get("extra") or {}), m.get("output", "logits"),
+                        _temperature(m, path))
 
 
 def _engine(path: Path) -> ArtifactInfo:
@@ -101,7 +113,8 @@ def _engine(path: Path) -> ArtifactInfo:
     m = onnx_meta.read(onnx_path)
     return ArtifactInfo(path, "engine", m["architecture"], m.get("framework", "?"), list(m["classes"]),
                         m["preprocessing"], side["precision"], m.get("source_sha256"), side["precision"],
-                        {"sidecar": side, "max_batch": side.get("max_batch")}, m.get("output", "logits"))
+                        {"sidecar": side, "max_batch": side.get("max_batch")}, m.get("output", "logits"),
+                        _temperature(m, onnx_path))
 
 
 _READERS = {"checkpoint": _checkpoint, "onnx": _onnx, "engine": _engine}

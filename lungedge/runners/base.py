@@ -53,12 +53,18 @@ def class_scores(out: np.ndarray, kind: str, n_classes: int, who: str = "model")
     return out
 
 
-def to_probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
+def to_probabilities(scores: np.ndarray, kind: str, temperature: float = 1.0) -> np.ndarray:
     """Class probabilities from :func:`class_scores` (what ``Runner.infer`` returns): softmax of
-    logits, applied once; probabilities (softmax or sigmoid heads) are already that."""
+    logits, applied once; probabilities (softmax or sigmoid heads) are already that. A
+    ``temperature`` other than 1 (fitted at export, :mod:`lungedge.temperature`) divides the logits
+    (or the log-probabilities) first: the same predictions, honest confidence."""
     from ..errors import check_choice
 
     check_choice(kind, OUTPUT_KINDS, "output kind")
+    if temperature != 1.0:
+        from ..temperature import scaled_log_probs
+
+        return np.exp(scaled_log_probs(scores, kind, temperature))
     if kind == "logits":
         from ..metrics import softmax
 
@@ -125,6 +131,11 @@ class Runner:
         return getattr(self.info, "output", "logits") or "logits"
 
     @property
+    def temperature(self) -> float:
+        """What the logits are divided by before the softmax (1: none; :mod:`lungedge.temperature`)."""
+        return getattr(self.info, "temperature", 1.0)
+
+    @property
     def variant(self) -> str:
         return self.info.variant if self.info.fixed_precision else self.precision
 
@@ -179,7 +190,7 @@ class Runner:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N x classes): :func:`to_probabilities` of :meth:`infer`."""
-        return to_probabilities(self.infer(batch), self.output)
+        return to_probabilities(self.infer(batch), self.output, self.temperature)
 
     def __enter__(self):
         try:
