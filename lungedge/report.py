@@ -266,13 +266,15 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
     return atomic_write_png(path, fig)
 
 
-CAL_COLUMNS = ("machine", "model", "backend", "precision", "images", "top-1 accuracy", "mean confidence",
-               "confidence − accuracy", "ECE [95% CI]", "Brier [95% CI]", "results file")
+CAL_COLUMNS = ("machine", "model", "backend", "precision", "temperature", "images", "top-1 accuracy",
+               "mean confidence", "confidence − accuracy", "ECE [95% CI]", "Brier [95% CI]", "results file")
 CAL_NOTE = ("Whether a probability means what it says: of the images a well-calibrated model calls at 90 %, "
             "90 % are right. ECE: top-label expected calibration error over 10 equal-width confidence bins "
             "(0 is perfect; on a small test set it is biased upward, so its interval can sit above it). "
             "Brier: mean over images of the sum over classes of (p − y)² (0 perfect, 2 worst). "
-            "Confidence above accuracy is over-confidence. Intervals: bootstrap over near-duplicate groups. "
+            "Confidence above accuracy is over-confidence. Temperature: what export fitted on the validation "
+            "images to divide the logits by (1: none; a checkpoint has none). "
+            "Intervals: bootstrap over near-duplicate groups. "
             "In the diagram each point is one confidence bin (its size: the number of images); on the "
             "diagonal, confidence equals accuracy.")
 
@@ -288,7 +290,8 @@ def calibration_table(rows) -> list[list[str]]:
     out = []
     for r in _calibrated(rows):
         cal, ci = r["metrics"]["calibration"], r.get("intervals") or {}
-        out.append([r["machine"], r["model"], r["backend"], r["variant"], _s(r["metrics"].get("n")),
+        out.append([r["machine"], r["model"], r["backend"], r["variant"], f"{r.get('temperature', 1.0):.2f}",
+                    _s(r["metrics"].get("n")),
                     f"{cal['top1_accuracy']:.3f}", f"{cal['mean_confidence']:.3f}",
                     f"{cal['mean_confidence'] - cal['top1_accuracy']:+.3f}", pm(cal["ece"], ci.get("ece")),
                     pm(cal["brier"], ci.get("brier")), r["_file"]])

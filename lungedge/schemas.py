@@ -314,6 +314,7 @@ class EvalRow(_Row):
     kind: Literal["eval"]
     classes: list[str] = Field(min_length=1)
     metrics: EvalMetrics
+    temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # rows before temperature scaling: 1
 
     @model_validator(mode="after")
     def _matrix_matches(self):

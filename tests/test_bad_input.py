@@ -402,6 +402,8 @@ def _tampered(src: Path, dst: Path, **props) -> Path:
      r"metadata: preprocessing\.size: input size 100000 is outside 8\.\.2048"),
     ({"classes": json.dumps(["a", "a", "b"])}, r"metadata: classes: .*class names repeat"),
     ({"precision": "fp8"}, r"metadata: precision: Input should be 'fp32', 'fp16' or 'int8'"),
+    ({"extra": json.dumps({"temperature": {"value": -1}})},
+     r"metadata extra\.temperature: temperature -1 is not a finite number above 0"),
 ])
 def test_onnx_with_bad_metadata_is_one_line(exported, tmp_path, capsys, props, pattern):
     onnx_file = _tampered(exported["onnx"], tmp_path / "smallcnn.fp32.onnx", **props)

@@ -110,7 +110,7 @@ def test_calibration_section_lists_each_measured_row_and_draws_its_diagram(two_m
     assert len(lines) == 1  # the two rows written before calibration was measured are not made up
     ece = row["metrics"]["calibration"]["ece"]  # |1 - 0.9| + |0 - 0.6| + |1 - 0.7| + |1 - 0.8|, over 4
     assert ece == pytest.approx(0.3)
-    assert "| googlenet | onnxruntime | fp16 | 4 | 0.750 | 0.750 | +0.000 | 0.300 [" in lines[0]
+    assert "| googlenet | onnxruntime | fp16 | 1.00 | 4 | 0.750 | 0.750 | +0.000 | 0.300 [" in lines[0]
     assert (out / "reliability.png").stat().st_size > 1000 and "![reliability diagrams](reliability.png)" in md
 
 
