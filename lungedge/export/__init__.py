@@ -200,8 +200,9 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         test = evaluation_set(source, data, log=log) if (fp16 or int8) else None
         check = test.head(PARITY_IMAGES) if test is not None else evaluation_set(source, data, PARITY_IMAGES, log=log)
         _check_fp32(source, fp32, base, check, summary, shown)
+        _release_source(source)  # the framework's model is not run again: free it before calibrating (#14)
         if temperature:
-            _fit_temperature(source, fp32, data, summary, shown)  # the framework's model is not run again: free it before calibrating (#14)
+            _fit_temperature(source, fp32, data, summary, shown)
         variants = [precision.write_fp16(fp32, base, source)] if fp16 else []
         if int8:
             cal = precision.calibration(source, calib_data, calib_size, Path(calibration), calib_method)
