@@ -11,8 +11,8 @@ import os
 import platform
 from functools import lru_cache
 
-LIBRARIES = ("lungedge", "numpy", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu",
-             "tensorflow", "tensorflow-cpu", "keras", "tensorrt", "scikit-learn")
+LIBRARIES = ("lungedge", "numpy", "torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
+             "nncf", "tensorflow", "tensorflow-cpu", "keras", "tensorrt", "scikit-learn")
 
 
 def _safe(fn, default=None):

@@ -591,6 +591,8 @@ def to_int8_nncf(onnx_in: str | Path, onnx_out: str | Path, batches, size: int) 
     import nncf
 
     nncf.set_log_level(logging.ERROR)
+    # NNCF imports torch's C++ extension helper, which warns "No CUDA runtime is found" on every CPU machine
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     out = Path(onnx_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

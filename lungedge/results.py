@@ -14,11 +14,16 @@ FORMAT = "lungedge-result/1"
 
 
 def job_row(kind: str, job, runner) -> dict:
-    """The fields every row has: what ran (model, backend, device, precision, file) and where it came from."""
-    return {"format": FORMAT, "kind": kind, "model": job.model, "backend": runner.backend,
-            "source_framework": runner.info.framework, "device": runner.device, "precision": job.precision,
-            "variant": runner.variant, "artifact": str(job.artifact), "artifact_sha256": sha256_file(job.artifact),
-            "source_sha256": runner.info.source_sha256}
+    """The fields every row has: what ran (model, backend, device, precision, file), where it came from and,
+    where the runner says, how its runtime was set up (``runtime``: e.g. the precision OpenVINO computed in)."""
+    row = {"format": FORMAT, "kind": kind, "model": job.model, "backend": runner.backend,
+           "source_framework": runner.info.framework, "device": runner.device, "precision": job.precision,
+           "variant": runner.variant, "artifact": str(job.artifact), "artifact_sha256": sha256_file(job.artifact),
+           "source_sha256": runner.info.source_sha256}
+    facts = runner.runtime_facts()
+    if facts:
+        row["runtime"] = facts
+    return row
 
 
 def write_rows(rows: list[dict], out, kind: str) -> Path:

@@ -192,3 +192,21 @@ def test_int8_ov_is_nncf_placement_from_the_calibration_images(files):
     assert onnx.load(str(again)).graph == onnx.load(str(files["int8-ov"])).graph
     with pytest.raises(LungedgeError, match="NNCF could not quantize"):  # one line, not NNCF's traceback
         quantize.to_int8_nncf(files["fp32"], files["int8-ov"].with_name("none.onnx"), lambda: iter([]), 1)
+
+
+def test_rows_record_the_precision_openvino_computed_in_and_its_version(files, tmp_path, capsys):
+    """A bench row says what OpenVINO ran (inference precision, hints, streams) and which OpenVINO it was."""
+    import json
+
+    from conftest import run_cli
+
+    precisions = "fp32,bf16" if discover.cpu_computes_bf16() else "fp32"
+    code, _, err = run_cli(["bench", files["fp32"], "--backend", "openvino", "--precision", precisions,
+                            "--batch-sizes", "1", "--iters", 2, "--warmup", 1, "--no-preprocessing", "--threads", 1,
+                            "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for f in (tmp_path / "r").glob("bench-*.jsonl") for line in f.read_text().splitlines()]
+    assert {r["variant"] for r in rows} == set(precisions.split(","))
+    for r in rows:
+        assert r["runtime"]["inference_precision"] == {"fp32": "f32", "bf16": "bf16"}[r["variant"]]
+        assert r["runtime"]["openvino"] and r["provenance"]["libraries"]["openvino"]

@@ -169,6 +169,11 @@ class Runner:
     def threads_used(self):
         return self.threads
 
+    def runtime_facts(self) -> dict:
+        """How the loaded runtime was set up, for every row it produces (e.g. OpenVINO's inference
+        precision, hints, streams, cache dir and version); default none."""
+        return {}
+
     def timing_facts(self, batch: int, iters: int) -> dict:
         """Extra fields for a bench row at this batch size, asked after its timing (e.g. the forward
         alone timed on the device, without the copies); default none."""

@@ -127,6 +127,9 @@ class OpenVinoRunner(Runner):
         n = self._property("INFERENCE_NUM_THREADS") if getattr(self, "model", None) is not None else None
         return int(n) if n else (self.threads or "default")
 
+    def runtime_facts(self) -> dict:
+        return self.describe()
+
     def describe(self) -> dict:
         if getattr(self, "model", None) is None:
             return {}
