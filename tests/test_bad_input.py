@@ -151,6 +151,28 @@ def test_split_skips_unreadable_files(messy_data, tmp_path, capsys):
     assert {s["path"] for s in manifest["skipped"]} == {"a/loop.png", "a/dangling.png", "b/bomb.png", "b/empty.png"}
 
 
+def memory_limit(nbytes: int = 3 << 30):
+    """preexec_fn for subprocess: at most ``nbytes`` of address space (reading /dev/zero to the end fails fast)."""
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+
+    return apply
+
+
+def test_fifo_and_device_named_like_images_are_not_read(tmp_path):
+    data = write_dataset(tmp_path / "data", ["a", "b"], per_class=2, size=24)
+    os.mkfifo(data / "a" / "fifo.png")  # opening it would wait for a writer forever
+    (data / "b" / "zero.png").symlink_to("/dev/zero")  # reading it never ends
+    proc = cli(["data", "inspect", data, "--json", "--no-shortcuts"], timeout=60, preexec_fn=memory_limit())
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout)
+    assert {u["path"]: u["reason"] for u in report["unreadable"]} == {"a/fifo.png": "not a regular file",
+                                                                      "b/zero.png": "not a regular file"}
+    assert report["identical"] == [] and report["readable_counts"] == {"a": 2, "b": 2}
+
+
 def test_pixel_limit_is_configurable(tmp_path, capsys, monkeypatch):
     data = write_dataset(tmp_path / "data", ["a", "b"], per_class=2, size=24)
     monkeypatch.setenv("LUNGEDGE_MAX_PIXELS", str(20 * 20))
@@ -347,6 +369,12 @@ def test_predict_lists_a_decompression_bomb_as_unreadable(exported, tmp_path, ca
     assert res["unreadable"][0]["image"] == str(bomb) and "image too large" in res["unreadable"][0]["reason"]
     code, _, err = run_cli(["predict", exported["onnx"], bomb], capsys)
     one_error(code, err, match="none of the 1 images could be read .*image too large")
+
+
+def test_predict_on_a_fifo_is_one_line(exported, tmp_path):
+    os.mkfifo(tmp_path / "fifo.png")
+    proc = cli(["predict", exported["onnx"], tmp_path / "fifo.png"], timeout=120)
+    one_error(proc.returncode, proc.stderr, match=r"none of the 1 images could be read \(first: not a regular file\)")
 
 
 @pytest.mark.parametrize("seconds", ["nan", "inf", "-1", "1e9"])
