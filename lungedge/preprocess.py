@@ -111,6 +111,13 @@ def to_gray_or_rgb(img):
     return to_rgb(img)
 
 
+def to_gray(img):
+    """8-bit "L" of any image, 16-bit stretched as :func:`to_rgb` does: the intensities a one-channel model sees
+    (``convert("L")`` alone clips 16-bit pixels, and a CT slice turns all white)."""
+    img = to_gray_or_rgb(img)
+    return img if img.mode == "L" else img.convert("L")
+
+
 def to_rgb(img):
     """Any PIL mode -> 8-bit RGB; grayscale is replicated to three channels."""
     if img.mode == "RGB":

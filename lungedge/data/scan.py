@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import check_pixels, is_regular_file, pillow
+from ..preprocess import check_pixels, is_regular_file, pillow, to_gray
 from ..limits import too_large
 
 THUMB = 64  # side of the grayscale thumbnail kept for near-duplicate search
@@ -53,7 +53,7 @@ def scan_file(root: Path, path: str, label: str, thumb: bool = True) -> ScannedI
                 img.draft("L", (THUMB * 2, THUMB * 2))  # JPEG: decode at reduced scale, still to the end
             img.load()
             if thumb:
-                rec.thumb = np.asarray(img.convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
+                rec.thumb = np.asarray(to_gray(img).resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
     except UnidentifiedImageError:
         rec.error = "not an image file"
     except Image.DecompressionBombError:
