@@ -377,6 +377,39 @@ def test_predict_on_a_fifo_is_one_line(exported, tmp_path):
     one_error(proc.returncode, proc.stderr, match=r"none of the 1 images could be read \(first: not a regular file\)")
 
 
+@pytest.fixture
+def odd_names(exported, tmp_path):
+    """An image under a name with a newline and one under a name that is not UTF-8."""
+    good = next((exported["data"] / "benign").glob("*.png")).read_bytes()
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "new\nline.png").write_bytes(good)
+    Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")).write_bytes(good)
+    return [folder / "new\nline.png", Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"))]
+
+
+def test_odd_file_names_are_printed_escaped_one_line_each(exported, odd_names, capsys):
+    code, out, err = run_cli(["predict", exported["onnx"], *odd_names], capsys)
+    assert code == 0, err
+    lines = out.splitlines()[1:]
+    assert len(lines) == 2 and lines[0].startswith(repr(str(odd_names[0])) + ": ")
+    assert lines[1].startswith(repr(str(odd_names[1])) + ": ") and "\\udce9" in lines[1]
+    data = write_dataset(odd_names[0].parent.parent / "data", ["a", "b"], per_class=2, size=24)
+    (data / "a" / "new\nline.png").write_bytes((data / "a" / "img000_0.png").read_bytes())
+    (data / "b" / "bad\rname.png").write_bytes(b"not an image")
+    code, out, err = run_cli(["data", "inspect", data, "--no-shortcuts"], capsys)
+    assert code == 0, err
+    assert "  a/img000_0.png  ==  'a/new\\nline.png'\n" in out and "  'b/bad\\rname.png': not an image file\n" in out
+
+
+def test_predict_json_is_valid_utf8_whatever_the_file_names(exported, odd_names):
+    proc = subprocess.run([sys.executable, "-m", "lungedge", "predict", exported["onnx"], *odd_names, "--json"],
+                          capture_output=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.decode("utf-8"))  # strict: undecodable bytes would fail here
+    assert [os.fsencode(p["image"]) for p in result["predictions"]] == [os.fsencode(p) for p in odd_names]
+
+
 @pytest.mark.parametrize("seconds", ["nan", "inf", "-1", "1e9"])
 def test_bench_seconds_must_be_finite_and_bounded(exported, capsys, seconds):
     code, _, err = run_cli(["bench", exported["onnx"], "--seconds", seconds, "--out", exported["base"] / "res"], capsys)

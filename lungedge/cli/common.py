@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import typer
@@ -23,7 +24,17 @@ app = typer.Typer(
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    """``obj`` as JSON on stdout, always valid UTF-8: the undecodable bytes of a file name (lone surrogates,
+    Python's ``surrogateescape``) are written as ``\\udcXX`` escapes, other characters as they are."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    sys.stdout.write(re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
+
+
+def display_name(name) -> str:
+    """A file name for one line of human output: as it is, or quoted with escapes (``'new\\nline.png'``) when
+    it holds a control character (a newline would break the line in two) or bytes that are not UTF-8."""
+    name = str(name)
+    return name if name.isprintable() else repr(name)
 
 
 def print_result(result, json_out: bool, line: str) -> None:
