@@ -62,10 +62,23 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def not_a_folder(path: str | os.PathLike) -> Path | None:
+    """The file in the way where a folder must be: the nearest of ``path`` and its parents that exists,
+    unless that is a folder (then None)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def write_error(path, exc: OSError, what: str = "cannot write") -> WriteError:
     """The one line for a failed write: ``cannot write PATH: No space left on device``."""
     if isinstance(exc, IsADirectoryError) or (exc.errno == errno.EISDIR):
         return WriteError(f"{what} {path}: it is an existing folder; give a file path")
+    blocker = not_a_folder(path) if exc.errno in (errno.EEXIST, errno.ENOTDIR) else None
+    if blocker is not None:  # a file where a folder must be: mkdir says "File exists", open "Not a directory"
+        return WriteError(f"{blocker} exists and is not a folder" if blocker == Path(path)
+                          else f"{what} {path}: {blocker} exists and is not a folder")
     return WriteError(f"{what} {path}: {_reason(exc)}")
 
 

@@ -446,6 +446,34 @@ def test_table_printed_before_a_failed_write(exported, tmp_path, command, failur
     assert not list(tmp_path.rglob("*.jsonl"))
 
 
+@pytest.mark.parametrize("command", ["predict", "bundle extract", "data split", "eval", "report"])
+@pytest.mark.parametrize("below", [False, True])
+def test_a_file_where_an_output_folder_must_be(exported, tmp_path, capsys, command, below):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    out = afile / "sub" if below else afile
+    image = next((exported["data"] / "benign").glob("*.png"))
+    if command == "predict":
+        args = ["predict", exported["onnx"], image, "--explain", out]
+    elif command == "bundle extract":
+        bundle = tmp_path / "sc.tar.gz"
+        assert run_cli(["bundle", "create", "smallcnn", "--engines", exported["engines"], "--out", bundle,
+                        "--results", tmp_path / "none"], capsys)[0] == 0
+        args = ["bundle", "extract", bundle, "--to", out]
+    elif command == "data split":
+        args = ["data", "split", exported["data"], "--out", out / "s.json", "--group-by", "none"]
+    elif command == "eval":
+        args = ["eval", exported["onnx"], "--split", exported["split"], "--bootstrap", "100", "--out", out]
+    else:
+        results = tmp_path / "results"
+        assert run_cli(["eval", exported["onnx"], "--split", exported["split"], "--bootstrap", "100",
+                        "--out", results], capsys)[0] == 0
+        args = ["report", "--results", results, "--out", out]
+    code, _, err = run_cli(args, capsys)
+    one_error(code, err, match=rf"{re.escape(str(afile))} exists and is not a folder$")
+    assert afile.read_text() == "mine"
+
+
 def _nan_output(src: Path, dst: Path, foreign: bool = False) -> Path:
     """The exported ONNX with its output multiplied by NaN: a model broken in one layer (``foreign``:
     without lungedge's metadata, as another tool would write it)."""

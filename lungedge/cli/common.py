@@ -142,10 +142,17 @@ def main(argv: list[str] | None = None) -> int:
 def _known_os_error(exc: BaseException) -> str | None:
     """One line for an environment failure that no command anticipated (full disk, read-only folder, ...)."""
     import errno
+    import os
 
     if not isinstance(exc, OSError) or exc.errno is None:
         return None
     where = exc.filename if exc.filename is not None else None
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(where, (str, bytes)):
+        from ..io import not_a_folder
+
+        blocker = not_a_folder(os.fsdecode(where))  # a file given where a folder must be (--explain, --to, ...)
+        if blocker is not None:
+            return one_line(f"{blocker} exists and is not a folder")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ELOOP,
                      errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE):
         return one_line(f"{exc.strerror}: {where}" if where is not None else exc.strerror or str(exc))
