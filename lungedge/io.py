@@ -376,9 +376,11 @@ def staged_folder(final: str | os.PathLike, command: str | None = None,
                 replace_folder(stage, final)
             except OSError as exc:
                 raise write_error(final, exc, "cannot move the finished set into") from None
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(stage, ignore_errors=True)
             note_kept(f"{final}: unchanged" if final.exists() else f"{final}: nothing written")
+            if isinstance(exc, WriteError) and str(stage) in str(exc):  # name the file where it was going
+                raise WriteError(str(exc).replace(str(stage), str(final))) from None
             raise
     finally:
         if guard:

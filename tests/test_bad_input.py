@@ -474,6 +474,31 @@ def test_a_file_where_an_output_folder_must_be(exported, tmp_path, capsys, comma
     assert afile.read_text() == "mine"
 
 
+@pytest.mark.parametrize("failure", ["read-only", "full disk"])
+def test_bundle_write_error_names_the_bundle(exported, tmp_path, failure):
+    kw = {}
+    if failure == "read-only":
+        out = unwritable_folder(tmp_path) / "sc.tar.gz"
+    else:
+        out, kw = tmp_path / "sc.tar.gz", {"preexec_fn": small_file_limit(1024)}
+        out.write_bytes(b"the previous bundle")
+    proc = cli(["bundle", "create", "smallcnn", "--engines", exported["engines"], "--out", out,
+                "--results", tmp_path / "none"], **kw)
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(out))}: ")
+    assert ".tmp" not in proc.stderr and not list(out.parent.glob(".*.tmp"))
+    if failure == "full disk":
+        assert out.read_bytes() == b"the previous bundle"
+
+
+def test_export_write_error_names_the_file_not_the_staging_folder(exported, tmp_path):
+    out = tmp_path / "engines"
+    proc = cli(["export", "smallcnn", "--runs", exported["runs"], "--out", out, "--no-engine"],
+               preexec_fn=small_file_limit(1024))
+    target = out / "smallcnn" / "smallcnn.fp32.onnx"
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(target))}: ")
+    assert "staging" not in proc.stderr and not (out / "smallcnn").exists()
+
+
 def _nan_output(src: Path, dst: Path, foreign: bool = False) -> Path:
     """The exported ONNX with its output multiplied by NaN: a model broken in one layer (``foreign``:
     without lungedge's metadata, as another tool would write it)."""
