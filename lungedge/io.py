@@ -49,13 +49,14 @@ def note_kept(note: str) -> None:
         KEPT.append(note)
 
 
-def _file_mode() -> int:
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_FILE_MODE = _file_mode()
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+_DIR_MODE = 0o777 & ~_umask()  # what mkdir would give a new folder
 
 
 def _reason(exc: OSError) -> str:
@@ -366,6 +367,7 @@ def staged_folder(final: str | os.PathLike, command: str | None = None,
         clean_stale(final)
         try:
             stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+            os.chmod(stage, _DIR_MODE)  # mkdtemp makes 0700; the set gets the usual permissions
         except OSError as exc:
             raise write_error(final.parent, exc) from None
         try:
