@@ -41,6 +41,8 @@ def one_error(code: int, err: str, match: str | None = None, exit_code: int = 2)
 def cli(args, **kw) -> subprocess.CompletedProcess:
     """The real console script in a fresh process (for signals, limits and concurrency)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
+    if "preexec_fn" in kw:  # under a file-size limit a .pyc compiled on the way would be left truncated
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     return subprocess.run([sys.executable, "-m", "lungedge", *map(str, args)], capture_output=True, text=True,
                           cwd=kw.pop("cwd", ROOT), env=env, timeout=kw.pop("timeout", 300), **kw)
 
@@ -408,6 +410,34 @@ def test_predict_json_is_valid_utf8_whatever_the_file_names(exported, odd_names)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.decode("utf-8"))  # strict: undecodable bytes would fail here
     assert [os.fsencode(p["image"]) for p in result["predictions"]] == [os.fsencode(p) for p in odd_names]
+
+
+@pytest.fixture
+def same_names(exported, tmp_path):
+    """Three different images, each named img05.png, in three folders."""
+    sources = sorted((exported["data"] / "benign").glob("*.png"))[:3]
+    images = []
+    for folder, src in zip("abc", sources):
+        (tmp_path / folder).mkdir()
+        images.append(tmp_path / folder / "img05.png")
+        images[-1].write_bytes(src.read_bytes())
+    return images
+
+
+def test_explain_keeps_one_overlay_per_image_when_names_repeat(exported, same_names, tmp_path, capsys):
+    code, out, err = run_cli(["predict", exported["onnx"], *same_names, "--explain", tmp_path / "maps", "--json"],
+                             capsys)
+    assert code == 0, err
+    overlays = [p["overlay"] for p in json.loads(out)["predictions"]]
+    assert len(set(overlays)) == 3 and sorted(map(str, (tmp_path / "maps").iterdir())) == sorted(overlays)
+    assert len({Path(f).read_bytes() for f in overlays}) == 3  # none overwrote another
+
+
+def test_explain_on_a_full_disk_names_the_overlay_and_leaves_no_partial_file(exported, same_names, tmp_path):
+    maps = tmp_path / "maps"
+    proc = cli(["predict", exported["onnx"], *same_names, "--explain", maps], preexec_fn=small_file_limit(200))
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(maps))}/img05\.\w+\.occlusion\.png: ")
+    assert list(maps.iterdir()) == []
 
 
 @pytest.mark.parametrize("seconds", ["nan", "inf", "-1", "1e9"])
