@@ -529,6 +529,23 @@ def test_export_write_error_names_the_file_not_the_staging_folder(exported, tmp_
     assert "staging" not in proc.stderr and not (out / "smallcnn").exists()
 
 
+def test_eval_of_a_folder_skips_unreadable_images_with_a_note(exported, tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", CLASSES, per_class=2, size=SIZE, colour=True)
+    (data / "benign" / "zero.png").write_bytes(b"")
+    (data / "normal" / "text.png").write_text("not an image")
+    code, _, err = run_cli(["eval", exported["onnx"], "--data", data, "--bootstrap", "100", "--out",
+                            tmp_path / "results"], capsys)
+    assert code == 0, err
+    assert f"skipped {data / 'benign' / 'zero.png'}: not an image file" in err.splitlines()
+    assert f"skipped {data / 'normal' / 'text.png'}: not an image file" in err.splitlines()
+    row = json.loads(next((tmp_path / "results").glob("eval-*.jsonl")).read_text().splitlines()[0])
+    assert len(row["images"]) == len(row["labels"]) == 6 and "2 unreadable skipped" in row["test_set"]
+    for f in data.rglob("img*.png"):
+        f.write_bytes(b"")
+    code, _, err = run_cli(["eval", exported["onnx"], "--data", data, "--out", tmp_path / "results"], capsys)
+    one_error(code, err, match=r"none of the test images could be read \(all 8 images of .*; first: .*not an image")
+
+
 def _nan_output(src: Path, dst: Path, foreign: bool = False) -> Path:
     """The exported ONNX with its output multiplied by NaN: a model broken in one layer (``foreign``:
     without lungedge's metadata, as another tool would write it)."""
