@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from . import __version__, onnx_meta
 from .errors import LungedgeError, check_choice
-from .io import dumps_json, sha256_file
+from .io import dumps_json, sha256_file, write_error
 
 FORMAT = "lungedge-bundle/1"
 # what --precision names: the ONNX variants (onnx_meta.VARIANTS), int8 = S8S8 for TensorRT, int8-cpu = U8S8
@@ -282,8 +282,11 @@ def _checksums(members: dict, facts: dict) -> tuple[bytes, bytes]:
 def _write_archive(out: Path, name: str, members: dict) -> None:
     """A deterministic .tar.gz (fixed mtimes, owners, modes, order), written atomically."""
     mtime = max(int(p.stat().st_mtime) for p in members.values() if isinstance(p, Path))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:  # read-only folder, a file where the folder must be: the error names OUT
+        raise write_error(out, exc) from None
     dirs = {str(p) for arc in members for p in PurePosixPath(arc).parents} - {"."}
     try:
         with os.fdopen(fd, "wb") as raw:
@@ -300,6 +303,11 @@ def _write_archive(out: Path, name: str, members: dict) -> None:
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename in (None, tmp):  # writing failed (full disk: no file named), not reading a member
+            raise write_error(out, exc) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

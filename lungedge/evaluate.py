@@ -97,8 +97,9 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT) -> tu
         if unknown:
             raise LungedgeError(f"test labels {', '.join(unknown)} are not classes of {job.artifact.name} "
                                 f"({', '.join(runner.classes)})")
+        x = ts.inputs(runner.preprocessing)  # unreadable images leave the set here: labels after
         y = np.array([runner.classes.index(lbl) for lbl in ts.labels])
-        logits = runner_logits(runner, ts.inputs(runner.preprocessing), BATCH)
+        logits = runner_logits(runner, x, BATCH)
         bad = int((~np.isfinite(logits)).any(axis=1).sum())
         if bad:
             raise LungedgeError(f"{job.artifact.name} ({job.backend} {job.precision}): the model's output is NaN "
@@ -137,7 +138,10 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
     for job in sorted(jobs, key=lambda j: (j.precision != "fp32",)):
         ts = load_test_set(job.model, job.artifact, data, split, runs)
         ts = sets.setdefault(ts.where, ts)  # images are loaded once per test set and preprocessing
+        noted = len(ts.skipped)
         row, pred = eval_job(job, ts, threads, n_boot)
+        for bad in ts.skipped[noted:]:  # as data split and predict do: listed, not the end of the run
+            log(f"skipped {bad['path'] if bad['path'].isprintable() else repr(bad['path'])}: {bad['reason']}")
         if job.precision == "fp32":
             fp32_preds[(job.model, job.backend)] = (pred, f"{job.backend} fp32 {job.artifact.name}")
             row["differs_from_fp32"] = None

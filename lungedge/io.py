@@ -50,23 +50,37 @@ def note_kept(note: str) -> None:
         KEPT.append(note)
 
 
-def _file_mode() -> int:
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_FILE_MODE = _file_mode()
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+_DIR_MODE = 0o777 & ~_umask()  # what mkdir would give a new folder
 
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def not_a_folder(path: str | os.PathLike) -> Path | None:
+    """The file in the way where a folder must be: the nearest of ``path`` and its parents that exists,
+    unless that is a folder (then None)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def write_error(path, exc: OSError, what: str = "cannot write") -> WriteError:
     """The one line for a failed write: ``cannot write PATH: No space left on device``."""
     if isinstance(exc, IsADirectoryError) or (exc.errno == errno.EISDIR):
         return WriteError(f"{what} {path}: it is an existing folder; give a file path")
+    blocker = not_a_folder(path) if exc.errno in (errno.EEXIST, errno.ENOTDIR) else None
+    if blocker is not None:  # a file where a folder must be: mkdir says "File exists", open "Not a directory"
+        return WriteError(f"{blocker} exists and is not a folder" if blocker == Path(path)
+                          else f"{what} {path}: {blocker} exists and is not a folder")
     return WriteError(f"{what} {path}: {_reason(exc)}")
 
 
@@ -404,6 +418,7 @@ def staged_folder(final: str | os.PathLike, command: str | None = None,
         clean_stale(final)
         try:
             stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+            os.chmod(stage, _DIR_MODE)  # mkdtemp makes 0700; the set gets the usual permissions
         except OSError as exc:
             raise write_error(final.parent, exc) from None
         try:
@@ -418,9 +433,11 @@ def staged_folder(final: str | os.PathLike, command: str | None = None,
                 shown = ", ".join(dropped[:8]) + (f" and {len(dropped) - 8} more" if len(dropped) > 8 else "")
                 log(f"note: {final} was replaced by the new set; removed {len(dropped)} "
                     f"file{'s' if len(dropped) > 1 else ''} of the previous set that it does not have: {shown}")
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(stage, ignore_errors=True)
             note_kept(f"{final}: unchanged" if final.exists() else f"{final}: nothing written")
+            if isinstance(exc, WriteError) and str(stage) in str(exc):  # name the file where it was going
+                raise WriteError(str(exc).replace(str(stage), str(final))) from None
             raise
     finally:
         if guard:

@@ -37,9 +37,11 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
         if explain_dir is not None:
             from .saliency import explain, write_overlays
 
+            stems: set[str] = set()  # one overlay per image, also when file names repeat across folders
             for i in range(0, len(readable), batch):
                 chunk = readable[i : i + batch]
-                for p, f in zip(preds[i : i + batch], write_overlays(explain(runner, chunk, method), explain_dir)):
+                written = write_overlays(explain(runner, chunk, method), explain_dir, stems)
+                for p, f in zip(preds[i : i + batch], written):
                     p["overlay"] = f
         return {"artifact": str(artifact), "model": runner.info.architecture, "backend": runner.backend,
                 "device": runner.device, "precision": runner.variant, "classes": runner.classes,

@@ -21,6 +21,8 @@ cannot reveal its class.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,12 @@ def open_image(path: str | Path):
 GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I")
 
 
+def is_regular_file(path: str | Path) -> bool:
+    """Whether ``path`` (symlinks followed) is a regular file: a FIFO blocks and a device (/dev/zero) never ends
+    when read. OSError (missing, dangling or looping symlink, permission denied) as :func:`os.stat` raises it."""
+    return stat.S_ISREG(os.stat(path).st_mode)
+
+
 def read_image(path: str | Path, size: int | None = None):
     """Decode like :func:`open_image`; a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose
     centre square still has at least 2 x ``size`` pixels a side (none: the full decode)."""
@@ -70,6 +78,8 @@ def read_image(path: str | Path, size: int | None = None):
     Image = pillow()
 
     try:
+        if not is_regular_file(path):
+            raise ImageReadError(f"{path}: not a regular file")
         with Image.open(path) as img:
             check_pixels(img)  # a decompression bomb is refused before it is decoded
             if size and img.format == "JPEG":
@@ -99,6 +109,13 @@ def to_gray_or_rgb(img):
     if img.mode in GRAY_MODES:
         return to_rgb(img).convert("L")
     return to_rgb(img)
+
+
+def to_gray(img):
+    """8-bit "L" of any image, 16-bit stretched as :func:`to_rgb` does: the intensities a one-channel model sees
+    (``convert("L")`` alone clips 16-bit pixels, and a CT slice turns all white)."""
+    img = to_gray_or_rgb(img)
+    return img if img.mode == "L" else img.convert("L")
 
 
 def to_rgb(img):

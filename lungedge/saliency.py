@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LungedgeError, check_choice
+from .io import atomic_write_bytes, write_error
 from .runners.artifact import is_kind
 
 METHODS = ("auto", "gradcam", "occlusion")
@@ -141,18 +142,32 @@ def explain(runner, paths, method: str = "auto", targets=None, batch: int = 16) 
             for i, (p, k) in enumerate(zip(paths, pred))]
 
 
-def write_overlays(explained: list[dict], out_dir) -> list[str]:
-    """Write ``<stem>.<class>.<method>.png`` (the image with its map) for each explained image."""
+def write_overlays(explained: list[dict], out_dir, stems: set[str] | None = None) -> list[str]:
+    """Write ``<stem>.<class>.<method>.png`` (the image with its map) for each explained image, atomically.
+    ``stems``: the stems already written in this run (updated); an image whose stem repeats (a/img05.png,
+    b/img05.png) gets ``<stem>-2``, ``<stem>-3``, ... instead of overwriting the first one's overlay."""
+    from io import BytesIO
+
     from PIL import Image
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(out_dir, exc, "cannot create") from None
+    stems = set() if stems is None else stems
     written = []
     for e in explained:
-        name = f"{Path(e['image']).stem}.{e['class']}.{e['method']}.png".replace(" ", "_")
-        path = out_dir / name
-        Image.fromarray(overlay(e["pixels"], e["heat"])).save(path)
-        written.append(str(path))
+        base = stem = Path(e["image"]).stem.replace(" ", "_")
+        n = 1
+        while stem in stems:
+            n += 1
+            stem = f"{base}-{n}"
+        stems.add(stem)
+        buf = BytesIO()
+        Image.fromarray(overlay(e["pixels"], e["heat"])).save(buf, format="PNG")
+        written.append(str(atomic_write_bytes(out_dir / f"{stem}.{e['class']}.{e['method']}.png".replace(" ", "_"),
+                                              buf.getvalue())))
     return written
 
 

@@ -41,6 +41,8 @@ def one_error(code: int, err: str, match: str | None = None, exit_code: int = 2)
 def cli(args, **kw) -> subprocess.CompletedProcess:
     """The real console script in a fresh process (for signals, limits and concurrency)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
+    if "preexec_fn" in kw:  # under a file-size limit a .pyc compiled on the way would be left truncated
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     return subprocess.run([sys.executable, "-m", "lungedge", *map(str, args)], capture_output=True, text=True,
                           cwd=kw.pop("cwd", ROOT), env=env, timeout=kw.pop("timeout", 300), **kw)
 
@@ -149,6 +151,28 @@ def test_split_skips_unreadable_files(messy_data, tmp_path, capsys):
     manifest = json.loads((tmp_path / "s.json").read_text())
     assert len(manifest["items"]) == 8
     assert {s["path"] for s in manifest["skipped"]} == {"a/loop.png", "a/dangling.png", "b/bomb.png", "b/empty.png"}
+
+
+def memory_limit(nbytes: int = 3 << 30):
+    """preexec_fn for subprocess: at most ``nbytes`` of address space (reading /dev/zero to the end fails fast)."""
+    def apply():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+
+    return apply
+
+
+def test_fifo_and_device_named_like_images_are_not_read(tmp_path):
+    data = write_dataset(tmp_path / "data", ["a", "b"], per_class=2, size=24)
+    os.mkfifo(data / "a" / "fifo.png")  # opening it would wait for a writer forever
+    (data / "b" / "zero.png").symlink_to("/dev/zero")  # reading it never ends
+    proc = cli(["data", "inspect", data, "--json", "--no-shortcuts"], timeout=60, preexec_fn=memory_limit())
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout)
+    assert {u["path"]: u["reason"] for u in report["unreadable"]} == {"a/fifo.png": "not a regular file",
+                                                                      "b/zero.png": "not a regular file"}
+    assert report["identical"] == [] and report["readable_counts"] == {"a": 2, "b": 2}
 
 
 def test_pixel_limit_is_configurable(tmp_path, capsys, monkeypatch):
@@ -433,6 +457,73 @@ def test_predict_lists_a_decompression_bomb_as_unreadable(exported, tmp_path, ca
     one_error(code, err, match="none of the 1 images could be read .*image too large")
 
 
+def test_predict_on_a_fifo_is_one_line(exported, tmp_path):
+    os.mkfifo(tmp_path / "fifo.png")
+    proc = cli(["predict", exported["onnx"], tmp_path / "fifo.png"], timeout=120)
+    one_error(proc.returncode, proc.stderr, match=r"none of the 1 images could be read \(first: not a regular file\)")
+
+
+@pytest.fixture
+def odd_names(exported, tmp_path):
+    """An image under a name with a newline and one under a name that is not UTF-8."""
+    good = next((exported["data"] / "benign").glob("*.png")).read_bytes()
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "new\nline.png").write_bytes(good)
+    Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")).write_bytes(good)
+    return [folder / "new\nline.png", Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"))]
+
+
+def test_odd_file_names_are_printed_escaped_one_line_each(exported, odd_names, capsys):
+    code, out, err = run_cli(["predict", exported["onnx"], *odd_names], capsys)
+    assert code == 0, err
+    lines = out.splitlines()[1:]
+    assert len(lines) == 2 and lines[0].startswith(repr(str(odd_names[0])) + ": ")
+    assert lines[1].startswith(repr(str(odd_names[1])) + ": ") and "\\udce9" in lines[1]
+    data = write_dataset(odd_names[0].parent.parent / "data", ["a", "b"], per_class=2, size=24)
+    (data / "a" / "new\nline.png").write_bytes((data / "a" / "img000_0.png").read_bytes())
+    (data / "b" / "bad\rname.png").write_bytes(b"not an image")
+    code, out, err = run_cli(["data", "inspect", data, "--no-shortcuts"], capsys)
+    assert code == 0, err
+    assert "  a/img000_0.png  ==  'a/new\\nline.png'\n" in out and "  'b/bad\\rname.png': not an image file\n" in out
+
+
+def test_predict_json_is_valid_utf8_whatever_the_file_names(exported, odd_names):
+    proc = subprocess.run([sys.executable, "-m", "lungedge", "predict", exported["onnx"], *odd_names, "--json"],
+                          capture_output=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.decode("utf-8"))  # strict: undecodable bytes would fail here
+    assert [os.fsencode(p["image"]) for p in result["predictions"]] == [os.fsencode(p) for p in odd_names]
+
+
+@pytest.fixture
+def same_names(exported, tmp_path):
+    """Three different images, each named img05.png, in three folders."""
+    sources = sorted((exported["data"] / "benign").glob("*.png"))[:3]
+    images = []
+    for folder, src in zip("abc", sources):
+        (tmp_path / folder).mkdir()
+        images.append(tmp_path / folder / "img05.png")
+        images[-1].write_bytes(src.read_bytes())
+    return images
+
+
+def test_explain_keeps_one_overlay_per_image_when_names_repeat(exported, same_names, tmp_path, capsys):
+    code, out, err = run_cli(["predict", exported["onnx"], *same_names, "--explain", tmp_path / "maps", "--json"],
+                             capsys)
+    assert code == 0, err
+    overlays = [p["overlay"] for p in json.loads(out)["predictions"]]
+    assert len(set(overlays)) == 3 and sorted(map(str, (tmp_path / "maps").iterdir())) == sorted(overlays)
+    assert len({Path(f).read_bytes() for f in overlays}) == 3  # none overwrote another
+
+
+def test_explain_on_a_full_disk_names_the_overlay_and_leaves_no_partial_file(exported, same_names, tmp_path):
+    maps = tmp_path / "maps"
+    proc = cli(["predict", exported["onnx"], *same_names, "--explain", maps], preexec_fn=small_file_limit(200))
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(maps))}/img05\.\w+\.occlusion\.png: ")
+    assert list(maps.iterdir()) == []
+
+
 @pytest.mark.parametrize("seconds", ["nan", "inf", "-1", "1e9"])
 def test_bench_seconds_must_be_finite_and_bounded(exported, capsys, seconds):
     code, _, err = run_cli(["bench", exported["onnx"], "--seconds", seconds, "--out", exported["base"] / "res"], capsys)
@@ -481,6 +572,76 @@ def test_table_printed_before_a_failed_write(exported, tmp_path, command, failur
     one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(out))}")
     assert "onnxruntime" in proc.stdout and "fp32" in proc.stdout  # the table came first
     assert not list(tmp_path.rglob("*.jsonl"))
+
+
+@pytest.mark.parametrize("command", ["predict", "bundle extract", "data split", "eval", "report"])
+@pytest.mark.parametrize("below", [False, True])
+def test_a_file_where_an_output_folder_must_be(exported, tmp_path, capsys, command, below):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    out = afile / "sub" if below else afile
+    image = next((exported["data"] / "benign").glob("*.png"))
+    if command == "predict":
+        args = ["predict", exported["onnx"], image, "--explain", out]
+    elif command == "bundle extract":
+        bundle = tmp_path / "sc.tar.gz"
+        assert run_cli(["bundle", "create", "smallcnn", "--engines", exported["engines"], "--out", bundle,
+                        "--results", tmp_path / "none"], capsys)[0] == 0
+        args = ["bundle", "extract", bundle, "--to", out]
+    elif command == "data split":
+        args = ["data", "split", exported["data"], "--out", out / "s.json", "--group-by", "none"]
+    elif command == "eval":
+        args = ["eval", exported["onnx"], "--split", exported["split"], "--bootstrap", "100", "--out", out]
+    else:
+        results = tmp_path / "results"
+        assert run_cli(["eval", exported["onnx"], "--split", exported["split"], "--bootstrap", "100",
+                        "--out", results], capsys)[0] == 0
+        args = ["report", "--results", results, "--out", out]
+    code, _, err = run_cli(args, capsys)
+    one_error(code, err, match=rf"{re.escape(str(afile))} exists and is not a folder$")
+    assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("failure", ["read-only", "full disk"])
+def test_bundle_write_error_names_the_bundle(exported, tmp_path, failure):
+    kw = {}
+    if failure == "read-only":
+        out = unwritable_folder(tmp_path) / "sc.tar.gz"
+    else:
+        out, kw = tmp_path / "sc.tar.gz", {"preexec_fn": small_file_limit(1024)}
+        out.write_bytes(b"the previous bundle")
+    proc = cli(["bundle", "create", "smallcnn", "--engines", exported["engines"], "--out", out,
+                "--results", tmp_path / "none"], **kw)
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(out))}: ")
+    assert ".tmp" not in proc.stderr and not list(out.parent.glob(".*.tmp"))
+    if failure == "full disk":
+        assert out.read_bytes() == b"the previous bundle"
+
+
+def test_export_write_error_names_the_file_not_the_staging_folder(exported, tmp_path):
+    out = tmp_path / "engines"
+    proc = cli(["export", "smallcnn", "--runs", exported["runs"], "--out", out, "--no-engine"],
+               preexec_fn=small_file_limit(1024))
+    target = out / "smallcnn" / "smallcnn.fp32.onnx"
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(target))}: ")
+    assert "staging" not in proc.stderr and not (out / "smallcnn").exists()
+
+
+def test_eval_of_a_folder_skips_unreadable_images_with_a_note(exported, tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", CLASSES, per_class=2, size=SIZE, colour=True)
+    (data / "benign" / "zero.png").write_bytes(b"")
+    (data / "normal" / "text.png").write_text("not an image")
+    code, _, err = run_cli(["eval", exported["onnx"], "--data", data, "--bootstrap", "100", "--out",
+                            tmp_path / "results"], capsys)
+    assert code == 0, err
+    assert f"skipped {data / 'benign' / 'zero.png'}: not an image file" in err.splitlines()
+    assert f"skipped {data / 'normal' / 'text.png'}: not an image file" in err.splitlines()
+    row = json.loads(next((tmp_path / "results").glob("eval-*.jsonl")).read_text().splitlines()[0])
+    assert len(row["images"]) == len(row["labels"]) == 6 and "2 unreadable skipped" in row["test_set"]
+    for f in data.rglob("img*.png"):
+        f.write_bytes(b"")
+    code, _, err = run_cli(["eval", exported["onnx"], "--data", data, "--out", tmp_path / "results"], capsys)
+    one_error(code, err, match=r"none of the test images could be read \(all 8 images of .*; first: .*not an image")
 
 
 def _nan_output(src: Path, dst: Path, foreign: bool = False) -> Path:

@@ -239,6 +239,25 @@ def test_grouped_split_keeps_copies_together_and_is_stratified(tmp_path, capsys)
     assert summary["counts"] == manifest["counts"]
 
 
+def test_16_bit_images_are_seen_stretched_as_the_model_sees_them(tmp_path, capsys):
+    from lungedge.data.shortcut import FEATURES, image_features
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "d"
+    for cls in "ab":
+        (root / cls).mkdir(parents=True)
+        for i in range(4):  # 12-bit CT-like values, all above 255: clipped to 8 bits they would all be white
+            pixels = np.asarray(smooth_image(rng, 32), dtype=np.uint16) * 16 + 1000
+            Image.fromarray(pixels).save(root / cls / f"img{i}.png")
+            Image.fromarray(np.ascontiguousarray(pixels[:, ::-1])).save(root / cls / f"img{i}_flipped.png")
+    assert Image.open(root / "a" / "img0.png").mode.startswith("I")
+    code, _, err = run_cli(["data", "split", root, "--out", tmp_path / "m.json"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "m.json").read_text())["groups"] == 8  # each image with its flipped copy
+    features = dict(zip(FEATURES, image_features(root / "a" / "img0.png")))
+    assert features["bright_fraction"] < 0.5 and 0 < features["mean_intensity"] < 250
+
+
 def test_split_is_byte_identical_when_repeated_and_seed_matters(generic_dataset, tmp_path, capsys):
     files = []
     for name, seed in (("a.json", 0), ("b.json", 0), ("c.json", 5)):

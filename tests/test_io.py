@@ -172,6 +172,13 @@ def test_replacing_a_set_names_the_files_it_removes(tmp_path):
                      "not have: m.fp16.onnx, m.int8.onnx"]
 
 
+def test_staged_folder_gets_the_mode_of_a_plain_mkdir(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with staged_folder(tmp_path / "m") as stage:
+        (stage / "m.onnx").write_text("one")
+    assert (tmp_path / "m").stat().st_mode == (tmp_path / "plain").stat().st_mode  # not mkdtemp's 0700
+
+
 def test_failed_or_refused_set_leaves_previous_one(tmp_path):
     out = tmp_path / "m"
     with staged_folder(out) as stage:

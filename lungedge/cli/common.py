@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import typer
@@ -23,7 +24,17 @@ app = typer.Typer(
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    """``obj`` as JSON on stdout, always valid UTF-8: the undecodable bytes of a file name (lone surrogates,
+    Python's ``surrogateescape``) are written as ``\\udcXX`` escapes, other characters as they are."""
+    text = json.dumps(obj, indent=1, ensure_ascii=False)
+    sys.stdout.write(re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
+
+
+def display_name(name) -> str:
+    """A file name for one line of human output: as it is, or quoted with escapes (``'new\\nline.png'``) when
+    it holds a control character (a newline would break the line in two) or bytes that are not UTF-8."""
+    name = str(name)
+    return name if name.isprintable() else repr(name)
 
 
 def print_result(result, json_out: bool, line: str) -> None:
@@ -131,10 +142,17 @@ def main(argv: list[str] | None = None) -> int:
 def _known_os_error(exc: BaseException) -> str | None:
     """One line for an environment failure that no command anticipated (full disk, read-only folder, ...)."""
     import errno
+    import os
 
     if not isinstance(exc, OSError) or exc.errno is None:
         return None
     where = exc.filename if exc.filename is not None else None
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and isinstance(where, (str, bytes)):
+        from ..io import not_a_folder
+
+        blocker = not_a_folder(os.fsdecode(where))  # a file given where a folder must be (--explain, --to, ...)
+        if blocker is not None:
+            return one_line(f"{blocker} exists and is not a folder")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ELOOP,
                      errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE):
         return one_line(f"{exc.strerror}: {where}" if where is not None else exc.strerror or str(exc))

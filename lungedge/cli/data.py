@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..data.defaults import DEFAULT_THRESHOLD, LOOSE_THRESHOLD, SPLITS
-from .common import print_json
+from .common import display_name, print_json
 
 app = typer.Typer(help="Inspect image folders, make leakage-aware splits and audit them.", no_args_is_help=True)
 
@@ -57,7 +57,7 @@ def inspect_cmd(
         print_json(info)
         _warn_shortcut(info.get("shortcut"))
         return
-    typer.echo(f"{info['root']}  (layout: {info['layout']}, {info['total']} images)")
+    typer.echo(f"{display_name(info['root'])}  (layout: {info['layout']}, {info['total']} images)")
     _table("classes", ["class", "images", "readable", "non-square"],
            [(c, info["counts"][c], info["readable_counts"][c], info["non_square"][c]) for c in info["classes"]])
     sizes = list(info["sizes"].items())
@@ -67,14 +67,15 @@ def inspect_cmd(
     dup_files = sum(len(s) for s in info["identical"])
     typer.echo(f"byte-identical files: {dup_files} files in {len(info['identical'])} sets")
     for paths in info["identical"][:10]:
-        typer.echo("  " + "  ==  ".join(paths))
+        typer.echo("  " + "  ==  ".join(map(display_name, paths)))
     if len(info["identical"]) > 10:
         typer.echo(f"  ... and {len(info['identical']) - 10} more sets (see --json)")
     typer.echo(f"unreadable files: {len(info['unreadable'])}")
     for bad in info["unreadable"]:
-        typer.echo(f"  {bad['path']}: {bad['reason']}")
+        typer.echo(f"  {display_name(bad['path'])}: {bad['reason']}")
     if info["other_files"]:
-        typer.echo(f"non-image files ignored: {len(info['other_files'])} (first: {info['other_files'][0]})")
+        first = display_name(info["other_files"][0])
+        typer.echo(f"non-image files ignored: {len(info['other_files'])} (first: {first})")
     for note in info["notes"]:
         typer.echo(f"note: {note}")
     _print_shortcut(info.get("shortcut"))
@@ -112,7 +113,7 @@ def split_cmd(
            [(s, *[manifest["counts"][s][c] for c in classes], sum(manifest["counts"][s].values()))
             for s in SPLITS])
     for bad in manifest["skipped"]:
-        typer.echo(f"skipped {bad['path']}: {bad['reason']}")
+        typer.echo(f"skipped {display_name(bad['path'])}: {bad['reason']}")
     for w in manifest["warnings"]:
         typer.echo(f"warning: {w}")
     typer.echo(f"wrote {out}")

@@ -181,7 +181,7 @@ def predict_cmd(
 ):
     """Classify images with a model, checkpoint, ONNX file or TensorRT engine: class and probabilities."""
     from ..predict import predict
-    from .common import print_json
+    from .common import display_name, print_json
 
     jobs = _jobs([model], False, device, backend, precision, runs, engines)
     job = jobs[0]
@@ -195,6 +195,7 @@ def predict_cmd(
                f"({result['artifact']})" + (f"; probabilities calibrated with temperature {t:.2f}" if t != 1 else ""))
     for p in result["predictions"]:
         probs = "  ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
-        typer.echo(f"{p['image']}: {p['class']}  ({probs})" + (f"  -> {p['overlay']}" if p.get("overlay") else ""))
+        typer.echo(f"{display_name(p['image'])}: {p['class']}  ({probs})"
+                   + (f"  -> {display_name(p['overlay'])}" if p.get("overlay") else ""))
     for u in result.get("unreadable", []):
-        typer.echo(f"{u['image']}: unreadable ({u['reason']})")
+        typer.echo(f"{display_name(u['image'])}: unreadable ({u['reason']})")

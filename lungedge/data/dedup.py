@@ -125,10 +125,12 @@ def duplicate_pairs(pairs: tuple[np.ndarray, np.ndarray, np.ndarray], threshold:
 
 
 def identical_sets(hashes: list[str]) -> list[list[int]]:
-    """Indices of byte-identical files (same SHA-256): one list per repeated hash, in first-seen order."""
+    """Indices of byte-identical files (same SHA-256): one list per repeated hash, in first-seen order.
+    An empty hash (a file that could not be read) matches nothing."""
     by_hash: dict[str, list[int]] = {}
     for idx, h in enumerate(hashes):
-        by_hash.setdefault(h, []).append(idx)
+        if h:
+            by_hash.setdefault(h, []).append(idx)
     return [members for members in by_hash.values() if len(members) > 1]
 
 

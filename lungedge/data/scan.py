@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import check_pixels, pillow
+from ..preprocess import check_pixels, is_regular_file, pillow, to_gray
 from ..limits import too_large
 
 THUMB = 64  # side of the grayscale thumbnail kept for near-duplicate search
@@ -39,6 +39,8 @@ def scan_file(root: Path, path: str, label: str, thumb: bool = True) -> ScannedI
     Image = pillow()
 
     try:
+        if not is_regular_file(root / path):  # a FIFO or a device: reading would block or never end
+            return ScannedImage(path, label, "", 0, error="not a regular file")
         data = (root / path).read_bytes()
     except OSError as exc:  # dangling or looping symlink, permission denied, a folder named like an image
         return ScannedImage(path, label, "", 0, error=f"cannot read the file: {exc.strerror or type(exc).__name__}")
@@ -51,7 +53,7 @@ def scan_file(root: Path, path: str, label: str, thumb: bool = True) -> ScannedI
                 img.draft("L", (THUMB * 2, THUMB * 2))  # JPEG: decode at reduced scale, still to the end
             img.load()
             if thumb:
-                rec.thumb = np.asarray(img.convert("L").resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
+                rec.thumb = np.asarray(to_gray(img).resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
     except UnidentifiedImageError:
         rec.error = "not an image file"
     except Image.DecompressionBombError:

@@ -36,11 +36,13 @@ def image_features(path: Path) -> list[float]:
     """The anatomy-free features of one image file (see :data:`FEATURES`)."""
     from PIL import Image
 
+    from ..preprocess import to_gray
+
     nbytes = Path(path).stat().st_size
     with Image.open(path) as img:
         w, h = img.size
         img.draft("L", (SIDE, SIDE))
-        g = img.convert("L")
+        g = to_gray(img)  # 16-bit stretched, as the model sees it
         g.thumbnail((SIDE, SIDE))
         a = np.asarray(g, dtype=np.float32)
     bh, bw = max(1, a.shape[0] // 20), max(1, a.shape[1] // 20)
