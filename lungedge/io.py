@@ -194,6 +194,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, exclusive: bool = Fals
     return atomic_write_bytes(path, text.encode("utf-8"), exclusive)
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON in ``path``; a file that cannot be read or parsed is one line naming it as ``what``
+    ("a split manifest", "a run configuration")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LungedgeError(f"{path} is not {what} (invalid JSON: {exc})") from None
+    except OSError as exc:
+        raise LungedgeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 def dumps_json(obj: Any) -> str:
     """Stable JSON text: the same object always gives the same bytes."""
     return json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=False) + "\n"

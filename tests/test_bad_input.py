@@ -373,7 +373,7 @@ def test_default_checkpoint_is_the_newest_finished_run(small, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, pattern", [
-    (lambda text: text[: len(text) // 2], r" is damaged \(invalid JSON: .*\); the run cannot be resumed"),
+    (lambda text: text[: len(text) // 2], r" is not a run configuration \(invalid JSON: .*\)"),
     (lambda text: text.replace('"epochs": 1', '"epochs": "many"'), r": epochs: Input should be a valid integer"),
     (lambda text: re.sub(r'"lr": [^,]+', '"lr": 5', text), r": lr: Input should be less than or equal to 1"),
 ])

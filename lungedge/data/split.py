@@ -8,7 +8,6 @@ bytes.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import LungedgeError, check_choice
-from ..io import write_json
+from ..io import read_json, write_json
 from ..ui import progress
 from . import dedup
 from .defaults import GROUP_BY, SPLITS
@@ -194,12 +193,7 @@ def read_manifest(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise LungedgeError(f"split manifest not found: {path}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LungedgeError(f"{path} is not a split manifest (invalid JSON: {exc})") from None
-    except OSError as exc:
-        raise LungedgeError(f"cannot read split manifest {path}: {exc.strerror or exc}") from None
+    manifest = read_json(path, "a split manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LungedgeError(f"{path} is not a lungedge split manifest (format {FORMAT!r} expected)")
     from ..validation import validate

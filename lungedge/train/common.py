@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LungedgeError
-from ..io import FolderLock, clean_temp_files, safe_name, write_json
+from ..io import FolderLock, clean_temp_files, read_json, safe_name, write_json
 from ..limits import check_input_size, check_positive
 from ..preprocess import Preprocessing, read_image
 from ..ui import progress
@@ -234,12 +234,7 @@ def load_config(run_dir: Path) -> TrainConfig:
     from ..validation import validate
 
     path = run_dir / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LungedgeError(f"{path} is damaged (invalid JSON: {exc}); the run cannot be resumed") from None
-    except OSError as exc:
-        raise LungedgeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = read_json(path, "a run configuration")
     if not isinstance(data, dict):
         raise LungedgeError(f"{path} is not a run configuration (a JSON object expected)")
     validate("RunConfig", data, path)  # fields typed and in range: "epochs": "many" is named here, not as --epochs
