@@ -182,6 +182,26 @@ def test_custom_plain_onnx_with_more_outputs_than_classes(tmp_path, capsys):
     assert onnx_meta.read(fp32)["preprocessing"].size == 16  # fixed in the graph
 
 
+def test_torch_export_program_holding_code_is_refused_without_trust_pickle(tmp_path, capsys):
+    import zipfile
+
+    ff.torch_export_file(tmp_path / "prog.pt2", ff.tiny_torch(), size=16)
+    marker = tmp_path / "ran"
+    ff.torch_export_with_code(tmp_path / "evil.pt2", tmp_path / "prog.pt2", marker)
+    code, out, err = run_cli(["export", "evil", "--checkpoint", tmp_path / "evil.pt2", "--custom", "--classes",
+                              "a,b,c", "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert not marker.exists()  # torch.export.load's fallback to a full unpickle never ran
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.strip(), err
+    assert "evil.pt2" in err and "runs code when loaded" in err and "--trust-pickle" in err
+    with zipfile.ZipFile(tmp_path / "prog.pt2") as src, zipfile.ZipFile(tmp_path / "aoti.pt2", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info.filename))
+        dst.writestr(src.namelist()[0].split("/")[0] + "/data/aotinductor/model/model.so", b"\x7fELF")
+    code, _, err = run_cli(["export", "aoti", "--checkpoint", tmp_path / "aoti.pt2", "--custom", "--classes",
+                            "a,b,c", "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 2 and "AOTInductor" in err and "--trust-pickle" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsys):
     ff.torchscript_file(tmp_path / "ts.pt", ff.tiny_torch(), size=16)
     code, _, err = run_cli(["export", "ts", "--checkpoint", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c",

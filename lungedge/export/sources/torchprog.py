@@ -6,6 +6,7 @@ The output kind is read from the converted graph (a trailing Softmax/Sigmoid) un
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,69 @@ def ep_recognise(path: Path) -> bool:
     return _is(path, "torch-export")
 
 
-def ep_load(path: Path, request: Request) -> Source:
+class _CodeRefused(Exception):
+    """A pickle inside a .pt2 that only loads by running code (not a RuntimeError: torch.export.load swallows those)."""
+
+
+def _refuse(*args, **kwargs):
+    raise _CodeRefused()
+
+
+def _weights_only_load(load):
+    def safe(*args, **kwargs):
+        if kwargs.get("weights_only") is False:
+            raise _CodeRefused()  # torch.export's fallback after the safe load failed
+        return load(*args, **kwargs)
+
+    return safe
+
+
+@contextmanager
+def _no_code(trust_pickle: bool):
+    """While torch.export.load runs: every pickle in the archive loaded with weights_only=True (torch's
+    fallback to a full unpickle, and plain pickle.loads of opaque objects, refused) unless trusted;
+    torch's logged tracebacks kept quiet (the failure is said in one line)."""
+    import logging
+    import pickle
+    from unittest import mock
+
     import torch
 
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        ep = torch.export.load(str(path))
+        if trust_pickle:
+            yield
+        else:
+            with mock.patch.object(torch, "load", _weights_only_load(torch.load)), \
+                    mock.patch.object(pickle, "loads", _refuse):
+                yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def ep_load(path: Path, request: Request) -> Source:
+    import zipfile
+
+    import torch
+
+    refusal = (f"{path} holds {{}}, which runs code when loaded; refusing it. If you trust its origin, "
+               "pass --trust-pickle")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            compiled = any("/data/aotinductor/" in f"/{n}" for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        compiled = False  # said by torch.export.load below
+    if compiled and not request.trust_pickle:
+        raise LungedgeError(refusal.format("an AOTInductor-compiled library (data/aotinductor/)"))
+    try:
+        with _no_code(request.trust_pickle):
+            ep = torch.export.load(str(path))
+    except _CodeRefused:
+        raise LungedgeError(refusal.format("a pickled object that is not plain tensors")) from None
     except Exception as exc:  # noqa: BLE001
         raise LungedgeError(f"{path}: cannot load the torch.export program ({_first_line(exc)})") from None
     shape = None
