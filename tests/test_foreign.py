@@ -107,6 +107,31 @@ def test_unknown_architecture_state_dict_says_which_forms_are_accepted(tmp_path,
     assert code == 2 and "--custom" in err, err
 
 
+@pytest.mark.slow
+def test_whole_pickled_model_is_checked_like_its_state_dict(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=4,
+                                       transform_input=False).eval()
+    torch.save(torch.nn.DataParallel(net).half(), tmp_path / "gn4.pth")  # fp16, DataParallel-wrapped, 4 outputs
+    torch.save(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=2),
+               tmp_path / "gn2.pth")
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 3)), tmp_path / "seq.pth")
+    for name, arch, words in (("gn2.pth", "googlenet", "has 2 outputs but 3 class names"),
+                              ("gn4.pth", "densenet121", "holds a pickled GoogLeNet, which is not a densenet121"),
+                              ("seq.pth", "googlenet", "holds a pickled Sequential, which is not a googlenet")):
+        code, _, err = run_cli(["export", arch, "--checkpoint", tmp_path / name, "--classes", "a,b,c",
+                                "--trust-pickle", "--out", tmp_path / "e"], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "gn4.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--trust-pickle")
+    assert "wrapped in DataParallel" in out and "float16 weights; converted to float32" in out
+    assert "4 outputs; exporting the first 3" in out
+    x = np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = net.half().float()(torch.from_numpy(x))[:, :3].numpy()
+    np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
+
+
 # -- your own model, any architecture ---------------------------------------------------------------------------
 
 def _image_folder(tmp_path, classes, size=24, colour=True):
@@ -360,6 +385,7 @@ def test_group_googlenet_with_or_without_aux_heads(aux, tmp_path, capsys):
     out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "googlenet_model.pth", "--classes",
                         ff.GROUP_CLASSES, "--input-size", 64, "--no-transform-input")
     assert ("dropped the auxiliary heads aux1, aux2" in out) == aux
+    assert "transform_input=False (--no-transform-input given)" in out
     assert onnx_meta.read(fp32)["build"]["kwargs"]["transform_input"] is False  # the user's override
     x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
     model.transform_input = False
