@@ -181,6 +181,29 @@ def test_custom_torchscript_with_declared_preprocessing_runs_downstream(tmp_path
     assert code == 0 and (tmp_path / "mine.tar.gz").is_file(), err
 
 
+def test_custom_model_name_is_a_model_for_predict_bench_and_eval(tmp_path, capsys):
+    ff.onnx_file(tmp_path / "plain.onnx", ff.tiny_torch(outputs=3), size=16)
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=16)
+    _, fp32 = _export(tmp_path, capsys, "mycnn", tmp_path / "plain.onnx", "--custom", "--classes", "a,b,c",
+                      "--scale", "1/255", "--mean", "none", "--std", "none")
+    engines = ["--engines", tmp_path / "e", "--runs", tmp_path / "runs"]
+    img = data / "b" / "img000_0.png"
+    code, out, err = run_cli(["predict", "mycnn", img, "--json", *engines], capsys)
+    assert code == 0, err
+    assert set(json.loads(out)["predictions"][0]["probabilities"]) == {"a", "b", "c"}
+    code, out, err = run_cli(["eval", "mycnn", "--data", data, "--backend", "onnxruntime", "--out", tmp_path / "r",
+                              *engines], capsys)
+    assert code == 0 and "mycnn" in out, err
+    for spec in (["mycnn"], ["--all"]):
+        code, out, err = run_cli(["bench", *spec, "--backend", "onnxruntime", "--batch-sizes", "1", "--iters", 2,
+                                  "--warmup", 1, "--no-preprocessing", "--out", tmp_path / "r", *engines], capsys)
+        assert code == 0 and "mycnn" in out, err
+    (tmp_path / "e" / "other").mkdir()  # a folder without lungedge's files is no model
+    for name in ("other", "nosuch"):
+        code, _, err = run_cli(["predict", name, img, *engines], capsys)
+        assert code == 2 and f"'{name}' is neither a file nor a model" in err and "mycnn" in err, err
+
+
 def test_custom_torch_export_program_reads_its_input_size(tmp_path, capsys):
     model = ff.tiny_torch(outputs=2, channels=1, final=torch.nn.Softmax(dim=1))
     ff.torch_export_file(tmp_path / "prog.pt2", model, size=18, channels=1)
