@@ -117,11 +117,11 @@ def torch_export_file(path: Path, model, size: int = 16, channels: int = 3):
     return path
 
 
-def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y")):
-    """A plain ONNX (any input/output names, no lungedge metadata)."""
+def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y"), dtype=None):
+    """A plain ONNX (any input/output names, no lungedge metadata; input of ``dtype``, float32 by default)."""
     import torch
 
-    torch.onnx.export(model, torch.zeros(1, channels, size, size), str(path), input_names=[names[0]],
+    torch.onnx.export(model, torch.zeros(1, channels, size, size, dtype=dtype), str(path), input_names=[names[0]],
                       output_names=[names[1]], dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}}, dynamo=False)
     return path
 
@@ -149,3 +149,28 @@ def torch_export_with_code(path: Path, program: Path, marker: Path, member: str 
         for info in src.infolist():
             dst.writestr(info, buf.getvalue() if info.filename.endswith(member) else src.read(info.filename))
     return path
+
+
+def _wrapped(inner, forward):
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return forward(self.inner, x)
+
+    return Wrapped().eval()
+
+
+def uint8_input(model):
+    """``model`` taking uint8 images (scaled inside)."""
+    return _wrapped(model, lambda inner, x: inner(x.float() / 255))
+
+
+def fixed_batch_one(outputs: int = 3, seed: int = 0):
+    """tiny_torch's layers with a ``reshape(1, 4)`` that hard-codes batch 1 (as many fixed-batch exports do)."""
+    model = tiny_torch(outputs=outputs, seed=seed)
+    return _wrapped(model, lambda inner, x: inner[4](inner[2](inner[1](inner[0](x))).reshape(1, 4)))

@@ -250,6 +250,27 @@ def test_torch_export_program_holding_code_is_refused_without_trust_pickle(tmp_p
     assert code == 2 and "AOTInductor" in err and "--trust-pickle" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_plain_onnx_input_types_and_fixed_batch(tmp_path, capsys):
+    model = ff.tiny_torch(outputs=3)
+    ff.onnx_file(tmp_path / "u8.onnx", ff.uint8_input(model), size=16, dtype=torch.uint8)
+    ff.onnx_file(tmp_path / "b1.onnx", ff.fixed_batch_one(), size=16)
+    decl = ["--classes", "a,b,c", "--scale", "1", "--mean", "none", "--std", "none", "--out", tmp_path / "e"]
+    for name, words in (("u8.onnx", "takes uint8 inputs; lungedge feeds float32 images"),
+                        ("b1.onnx", "fixes batch 1 inside its graph (its Reshape node")):
+        code, out, err = run_cli(["export", "m", "--custom", "--checkpoint", tmp_path / name, *decl], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and not out.strip(), err
+    half = ff.tiny_torch(outputs=3).half()
+    ff.onnx_file(tmp_path / "f16.onnx", half, size=16, dtype=torch.float16)
+    out, fp32 = _export(tmp_path, capsys, "f16", tmp_path / "f16.onnx", "--custom", *decl[:-2])
+    assert "takes float16; cast from float32 in front" in out and "returns float16; cast to float32" in out
+    x = np.random.default_rng(5).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    got = _ort(fp32, x)
+    with torch.no_grad():
+        expected = half(torch.from_numpy(x).half()).float().numpy()
+    assert got.dtype == np.float32 and got.shape == (3, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
+
+
 def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsys):
     ff.torchscript_file(tmp_path / "ts.pt", ff.tiny_torch(), size=16)
     code, _, err = run_cli(["export", "ts", "--checkpoint", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c",
