@@ -108,11 +108,15 @@ def torchscript_file(path: Path, model, size: int = 16, channels: int = 3):
     return path
 
 
-def torch_export_file(path: Path, model, size: int = 16, channels: int = 3):
+def torch_export_file(path: Path, model, size: int = 16, channels: int = 3, dynamic: bool = True):
+    """A torch.export program with a dynamic batch (or, ``dynamic=False``, exported on one image: batch 1 fixed)."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    ep = torch.export.export(model, (torch.zeros(2, channels, size, size),), dynamic_shapes=({0: batch},))
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        ep = torch.export.export(model, (torch.zeros(2, channels, size, size),), dynamic_shapes=({0: batch},))
+    else:
+        ep = torch.export.export(model, (torch.zeros(1, channels, size, size),))
     torch.export.save(ep, str(path))
     return path
 

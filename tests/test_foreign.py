@@ -250,6 +250,14 @@ def test_torch_export_program_holding_code_is_refused_without_trust_pickle(tmp_p
     assert code == 2 and "AOTInductor" in err and "--trust-pickle" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_torch_export_program_fixed_to_batch_one_is_said(tmp_path, capsys):
+    ff.torch_export_file(tmp_path / "b1.pt2", ff.tiny_torch(), size=16, dynamic=False)
+    code, out, err = run_cli(["export", "b1", "--checkpoint", tmp_path / "b1.pt2", "--custom", "--classes", "a,b,c",
+                              "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 2 and "b1.pt2 fixes batch 1" in err and "dynamic batch" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e" / "b1").exists()
+
+
 def test_plain_onnx_input_types_and_fixed_batch(tmp_path, capsys):
     model = ff.tiny_torch(outputs=3)
     ff.onnx_file(tmp_path / "u8.onnx", ff.uint8_input(model), size=16, dtype=torch.uint8)

@@ -47,6 +47,13 @@ def _finish(model, kind: str, path: Path, request: Request, shape, build: dict) 
     except Exception as exc:  # noqa: BLE001 - whatever the program raises on the declared input
         raise LungedgeError(f"{path} does not run on a {tuple(prep.input_shape)} input ({_first_line(exc)}); "
                             "check --input-size, --layout and --channels") from None
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *prep.input_shape))
+    except Exception as exc:  # noqa: BLE001 - e.g. torch.export's guard on a static batch of 1
+        raise LungedgeError(f"{path} fixes batch 1 (it fails on a batch of 2: {_first_line(exc)}); lungedge runs "
+                            "batches: export it again with a dynamic batch (torch.export: dynamic_shapes with "
+                            "torch.export.Dim on axis 0)") from None
     if isinstance(probe, (tuple, list)):
         notes.append(f"the program returns {len(probe)} outputs; using the first")
     out = probe[0] if isinstance(probe, (tuple, list)) else probe
