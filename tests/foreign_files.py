@@ -68,8 +68,8 @@ def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0, pooling: 
 # -- tiny custom models --------------------------------------------------------------------------------
 
 def tiny_keras(path: Path, size: int = 16, outputs: int = 3, activation: str | None = "softmax",
-               channels: int = 3, seed: int = 0, rescale: bool = False):
-    """A small Keras CNN (functional), optionally rescaling its own input."""
+               channels: int = 3, seed: int = 0, rescale: bool = False, dropout_last: bool = False):
+    """A small Keras CNN (functional), optionally rescaling its own input or ending in Dropout (after the Dense)."""
     import torch  # noqa: F401
 
     from lungedge.models.frameworks import import_keras
@@ -81,6 +81,7 @@ def tiny_keras(path: Path, size: int = 16, outputs: int = 3, activation: str | N
     x = keras.layers.Conv2D(4, 3, activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(outputs, activation=activation)(x)
+    out = keras.layers.Dropout(0.5)(out) if dropout_last else out
     model = keras.Model(inputs, out)
     model.save(path)
     return model

@@ -306,6 +306,12 @@ def test_keras_softmax_model_predicts_its_own_probabilities(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_keras_softmax_followed_by_dropout_is_probabilities(tmp_path, capsys):
+    ff.tiny_keras(tmp_path / "drop.keras", size=16, outputs=3, activation="softmax", dropout_last=True)
+    out, fp32 = _export(tmp_path, capsys, "drop", tmp_path / "drop.keras", "--custom", "--classes", "a,b,c")
+    assert onnx_meta.read(fp32)["output"] == "probabilities" and "not softmaxed again" in out
+
+
 def test_keras_single_sigmoid_is_a_binary_model(tmp_path, capsys):
     model = ff.tiny_keras(tmp_path / "sig.keras", size=16, outputs=1, activation="sigmoid")
     code, _, err = run_cli(["export", "sig", "--checkpoint", tmp_path / "sig.keras", "--custom", "--classes",
