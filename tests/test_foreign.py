@@ -105,6 +105,10 @@ def test_unknown_architecture_state_dict_says_which_forms_are_accepted(tmp_path,
     assert code == 2 and "carries no architecture" in err and "TorchScript" in err, err
     code, _, err = run_cli(["export", "mine", "--checkpoint", tmp_path / "theirs.pth", "--classes", "a,b,c"], capsys)
     assert code == 2 and "--custom" in err, err
+    (tmp_path / "dir.pth").mkdir()
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "dir.pth", "--classes", "a,b,c",
+                            "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "dir.pth is a folder, not a model file" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow
