@@ -68,8 +68,8 @@ def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0, pooling: 
 # -- tiny custom models --------------------------------------------------------------------------------
 
 def tiny_keras(path: Path, size: int = 16, outputs: int = 3, activation: str | None = "softmax",
-               channels: int = 3, seed: int = 0, rescale: bool = False):
-    """A small Keras CNN (functional), optionally rescaling its own input."""
+               channels: int = 3, seed: int = 0, rescale: bool = False, dropout_last: bool = False):
+    """A small Keras CNN (functional), optionally rescaling its own input or ending in Dropout (after the Dense)."""
     import torch  # noqa: F401
 
     from lungedge.models.frameworks import import_keras
@@ -81,6 +81,7 @@ def tiny_keras(path: Path, size: int = 16, outputs: int = 3, activation: str | N
     x = keras.layers.Conv2D(4, 3, activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(outputs, activation=activation)(x)
+    out = keras.layers.Dropout(0.5)(out) if dropout_last else out
     model = keras.Model(inputs, out)
     model.save(path)
     return model
@@ -108,19 +109,73 @@ def torchscript_file(path: Path, model, size: int = 16, channels: int = 3):
     return path
 
 
-def torch_export_file(path: Path, model, size: int = 16, channels: int = 3):
+def torch_export_file(path: Path, model, size: int = 16, channels: int = 3, dynamic: bool = True):
+    """A torch.export program with a dynamic batch (or, ``dynamic=False``, exported on one image: batch 1 fixed)."""
     import torch
 
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    ep = torch.export.export(model, (torch.zeros(2, channels, size, size),), dynamic_shapes=({0: batch},))
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        ep = torch.export.export(model, (torch.zeros(2, channels, size, size),), dynamic_shapes=({0: batch},))
+    else:
+        ep = torch.export.export(model, (torch.zeros(1, channels, size, size),))
     torch.export.save(ep, str(path))
     return path
 
 
-def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y")):
-    """A plain ONNX (any input/output names, no lungedge metadata)."""
+def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y"), dtype=None):
+    """A plain ONNX (any input/output names, no lungedge metadata; input of ``dtype``, float32 by default)."""
     import torch
 
-    torch.onnx.export(model, torch.zeros(1, channels, size, size), str(path), input_names=[names[0]],
+    torch.onnx.export(model, torch.zeros(1, channels, size, size, dtype=dtype), str(path), input_names=[names[0]],
                       output_names=[names[1]], dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}}, dynamo=False)
     return path
+
+
+class _TouchOnLoad:
+    """Unpickling this calls ``open(marker, "w")``: the marker file exists iff the pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def torch_export_with_code(path: Path, program: Path, marker: Path, member: str = "sample_inputs/model.pt"):
+    """``program`` (a torch.export .pt2) with ``member`` replaced by a torch.save pickle that runs code."""
+    import io
+    import zipfile
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(((torch.zeros(2, 3, 16, 16),), {"z": _TouchOnLoad(marker)}), buf)
+    with zipfile.ZipFile(program) as src, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info, buf.getvalue() if info.filename.endswith(member) else src.read(info.filename))
+    return path
+
+
+def _wrapped(inner, forward):
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return forward(self.inner, x)
+
+    return Wrapped().eval()
+
+
+def uint8_input(model):
+    """``model`` taking uint8 images (scaled inside)."""
+    return _wrapped(model, lambda inner, x: inner(x.float() / 255))
+
+
+def fixed_batch_one(outputs: int = 3, seed: int = 0):
+    """tiny_torch's layers with a ``reshape(1, 4)`` that hard-codes batch 1 (as many fixed-batch exports do)."""
+    model = tiny_torch(outputs=outputs, seed=seed)
+    return _wrapped(model, lambda inner, x: inner[4](inner[2](inner[1](inner[0](x))).reshape(1, 4)))

@@ -105,6 +105,35 @@ def test_unknown_architecture_state_dict_says_which_forms_are_accepted(tmp_path,
     assert code == 2 and "carries no architecture" in err and "TorchScript" in err, err
     code, _, err = run_cli(["export", "mine", "--checkpoint", tmp_path / "theirs.pth", "--classes", "a,b,c"], capsys)
     assert code == 2 and "--custom" in err, err
+    (tmp_path / "dir.pth").mkdir()
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "dir.pth", "--classes", "a,b,c",
+                            "--out", tmp_path / "e"], capsys)
+    assert code == 2 and "dir.pth is a folder, not a model file" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_whole_pickled_model_is_checked_like_its_state_dict(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=4,
+                                       transform_input=False).eval()
+    torch.save(torch.nn.DataParallel(net).half(), tmp_path / "gn4.pth")  # fp16, DataParallel-wrapped, 4 outputs
+    torch.save(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=2),
+               tmp_path / "gn2.pth")
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 3)), tmp_path / "seq.pth")
+    for name, arch, words in (("gn2.pth", "googlenet", "has 2 outputs but 3 class names"),
+                              ("gn4.pth", "densenet121", "holds a pickled GoogLeNet, which is not a densenet121"),
+                              ("seq.pth", "googlenet", "holds a pickled Sequential, which is not a googlenet")):
+        code, _, err = run_cli(["export", arch, "--checkpoint", tmp_path / name, "--classes", "a,b,c",
+                                "--trust-pickle", "--out", tmp_path / "e"], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "gn4.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--trust-pickle")
+    assert "wrapped in DataParallel" in out and "float16 weights; converted to float32" in out
+    assert "4 outputs; exporting the first 3" in out
+    x = np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = net.half().float()(torch.from_numpy(x))[:, :3].numpy()
+    np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
 
 
 # -- your own model, any architecture ---------------------------------------------------------------------------
@@ -156,6 +185,29 @@ def test_custom_torchscript_with_declared_preprocessing_runs_downstream(tmp_path
     assert code == 0 and (tmp_path / "mine.tar.gz").is_file(), err
 
 
+def test_custom_model_name_is_a_model_for_predict_bench_and_eval(tmp_path, capsys):
+    ff.onnx_file(tmp_path / "plain.onnx", ff.tiny_torch(outputs=3), size=16)
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=16)
+    _, fp32 = _export(tmp_path, capsys, "mycnn", tmp_path / "plain.onnx", "--custom", "--classes", "a,b,c",
+                      "--scale", "1/255", "--mean", "none", "--std", "none")
+    engines = ["--engines", tmp_path / "e", "--runs", tmp_path / "runs"]
+    img = data / "b" / "img000_0.png"
+    code, out, err = run_cli(["predict", "mycnn", img, "--json", *engines], capsys)
+    assert code == 0, err
+    assert set(json.loads(out)["predictions"][0]["probabilities"]) == {"a", "b", "c"}
+    code, out, err = run_cli(["eval", "mycnn", "--data", data, "--backend", "onnxruntime", "--out", tmp_path / "r",
+                              *engines], capsys)
+    assert code == 0 and "mycnn" in out, err
+    for spec in (["mycnn"], ["--all"]):
+        code, out, err = run_cli(["bench", *spec, "--backend", "onnxruntime", "--batch-sizes", "1", "--iters", 2,
+                                  "--warmup", 1, "--no-preprocessing", "--out", tmp_path / "r", *engines], capsys)
+        assert code == 0 and "mycnn" in out, err
+    (tmp_path / "e" / "other").mkdir()  # a folder without lungedge's files is no model
+    for name in ("other", "nosuch"):
+        code, _, err = run_cli(["predict", name, img, *engines], capsys)
+        assert code == 2 and f"'{name}' is neither a file nor a model" in err and "mycnn" in err, err
+
+
 def test_custom_torch_export_program_reads_its_input_size(tmp_path, capsys):
     model = ff.tiny_torch(outputs=2, channels=1, final=torch.nn.Softmax(dim=1))
     ff.torch_export_file(tmp_path / "prog.pt2", model, size=18, channels=1)
@@ -180,6 +232,55 @@ def test_custom_plain_onnx_with_more_outputs_than_classes(tmp_path, capsys):
     with torch.no_grad():
         np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x))[:, :3].numpy(), rtol=1e-4, atol=1e-5)
     assert onnx_meta.read(fp32)["preprocessing"].size == 16  # fixed in the graph
+
+
+def test_torch_export_program_holding_code_is_refused_without_trust_pickle(tmp_path, capsys):
+    import zipfile
+
+    ff.torch_export_file(tmp_path / "prog.pt2", ff.tiny_torch(), size=16)
+    marker = tmp_path / "ran"
+    ff.torch_export_with_code(tmp_path / "evil.pt2", tmp_path / "prog.pt2", marker)
+    code, out, err = run_cli(["export", "evil", "--checkpoint", tmp_path / "evil.pt2", "--custom", "--classes",
+                              "a,b,c", "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert not marker.exists()  # torch.export.load's fallback to a full unpickle never ran
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.strip(), err
+    assert "evil.pt2" in err and "runs code when loaded" in err and "--trust-pickle" in err
+    with zipfile.ZipFile(tmp_path / "prog.pt2") as src, zipfile.ZipFile(tmp_path / "aoti.pt2", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info.filename))
+        dst.writestr(src.namelist()[0].split("/")[0] + "/data/aotinductor/model/model.so", b"\x7fELF")
+    code, _, err = run_cli(["export", "aoti", "--checkpoint", tmp_path / "aoti.pt2", "--custom", "--classes",
+                            "a,b,c", "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 2 and "AOTInductor" in err and "--trust-pickle" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_torch_export_program_fixed_to_batch_one_is_said(tmp_path, capsys):
+    ff.torch_export_file(tmp_path / "b1.pt2", ff.tiny_torch(), size=16, dynamic=False)
+    code, out, err = run_cli(["export", "b1", "--checkpoint", tmp_path / "b1.pt2", "--custom", "--classes", "a,b,c",
+                              "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 2 and "b1.pt2 fixes batch 1" in err and "dynamic batch" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "e" / "b1").exists()
+
+
+def test_plain_onnx_input_types_and_fixed_batch(tmp_path, capsys):
+    model = ff.tiny_torch(outputs=3)
+    ff.onnx_file(tmp_path / "u8.onnx", ff.uint8_input(model), size=16, dtype=torch.uint8)
+    ff.onnx_file(tmp_path / "b1.onnx", ff.fixed_batch_one(), size=16)
+    decl = ["--classes", "a,b,c", "--scale", "1", "--mean", "none", "--std", "none", "--out", tmp_path / "e"]
+    for name, words in (("u8.onnx", "takes uint8 inputs; lungedge feeds float32 images"),
+                        ("b1.onnx", "fixes batch 1 inside its graph (its Reshape node")):
+        code, out, err = run_cli(["export", "m", "--custom", "--checkpoint", tmp_path / name, *decl], capsys)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and not out.strip(), err
+    half = ff.tiny_torch(outputs=3).half()
+    ff.onnx_file(tmp_path / "f16.onnx", half, size=16, dtype=torch.float16)
+    out, fp32 = _export(tmp_path, capsys, "f16", tmp_path / "f16.onnx", "--custom", *decl[:-2])
+    assert "takes float16; cast from float32 in front" in out and "returns float16; cast to float32" in out
+    x = np.random.default_rng(5).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    got = _ort(fp32, x)
+    with torch.no_grad():
+        expected = half(torch.from_numpy(x).half()).float().numpy()
+    assert got.dtype == np.float32 and got.shape == (3, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsys):
@@ -207,6 +308,12 @@ def test_keras_softmax_model_predicts_its_own_probabilities(tmp_path, capsys):
     np.testing.assert_allclose(got, own, atol=1e-5)  # not softmaxed twice
     code, _, err = run_cli(["eval", fp32, "--data", data, "--out", tmp_path / "r"], capsys)
     assert code == 0, err
+
+
+def test_keras_softmax_followed_by_dropout_is_probabilities(tmp_path, capsys):
+    ff.tiny_keras(tmp_path / "drop.keras", size=16, outputs=3, activation="softmax", dropout_last=True)
+    out, fp32 = _export(tmp_path, capsys, "drop", tmp_path / "drop.keras", "--custom", "--classes", "a,b,c")
+    assert onnx_meta.read(fp32)["output"] == "probabilities" and "not softmaxed again" in out
 
 
 def test_keras_single_sigmoid_is_a_binary_model(tmp_path, capsys):
@@ -340,6 +447,7 @@ def test_group_googlenet_with_or_without_aux_heads(aux, tmp_path, capsys):
     out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "googlenet_model.pth", "--classes",
                         ff.GROUP_CLASSES, "--input-size", 64, "--no-transform-input")
     assert ("dropped the auxiliary heads aux1, aux2" in out) == aux
+    assert "transform_input=False (--no-transform-input given)" in out
     assert onnx_meta.read(fp32)["build"]["kwargs"]["transform_input"] is False  # the user's override
     x = np.random.default_rng(2).normal(size=(2, 3, 64, 64)).astype(np.float32)
     model.transform_input = False

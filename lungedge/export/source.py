@@ -64,6 +64,8 @@ def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str
 
     if checkpoint:  # any name: a registry model's file or (--custom) the user's own
         path = Path(checkpoint)
+        if path.is_dir():
+            raise LungedgeError(f"--checkpoint {path} is a folder, not a model file: name the file in it")
         if not path.is_file():
             raise LungedgeError(f"checkpoint not found: {path}")
         return path

@@ -118,10 +118,30 @@ def has_artifacts(model: str, runs, engines) -> bool:
     return bool(onnx_files(model, engines) or source_checkpoint(model, runs))
 
 
-def models_with_artifacts(runs, engines) -> list[str]:
+def exported_model(model: str, engines) -> bool:
+    """True when ``engines/<model>/`` holds ONNX files lungedge exported under that name (a ``--custom``
+    model's, or a registry model's): its lungedge metadata present and naming ``model``."""
+    files = onnx_files(model, engines)
+    if not files or Path(model).name != model:
+        return False
+    try:
+        return artifact_info(files.get("fp32") or next(iter(files.values()))).architecture == model
+    except LungedgeError:
+        return False
+
+
+def model_names(engines) -> list[str]:
+    """The registry models, then the names of other models exported under ``engines`` (``--custom``)."""
     from ..models.registry import names
 
-    return [m for m in names() if has_artifacts(m, runs, engines)]
+    folder = Path(engines)
+    custom = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in names()
+                    and exported_model(p.name, engines)) if folder.is_dir() else []
+    return names() + custom
+
+
+def models_with_artifacts(runs, engines) -> list[str]:
+    return [m for m in model_names(engines) if has_artifacts(m, runs, engines)]
 
 
 def onnx_variants(precision: str, device: str, include_trt_int8: bool = False) -> list[str]:
@@ -146,13 +166,16 @@ def jobs_for_model(model: str, device: str = "cpu", backends=None, precisions=No
     """Default jobs: every registered backend that runs on ``device`` (without ``backends``: those
     whose library is installed), over the artifacts of the kinds it runs: the source checkpoint (in
     each precision the backend runs on that device), each ONNX precision file, each engine."""
-    from ..models.registry import get_spec
+    from ..models.registry import REGISTRY
 
-    framework = get_spec(model).framework
+    files, engine = onnx_files(model, engines), engine_files(model, engines)
+    if model in REGISTRY:
+        framework = REGISTRY[model].framework
+    else:  # a --custom model: known by its exported files alone
+        framework = artifact_info(files.get("fp32") or next(iter(files.values()))).framework
     precisions = precisions or list(PRECISIONS)
     # the checkpoint the ONNX files came from, so that source and ONNX rows compare the same weights
     ckpt = export_source(model, runs, engines) or source_checkpoint(model, runs)
-    files, engine = onnx_files(model, engines), engine_files(model, engines)
     out: list[Job] = []
     for entry in (get_backend(b) for b in backends) if backends else BACKENDS.values():
         if device not in entry.devices or (not backends and not entry.available()):
@@ -202,13 +225,12 @@ def resolve(specs, all_models: bool = False, device: str | None = None, backends
             runs="runs", engines="engines", include_trt_int8: bool = False) -> list[Job]:
     """MODEL names and/or artifact paths (or --all) -> the jobs to run. ``device`` None: cpu for
     models, the backend's own device for an artifact file (an engine runs on cuda)."""
-    from ..models.registry import names
-
     specs = list(specs or [])
     optional: set[str] = set()
+    known = model_names(engines)
     if all_models:
         optional = {m for m in models_with_artifacts(runs, engines) if m not in specs}
-        specs += sorted(optional, key=names().index)
+        specs += sorted(optional, key=known.index)
         if not specs:
             raise LungedgeError(f"--all: no model has artifacts under {runs}/ or {engines}/; "
                                 "train and export one first")
@@ -226,8 +248,8 @@ def resolve(specs, all_models: bool = False, device: str | None = None, backends
                             continue  # this backend/precision does not apply to this artifact
                         raise
             continue
-        if s not in names():
-            raise LungedgeError(f"{s!r} is neither a file nor a model (models: {', '.join(names())})")
+        if s not in known:
+            raise LungedgeError(f"{s!r} is neither a file nor a model (models: {', '.join(known)})")
         found = jobs_for_model(s, device or "cpu", backends, precisions, runs, engines, include_trt_int8)
         if not found and s in optional:
             continue  # --all: this model has no artifact for the asked backends/precisions

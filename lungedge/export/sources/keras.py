@@ -88,12 +88,18 @@ def _check_signature(spec, model, path: Path) -> None:
 OUTPUT_OF_ACTIVATION = {"softmax": "probabilities", "sigmoid": "sigmoid"}
 
 
+# layers that pass their input through at inference: the activation is that of the layer before them
+INFERENCE_IDENTITY = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "AlphaDropout",
+                      "GaussianDropout", "GaussianNoise", "ActivityRegularization", "Identity")
+
+
 def final_activation(model) -> str:
     """'probabilities' / 'sigmoid' / 'logits' from the model's last layer (Dense activation, Activation
-    or Softmax layer)."""
-    layer = model.layers[-1]
+    or Softmax layer), trailing dropout-like layers skipped."""
+    layer = model
     while hasattr(layer, "layers") and layer.layers:  # a nested model as the last layer
-        layer = layer.layers[-1]
+        computing = [la for la in layer.layers if type(la).__name__ not in INFERENCE_IDENTITY]
+        layer = (computing or layer.layers)[-1]
     if type(layer).__name__ == "Softmax":
         return "probabilities"
     act = getattr(getattr(layer, "activation", None), "__name__", "linear")

@@ -4,6 +4,7 @@ output kind from a trailing Softmax/Sigmoid node. The source framework here is O
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,67 @@ def _outputs(model):
     return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") and len(dims) == 2 else None
 
 
+FLOATS = ("FLOAT16", "BFLOAT16", "DOUBLE")  # cast from/to float32 at the graph's edges
+
+
+def _float32_io(model, path: Path) -> list[str]:
+    """Cast a float16/bfloat16/double input and output from/to float32 (lungedge feeds and reads float32);
+    any other input type (uint8 images, integers) refused in one line. The input/output are the first ones."""
+    from onnx import TensorProto, helper
+
+    g, notes = model.graph, []
+    init = {i.name for i in g.initializer}
+    inp = next(i for i in g.input if i.name not in init)
+    for vi, is_input in ((inp, True), (g.output[0], False)):
+        elem = vi.type.tensor_type.elem_type
+        if elem in (TensorProto.FLOAT, TensorProto.UNDEFINED):
+            continue
+        name = TensorProto.DataType.Name(elem)
+        if name not in FLOATS:
+            what = "inputs" if is_input else "outputs"
+            raise LungedgeError(f"{path} takes {name.lower()} {what}; lungedge "
+                                + ("feeds float32 images (scaled by --scale): export the model with a float32 input"
+                                   if is_input else "reads float32 scores: export the model with float32 outputs"))
+        inner = f"{vi.name}_{name.lower()}"
+        for node in g.node:
+            if is_input:
+                node.input[:] = [inner if i == vi.name else i for i in node.input]
+            else:
+                node.output[:] = [inner if o == vi.name else o for o in node.output]
+                node.input[:] = [inner if i == vi.name else i for i in node.input]
+        cast = helper.make_node("Cast", [vi.name] if is_input else [inner], [inner] if is_input else [vi.name],
+                                to=elem if is_input else TensorProto.FLOAT, name=f"lungedge_{vi.name}_cast")
+        if is_input:
+            g.node.insert(0, cast)
+        else:
+            g.node.append(cast)
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT
+        notes.append(f"the graph {'takes' if is_input else 'returns'} {name.lower()}; cast "
+                     f"{'from' if is_input else 'to'} float32 {'in front' if is_input else 'at the end'}")
+    return notes
+
+
+def _check_batch(source: Source, path: Path) -> None:
+    """The graph runs on a batch of 2 (made dynamic by lungedge); one line where it fixes batch 1 inside."""
+    def attempt(n):
+        try:
+            run(source, np.zeros((n, *source.preprocessing.input_shape), np.float32))
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime raises on this graph
+            node = re.search(r"running (\w+) node\. Name:'([^']*)'", str(exc))
+            return (f"its {node[1]} node {node[2]!r} fails" if node
+                    else (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160])
+
+    problem = attempt(2)
+    if problem is None:
+        return
+    if attempt(1) is None:
+        raise LungedgeError(f"{path} fixes batch 1 inside its graph ({problem} on a batch of 2); "
+                            "lungedge runs batches: export it again with a dynamic batch axis")
+    raise LungedgeError(f"{path} does not run on a {tuple(source.preprocessing.input_shape)} input ({problem}); "
+                        "check --input-size, --layout and --channels")
+
+
 def load(path: Path, request: Request) -> Source:
     from ... import onnx_meta
 
@@ -44,6 +106,7 @@ def load(path: Path, request: Request) -> Source:
                             "engine build)")
     opts = request.options
     notes = declared.rename_io(model, onnx_meta.INPUT_NAME, onnx_meta.OUTPUT_NAME)
+    notes += _float32_io(model, path)
     size, layout, channels = declared.image_facts(_input_shape(model))
     prep, more = declared.preprocessing(opts, path, size=size, layout=layout, channels=channels,
                                         base=src.declared_base(request))
@@ -53,8 +116,10 @@ def load(path: Path, request: Request) -> Source:
     kind, keep, more = declared.output_kind(declared.onnx_output_kind(model), opts.get("output"), _outputs(model),
                                             names, path)
     declared.onnx_keep_first(model, keep)
-    return Source(model, KIND.name, "onnx", request.model, names, prep, path, sha256_file(path),
-                  build={"source_kind": "onnx", "file": path.name}, notes=notes + more, output=kind)
+    source = Source(model, KIND.name, "onnx", request.model, names, prep, path, sha256_file(path),
+                    build={"source_kind": "onnx", "file": path.name}, notes=notes + more, output=kind)
+    _check_batch(source, path)
+    return source
 
 
 def _session(source: Source):
@@ -62,7 +127,9 @@ def _session(source: Source):
     if sess is None:
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(source.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # failures come back as exceptions (said in one line), not logged
+        sess = ort.InferenceSession(source.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         source._session = sess
     return sess
 

@@ -62,16 +62,18 @@ def _accepted(spec) -> str:
             f"(--trust-pickle); other architectures: {ACCEPTED_CUSTOM}")
 
 
-def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: list[str]):
+def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: list[str], holds: str | None = None):
     """The registry architecture rebuilt around a bare state dict (torchvision's layout): aux heads
     dropped, the constructor arguments torchvision sets for pretrained weights assumed (said, and
-    overridable); (model, build record, head outputs)."""
+    overridable); (model, build record, head outputs). ``holds``: what the file holds, where the state
+    dict is a pickled model's (for the messages)."""
     from ...models.registry import foreign_build, rebuild
 
     state = {k.removeprefix("module."): v for k, v in state.items()}
     head_key = f"{spec.head}.weight"
     if head_key not in state:
-        raise LungedgeError(f"{path.name} is not a {spec.name} state dict (no {head_key}); {_accepted(spec)}")
+        what = f"holds {holds}, which is not a {spec.name}" if holds else f"is not a {spec.name} state dict"
+        raise LungedgeError(f"{path.name} {what} (no {head_key}); {_accepted(spec)}")
     aux = tuple(getattr(spec.builder, "aux_heads", ()))
     dropped = sorted({k.split(".")[0] for k in state if k.split(".")[0] in aux})
     if dropped:
@@ -90,15 +92,41 @@ def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: lis
         ti = build["kwargs"]["transform_input"]
         notes.append(f"transform_input={ti}" + (" assumed (torchvision's setting for ImageNet-initialised "
                      f"{spec.name}, which such files almost always come from); pass --no-transform-input if it was "
-                     "trained without it" if "transform_input" not in overrides else " (--transform-input given)"))
+                     "trained without it" if "transform_input" not in overrides else
+                     f" (--{'' if ti else 'no-'}transform-input given)"))
     model = rebuild(build)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    subject = f"{path.name} ({holds})" if holds else path.name
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of other shapes
+        shapes = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise LungedgeError(f"{subject} does not fit {spec.name}: {len(shapes)} tensors of other shapes "
+                            f"({(shapes or [''])[0][:120]}); {_accepted(spec)}") from None
     missing = [k for k in missing if "num_batches_tracked" not in k]
     if missing or unexpected:
         some = ", ".join((list(unexpected) + missing)[:3])
-        raise LungedgeError(f"{path.name} does not fit {spec.name}: {len(missing)} missing and {len(unexpected)} "
+        raise LungedgeError(f"{subject} does not fit {spec.name}: {len(missing)} missing and {len(unexpected)} "
                             f"unexpected tensors (e.g. {some}); {_accepted(spec)}")
     return model.eval(), build, out_features
+
+
+def _pickled_model(path: Path, spec, model, request: Request, notes: list[str]):
+    """A whole pickled model, unwrapped from (Distributed)DataParallel and in FP32, checked against the
+    registry architecture as its state dict would be; (model, head outputs)."""
+    import torch
+
+    while isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        notes.append(f"the pickled model is wrapped in {type(model).__name__}; exporting its .module")
+        model = model.module
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in [*model.parameters(), *model.buffers()]
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        notes.append(f"the pickled model holds {', '.join(dtypes)} weights; converted to float32 (the FP32 ONNX; "
+                     "--fp16 writes the FP16 one)")
+        model = model.float()
+    *_, out_features = _from_state_dict(path, spec, model.state_dict(), request, [],
+                                        holds=f"a pickled {type(model).__name__}")
+    return model.eval(), out_features
 
 
 def _foreign(path: Path, spec, request: Request) -> Source:
@@ -107,7 +135,8 @@ def _foreign(path: Path, spec, request: Request) -> Source:
     notes: list[str] = []
     payload = _payload(path, request.trust_pickle, notes)
     if isinstance(payload, torch.nn.Module):
-        model, build, out_features = payload.eval(), {}, None  # a pickled model records no build
+        model, out_features = _pickled_model(path, spec, payload, request, notes)
+        build = {}  # a pickled model records no build
     elif isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
         model, build, out_features = _from_state_dict(path, spec, payload, request, notes)
     else:

@@ -6,6 +6,7 @@ The output kind is read from the converted graph (a trailing Softmax/Sigmoid) un
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,13 @@ def _finish(model, kind: str, path: Path, request: Request, shape, build: dict) 
     except Exception as exc:  # noqa: BLE001 - whatever the program raises on the declared input
         raise LungedgeError(f"{path} does not run on a {tuple(prep.input_shape)} input ({_first_line(exc)}); "
                             "check --input-size, --layout and --channels") from None
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *prep.input_shape))
+    except Exception as exc:  # noqa: BLE001 - e.g. torch.export's guard on a static batch of 1
+        raise LungedgeError(f"{path} fixes batch 1 (it fails on a batch of 2: {_first_line(exc)}); lungedge runs "
+                            "batches: export it again with a dynamic batch (torch.export: dynamic_shapes with "
+                            "torch.export.Dim on axis 0)") from None
     if isinstance(probe, (tuple, list)):
         notes.append(f"the program returns {len(probe)} outputs; using the first")
     out = probe[0] if isinstance(probe, (tuple, list)) else probe
@@ -115,11 +123,69 @@ def ep_recognise(path: Path) -> bool:
     return _is(path, "torch-export")
 
 
-def ep_load(path: Path, request: Request) -> Source:
+class _CodeRefused(Exception):
+    """A pickle inside a .pt2 that only loads by running code (not a RuntimeError: torch.export.load swallows those)."""
+
+
+def _refuse(*args, **kwargs):
+    raise _CodeRefused()
+
+
+def _weights_only_load(load):
+    def safe(*args, **kwargs):
+        if kwargs.get("weights_only") is False:
+            raise _CodeRefused()  # torch.export's fallback after the safe load failed
+        return load(*args, **kwargs)
+
+    return safe
+
+
+@contextmanager
+def _no_code(trust_pickle: bool):
+    """While torch.export.load runs: every pickle in the archive loaded with weights_only=True (torch's
+    fallback to a full unpickle, and plain pickle.loads of opaque objects, refused) unless trusted;
+    torch's logged tracebacks kept quiet (the failure is said in one line)."""
+    import logging
+    import pickle
+    from unittest import mock
+
     import torch
 
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        ep = torch.export.load(str(path))
+        if trust_pickle:
+            yield
+        else:
+            with mock.patch.object(torch, "load", _weights_only_load(torch.load)), \
+                    mock.patch.object(pickle, "loads", _refuse):
+                yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def ep_load(path: Path, request: Request) -> Source:
+    import zipfile
+
+    import torch
+
+    refusal = (f"{path} holds {{}}, which runs code when loaded; refusing it. If you trust its origin, "
+               "pass --trust-pickle")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            compiled = any("/data/aotinductor/" in f"/{n}" for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        compiled = False  # said by torch.export.load below
+    if compiled and not request.trust_pickle:
+        raise LungedgeError(refusal.format("an AOTInductor-compiled library (data/aotinductor/)"))
+    try:
+        with _no_code(request.trust_pickle):
+            ep = torch.export.load(str(path))
+    except _CodeRefused:
+        raise LungedgeError(refusal.format("a pickled object that is not plain tensors")) from None
     except Exception as exc:  # noqa: BLE001
         raise LungedgeError(f"{path}: cannot load the torch.export program ({_first_line(exc)})") from None
     shape = None
