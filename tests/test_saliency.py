@@ -128,6 +128,7 @@ def test_explain_sees_the_pixels_inference_sees(tmp_path):
 
     class Runner:  # a runner's surface: preprocessing, infer (numpy in, logits out), classes, output
         backend, classes, output, precision, model = "onnxruntime", ["a", "b", "c"], "logits", "fp32", None
+        temperature = 1.0
         preprocessing = prep
 
         @staticmethod
