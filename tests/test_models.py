@@ -213,7 +213,10 @@ def test_cuda_without_gpu(tmp_path, capsys):
 
 
 def test_bad_mode_and_weights(tmp_path, capsys):
-    code, _, err = run_cli(["train", "googlenet", "--data", tmp_path, "--mode", "half"], capsys)
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["train", "googlenet", "--data", tmp_path, "--mode", "half", "--out", runs], capsys)
     assert code == 2 and "unknown mode 'half'" in err
-    code, _, err = run_cli(["train", "googlenet", "--data", tmp_path, "--weights", tmp_path / "nope.pth"], capsys)
+    code, _, err = run_cli(["train", "googlenet", "--data", tmp_path, "--weights", tmp_path / "nope.pth", "--out",
+                            runs], capsys)
     assert code == 2 and "neither 'imagenet', 'none' nor an existing file" in err
+    assert not runs.exists()  # a refused run leaves no folder behind, not even runs/googlenet

@@ -44,9 +44,11 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
     if resume_dir is None and not cfg.run_name:
         cfg.run_name = default_run_name(cfg)
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
-    lock = lock_run(resume_dir or planned_run_dir(cfg)) if main_rank else None
     run_dir = resume_dir or planned_run_dir(cfg)
+    new_parents = [p for p in (run_dir.parent.parent, run_dir.parent) if not p.exists()]  # runs/, runs/MODEL
+    lock = lock_run(run_dir) if main_rank else None
     new_folder = resume_dir is None and not run_dir.exists()
+    refused = False
     try:
         return _train(cfg, spec, resume_dir, on_epoch, show_progress, stop_after, strategy)
     except LungedgeError:
@@ -54,6 +56,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)  # refused before an epoch finished: leave no half run
+            refused = True
         raise
     except KeyboardInterrupt:
         from ..io import note_kept
@@ -67,6 +70,11 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
     finally:
         if lock is not None:
             lock.release()
+        for folder in reversed(new_parents) if refused else ():  # the folders this refused run made, if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 # where a run runs (free to change on resume) and how it is found (--out, --run-name)
