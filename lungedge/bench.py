@@ -49,12 +49,23 @@ def synthetic_images(folder: Path, n: int = 8, size: int = SYNTHETIC_SIZE, seed:
     return out
 
 
-def image_files(data) -> list[Path]:
+def image_files(data, log=lambda s: None) -> list[Path]:
+    """Up to 32 images spread over the data set for the ``+prep`` timing; an unreadable one (not an image,
+    truncated, a FIFO) is skipped with a line, as ``data split``, ``eval`` and ``predict`` do."""
     from .data.layout import detect_layout
+    from .preprocess import ImageReadError, read_image
 
     layout = detect_layout(data)
-    files = layout.files[:: max(1, len(layout.files) // 32)][:32]
-    return [layout.root / f.path for f in files]
+    out = []
+    for f in layout.files[:: max(1, len(layout.files) // 32)][:32]:
+        try:
+            read_image(layout.root / f.path)
+            out.append(layout.root / f.path)
+        except ImageReadError as exc:
+            log(f"skipped {exc}")
+    if not out:
+        raise LungedgeError(f"none of the images picked from {data} for the +prep timing could be read")
+    return out
 
 
 def bench_job(job: Job, batch_sizes, files, warmup: int = 3, iters: int | None = None,
@@ -122,7 +133,7 @@ def run_bench(jobs: list[Job], batch_sizes=(1, 8), warmup: int = 3, iters: int |
         check_cuda()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lungedge-bench-") as tmp:
-        files = image_files(data) if data else synthetic_images(Path(tmp))
+        files = image_files(data, log) if data else synthetic_images(Path(tmp))
         source = str(data) if data else f"synthetic {SYNTHETIC_SIZE}x{SYNTHETIC_SIZE} grayscale PNG files"
         for j in jobs:
             for r in bench_job(j, batch_sizes, files, warmup, iters, seconds, threads, preprocessing, log):

@@ -554,6 +554,26 @@ def test_export_calibrates_again_over_a_truncated_ranges_cache(exported, tmp_pat
 
 # -- 5. measurements survive a failed write ------------------------------------------------------------------
 
+def test_bench_skips_an_unreadable_image_of_its_data_folder(exported, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(exported["data"], data)
+    (data / "benign" / "aaa-empty.png").write_bytes(b"")
+    code, out, err = run_cli(["bench", exported["onnx"], "--data", data, "--batch-sizes", "1", "--iters", "2",
+                              "--warmup", "0", "--backend", "onnxruntime", "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    assert re.search(r"^skipped .*aaa-empty\.png: not an image file$", err, re.M), err
+    (data / "malignant").rename(tmp_path / "gone")  # only the empty file and the normal class left:
+    for p in (data / "normal").iterdir():
+        p.write_bytes(b"")
+    for p in (data / "benign").iterdir():
+        p.write_bytes(b"")
+    code, _, err = run_cli(["bench", exported["onnx"], "--data", data, "--batch-sizes", "1", "--iters", "1",
+                            "--backend", "onnxruntime", "--out", tmp_path / "r2"], capsys)
+    one_error(code, err, match=r"none of the images picked from .* for the \+prep timing could be read")
+
+
 @pytest.mark.parametrize("command", ["bench", "eval"])
 @pytest.mark.parametrize("failure", ["read-only", "full disk", "a file"])
 def test_table_printed_before_a_failed_write(exported, tmp_path, command, failure):
