@@ -21,6 +21,11 @@ def runner_logits(runner, x: np.ndarray, batch: int = 16) -> np.ndarray:
     return predict_in_batches(runner.infer, x, batch, len(runner.classes))
 
 
+def nonfinite_rows(outputs: np.ndarray) -> int:
+    """How many images have a NaN or infinite output (FP16 overflow, a broken layer)."""
+    return int((~np.isfinite(outputs)).reshape(len(outputs), -1).any(axis=1).sum())
+
+
 def prefetched(fn: Callable, items):
     """``fn(item)`` for each item in order, the next one computed on a background thread while the
     caller works on the current one (decode batch k+1 while batch k runs through the model). An

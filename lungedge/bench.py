@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import provenance
-from .errors import LungedgeError
+from .errors import LungedgeError, display_name
 from .preprocess import decode_threads
 from .results import job_row, write_rows
 from .runners import open_runner
@@ -58,11 +58,12 @@ def image_files(data, log=lambda s: None) -> list[Path]:
     layout = detect_layout(data)
     out = []
     for f in layout.files[:: max(1, len(layout.files) // 32)][:32]:
+        path = layout.root / f.path
         try:
-            read_image(layout.root / f.path)
-            out.append(layout.root / f.path)
+            read_image(path)
+            out.append(path)
         except ImageReadError as exc:
-            log(f"skipped {exc}")
+            log(f"skipped {display_name(path)}: {str(exc).removeprefix(f'{path}: ')}")
     if not out:
         raise LungedgeError(f"none of the images picked from {data} for the +prep timing could be read")
     return out

@@ -9,6 +9,13 @@ class LungedgeError(Exception):
     exit_code = 2
 
 
+def display_name(name) -> str:
+    """A file name for one line of human output: as it is, or quoted with escapes (``'new\\nline.png'``) when
+    it holds a control character (a newline would break the line in two) or bytes that are not UTF-8."""
+    name = str(name)
+    return name if name.isprintable() else repr(name)
+
+
 def check_choice(value, allowed, what: str):
     """Return ``value`` if it is one of ``allowed``; otherwise raise a one-line :class:`LungedgeError`.
 

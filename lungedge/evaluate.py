@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import provenance, testset
-from .batching import runner_logits
-from .errors import LungedgeError
+from .batching import nonfinite_rows, runner_logits
+from .errors import LungedgeError, display_name
 from .metrics import calibration, classification_metrics, disagreement
 from .results import job_row
 from .runners import open_runner
@@ -100,7 +100,7 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT) -> tu
         x = ts.inputs(runner.preprocessing)  # unreadable images leave the set here: labels after
         y = np.array([runner.classes.index(lbl) for lbl in ts.labels])
         logits = runner_logits(runner, x, BATCH)
-        bad = int((~np.isfinite(logits)).any(axis=1).sum())
+        bad = nonfinite_rows(logits)
         if bad:
             raise LungedgeError(f"{job.artifact.name} ({job.backend} {job.precision}): the model's output is NaN "
                                 f"or infinite on {bad} of {len(logits)} test images")
@@ -141,7 +141,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
         noted = len(ts.skipped)
         row, pred = eval_job(job, ts, threads, n_boot)
         for bad in ts.skipped[noted:]:  # as data split and predict do: listed, not the end of the run
-            log(f"skipped {bad['path'] if bad['path'].isprintable() else repr(bad['path'])}: {bad['reason']}")
+            log(f"skipped {display_name(bad['path'])}: {bad['reason']}")
         if job.precision == "fp32":
             fp32_preds[(job.model, job.backend)] = (pred, f"{job.backend} fp32 {job.artifact.name}")
             row["differs_from_fp32"] = None

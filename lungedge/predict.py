@@ -52,20 +52,7 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
 def _decoded(prep, chunk: list[Path], unreadable: list[dict]):
     """(the readable paths of ``chunk``, their inputs); each unreadable one (missing, corrupt, over
     LUNGEDGE_MAX_PIXELS) is appended to ``unreadable`` as {"image", "reason"} instead of failing all."""
-    from .preprocess import ImageReadError
-
-    try:
-        return chunk, prep.load_batch(chunk)
-    except ImageReadError:
-        pass
-    ok, xs = [], []
-    for path in chunk:
-        try:
-            xs.append(prep.load_batch([path]))
-            ok.append(path)
-        except ImageReadError as exc:
-            reason = str(exc)
-            reason = reason[len(f"{path}: "):] if reason.startswith(f"{path}: ") else reason
-            unreadable.append({"image": str(path), "reason": reason})
-    return ok, (np.concatenate(xs) if xs else None)
+    keep, x, skipped = prep.load_readable(chunk)
+    unreadable += [{"image": str(path), "reason": reason} for path, reason in skipped]
+    return [chunk[i] for i in keep], x
 

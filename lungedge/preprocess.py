@@ -312,6 +312,24 @@ class Preprocessing:
             self.normalize(self.load_pixels(paths[0]), out=out[0])
         return out
 
+    def load_readable(self, paths) -> tuple[list[int], np.ndarray | None, list[tuple[Path, str]]]:
+        """:meth:`load_batch`, leaving out each file that cannot be read (missing, corrupt, not a regular
+        file, over LUNGEDGE_MAX_PIXELS) instead of failing all: (indices of the files read, their batch
+        or None when none was, (path, reason) of each file left out)."""
+        paths = list(paths)
+        try:
+            return list(range(len(paths))), self.load_batch(paths), []
+        except ImageReadError:
+            pass
+        keep, xs, skipped = [], [], []
+        for i, path in enumerate(paths):
+            try:
+                xs.append(self.load_batch([path]))
+                keep.append(i)
+            except ImageReadError as exc:
+                skipped.append((path, str(exc).removeprefix(f"{path}: ")))
+        return keep, (np.concatenate(xs) if xs else None), skipped
+
 
 def _into(out: np.ndarray | None, x: np.ndarray) -> np.ndarray:
     if out is None:

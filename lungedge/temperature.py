@@ -41,13 +41,11 @@ def fit(scores: np.ndarray, labels, kind: str = "logits") -> dict:
     from scipy.optimize import minimize_scalar
 
     y = np.asarray(labels, dtype=int)
-    z = log_scores(scores, kind)
+    z = log_scores(scores, kind)  # once: the search then only divides
     rows = np.arange(len(y))
 
     def nll(log_t: float) -> float:
-        from scipy.special import log_softmax
-
-        return float(-log_softmax(z / math.exp(log_t), axis=1)[rows, y].mean())
+        return float(-scaled_log_probs(z, "logits", math.exp(log_t))[rows, y].mean())
 
     lo, hi = (math.log(b) for b in BOUNDS)
     best = minimize_scalar(nll, bounds=(lo, hi), method="bounded", options={"xatol": 1e-5})

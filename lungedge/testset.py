@@ -36,36 +36,23 @@ class TestImages:
     def inputs(self, prep) -> np.ndarray:
         """The images as ``prep``'s model input. An image that cannot be read (not an image, truncated, ...)
         leaves the set (paths, labels, groups) and is listed in ``skipped``; none readable is an error."""
-        from .preprocess import ImageReadError
-
         key = json.dumps(prep.to_dict(), sort_keys=True)
         if key not in self._cache:
-            try:
-                self._cache[key] = prep.load_batch(self.paths)
-            except ImageReadError:
-                self._cache[key] = self._readable_inputs(prep)
+            keep, x, skipped = prep.load_readable(self.paths)
+            if skipped:
+                self._leave_out(keep, skipped)
+            self._cache[key] = x
         return self._cache[key]
 
-    def _readable_inputs(self, prep) -> np.ndarray:
-        from .preprocess import ImageReadError
-
-        keep, xs, skipped = [], [], []
-        for i, path in enumerate(self.paths):
-            try:
-                xs.append(prep.load_batch([path]))
-                keep.append(i)
-            except ImageReadError as exc:
-                reason = str(exc)
-                skipped.append({"path": str(path), "reason": reason.removeprefix(f"{path}: ")})
+    def _leave_out(self, keep: list[int], skipped: list[tuple]) -> None:
         if not keep:
             raise LungedgeError(f"none of the test images could be read ({self.where}; "
-                                f"first: {skipped[0]['path']}: {skipped[0]['reason']})")
-        self.skipped += skipped
+                                f"first: {skipped[0][0]}: {skipped[0][1]})")
+        self.skipped += [{"path": str(path), "reason": reason} for path, reason in skipped]
         self.paths, self.labels = [self.paths[i] for i in keep], [self.labels[i] for i in keep]
         self.groups = [self.groups[i] for i in keep] if self.groups is not None else None
         self._cache = {k: v[keep] for k, v in self._cache.items()}
         self.where = f"{self.where}, {len(self.skipped)} unreadable skipped"
-        return np.concatenate(xs)
 
     def head(self, n: int) -> "TestImages":
         """The first ``n`` images (sharing already loaded inputs)."""

@@ -30,13 +30,6 @@ def print_json(obj) -> None:
     sys.stdout.write(re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
 
 
-def display_name(name) -> str:
-    """A file name for one line of human output: as it is, or quoted with escapes (``'new\\nline.png'``) when
-    it holds a control character (a newline would break the line in two) or bytes that are not UTF-8."""
-    name = str(name)
-    return name if name.isprintable() else repr(name)
-
-
 def print_result(result, json_out: bool, line: str) -> None:
     """A command's result: the whole of it as JSON with --json, else its one-line summary."""
     if json_out:

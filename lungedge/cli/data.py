@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..data.defaults import DEFAULT_THRESHOLD, LOOSE_THRESHOLD, SPLITS
-from .common import display_name, print_json
+from ..errors import display_name
+from .common import print_json
 
 app = typer.Typer(help="Inspect image folders, make leakage-aware splits and audit them.", no_args_is_help=True)
 

@@ -181,7 +181,8 @@ def predict_cmd(
 ):
     """Classify images with a model, checkpoint, ONNX file or TensorRT engine: class and probabilities."""
     from ..predict import predict
-    from .common import display_name, print_json
+    from ..errors import display_name
+    from .common import print_json
 
     jobs = _jobs([model], False, device, backend, precision, runs, engines)
     job = jobs[0]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import onnx_meta, quantize, stats, trt
+from ..batching import nonfinite_rows
 from ..errors import LungedgeError
 from ..io import staged_folder, write_json
 from . import compare, metadata, precision
@@ -92,7 +93,7 @@ def _check_fp32(source: Source, fp32: Path, base: Path, check: EvalSet, summary:
 
     # the source a few images a call: a Keras ResNet50 on 32 images at once alone took > 3.8 GB (#14)
     ref = predict_in_batches(lambda c: run_source(source, c), check.x, 4)
-    bad = compare.nonfinite_rows(ref)
+    bad = nonfinite_rows(ref)
     if bad:
         raise LungedgeError(f"{source.path}: the model's own output is NaN or infinite on {bad} of "
                             f"{check.where}: a broken checkpoint, or inputs it was not made for")

@@ -14,16 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..batching import predict_in_batches
+from ..batching import nonfinite_rows, predict_in_batches
 
 PARITY_MAX_REL = 1e-3  # the largest relative error export accepts between ONNX and its source
 
 Run = Callable[[np.ndarray], np.ndarray]
-
-
-def nonfinite_rows(outputs: np.ndarray) -> int:
-    """How many images have a NaN or infinite output (FP16 overflow, a broken layer)."""
-    return int((~np.isfinite(outputs)).reshape(len(outputs), -1).any(axis=1).sum())
 
 
 def compare_outputs(reference: np.ndarray, other: np.ndarray, tie: float = PARITY_MAX_REL) -> dict:
@@ -37,9 +32,9 @@ def compare_outputs(reference: np.ndarray, other: np.ndarray, tie: float = PARIT
     """
     if reference.shape != other.shape:
         raise ValueError(f"outputs of different shapes: {reference.shape} vs {other.shape}")
-    if nonfinite_rows(reference):
-        raise ValueError(f"the reference output is NaN or infinite on {nonfinite_rows(reference)} of "
-                         f"{len(reference)} images")
+    bad = nonfinite_rows(reference)
+    if bad:
+        raise ValueError(f"the reference output is NaN or infinite on {bad} of {len(reference)} images")
     ok = np.isfinite(other).reshape(len(other), -1).all(axis=1)
     diff = np.abs(reference[ok] - other[ok])
     scale = max(float(np.abs(reference).max(initial=0.0)), 1e-12)
