@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from . import __version__, onnx_meta
 from .errors import LungedgeError, check_choice
-from .io import dumps_json, sha256_file, write_error
+from .io import FolderLock, clean_stale, dumps_json, sha256_file, write_error
 
 FORMAT = "lungedge-bundle/1"
 # what --precision names: the ONNX variants (onnx_meta.VARIANTS), int8 = S8S8 for TensorRT, int8-cpu = U8S8
@@ -446,24 +446,36 @@ def verify(bundle: str | Path) -> dict:
 
 
 def extract(bundle: str | Path, to: str | Path = ".") -> Path:
-    """Verify ``bundle``, then unpack it into ``to/<top>/`` (refusing to overwrite an existing folder)."""
+    """Verify ``bundle``, then unpack it into ``to/<top>/`` (refusing to overwrite an existing folder).
+
+    ``to/<top>`` is locked while it is unpacked (a second extract of the same bundle is refused in one line)
+    and filled through a staging folder beside it, so a kill leaves no half folder; the next extract removes
+    the staging folder a killed one left."""
     bundle, to = Path(bundle), Path(to)
     checked = verify(bundle)
     dest = to / checked["top"]
     if dest.exists():
         raise LungedgeError(f"{dest} already exists; remove it or extract elsewhere with --to DIR")
-    to.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{checked['top']}.", dir=to))
-    try:
+    with FolderLock(dest, "lungedge bundle extract"):
+        clean_stale(dest)  # what a killed extract left
+        if dest.exists():  # another extract finished while this one verified
+            raise LungedgeError(f"{dest} already exists; remove it or extract elsewhere with --to DIR")
         try:
-            with tarfile.open(bundle, mode="r:gz") as tar:
-                tar.extractall(staging, filter=_member_filter(bundle))
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise LungedgeError(f"{bundle} changed while extracting ({exc}); copy it again") from None
-        for rel, want in checked["manifest"]["files"].items():  # re-check what landed on disk
-            if sha256_file(staging / checked["top"] / rel) != want["sha256"]:
-                raise LungedgeError(f"{rel} changed while extracting {bundle}; copy the bundle again")
-        os.replace(staging / checked["top"], dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=to))
+        except OSError as exc:
+            raise write_error(to, exc, "cannot extract into") from None
+        try:
+            try:
+                with tarfile.open(bundle, mode="r:gz") as tar:
+                    tar.extractall(staging, filter=_member_filter(bundle))
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise LungedgeError(f"{bundle} changed while extracting ({exc}); copy it again") from None
+            except OSError as exc:  # full disk, read-only folder: name the folder, not the staging one
+                raise write_error(dest, exc, "cannot extract into") from None
+            for rel, want in checked["manifest"]["files"].items():  # re-check what landed on disk
+                if sha256_file(staging / checked["top"] / rel) != want["sha256"]:
+                    raise LungedgeError(f"{rel} changed while extracting {bundle}; copy the bundle again")
+            os.rename(staging / checked["top"], dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return dest

@@ -265,3 +265,40 @@ def test_engine_build_fails_in_one_line_without_tensorrt(exported, capsys):
     assert code == 2 and "CPU form" in err, err
     code, _, err = run_cli(["engine", "build", exported / "missing.onnx"], capsys)
     assert code == 2 and "not found" in err, err
+
+
+def test_extract_while_another_extract_holds_the_folder_is_one_line(exported, capsys, tmp_path):
+    """Two extracts of one bundle at once: the second is refused in one line (it used to end in an internal
+    error, 'Directory not empty', when both renamed their staging folder into place)."""
+    from lungedge.io import FolderLock
+
+    out, _ = make_bundle(exported, capsys, "--precision", "fp32")
+    dest = tmp_path / "device"
+    with FolderLock(dest / "gnet-jetson", "lungedge bundle extract"):
+        code, _, err = run_cli(["bundle", "extract", out, "--to", dest], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is being written by pid" in err, err
+    assert not (dest / "gnet-jetson").exists()
+
+
+def test_extract_removes_what_a_killed_extract_left(exported, capsys, tmp_path):
+    out, _ = make_bundle(exported, capsys, "--precision", "fp32")
+    dest = tmp_path / "device"
+    dest.mkdir()
+    code = ("import os, sys, tarfile\n"
+            "orig = tarfile.TarFile.extractall\n"
+            "def killed(self, path, *a, **k):\n"
+            "    orig(self, path, *a, **k)\n"
+            "    os.kill(os.getpid(), 9)\n"
+            "tarfile.TarFile.extractall = killed\n"
+            "from lungedge.bundle import extract\n"
+            f"extract({str(out)!r}, {str(dest)!r})\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -9
+    left = [p.name for p in dest.iterdir()]
+    assert left and all(n.startswith(".gnet-jetson.") for n in left), left  # a staging folder, no gnet-jetson
+    code, _, err = run_cli(["bundle", "extract", out, "--to", dest], capsys)
+    assert code == 0, err
+    assert [p.name for p in dest.iterdir()] == ["gnet-jetson"]
