@@ -35,7 +35,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import LungedgeError
-from .io import atomic_write_bytes, write_json
+from .io import WriteError, atomic_write_bytes, write_error, write_json
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIB_METHOD = "minmax"  # measured on IQ-OTH/NCCD: see the README
@@ -550,11 +550,35 @@ def to_int8(onnx_in: str | Path, onnx_out: str | Path, target: str, method: str,
             _add_residual_qdq(model, read_ranges(ranges_cache))
             _save_model(model, Path(tmp))
         os.replace(tmp, out)
+    except LungedgeError as exc:
+        if isinstance(exc, WriteError):  # a temporary file's name is no use to the user: name the file made
+            raise WriteError(str(exc).replace(pre, str(out)).replace(tmp, str(out))) from None
+        raise
+    except OSError as exc:  # ONNX Runtime's quantizer writes its intermediate files itself (no file named)
+        raise write_error(out, exc) from None
+    except Exception:
+        # onnx's shape inference (C++) writes its copy of the model without checking the write: on a full disk
+        # the quantizer then fails to parse a truncated file ("Wire format was corrupt")
+        if _short_of_space(out.parent, onnx_in):
+            raise WriteError(f"cannot write {out}: No space left on device") from None
+        raise
     finally:
         root_logger.setLevel(level)
         Path(tmp).unlink(missing_ok=True)
         Path(pre).unlink(missing_ok=True)
+        for left in out.parent.glob(f"{Path(pre).stem}-inferred*"):  # the quantizer's own copy, if it failed
+            left.unlink(missing_ok=True)
     return out
+
+
+def _short_of_space(folder: Path, model: str | Path) -> bool:
+    """True when ``folder`` has less room left than a copy of ``model`` needs (the quantizer writes several)."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < 2 * os.path.getsize(model)
+    except OSError:
+        return False
 
 
 # -- INT8 for OpenVINO: NNCF's placement ------------------------------------------------------------

@@ -284,3 +284,27 @@ def test_trt_int8_quantizes_every_layer_and_nothing_tensorrt_cannot_fold(residua
     # ONNX Runtime's default placement (the CPU file) puts Q/DQ where TensorRT cannot fold it: the check sees it
     cpu = quantize.to_int8(residual_onnx, tmp_path / "r.int8-cpu.onnx", "cpu", "minmax", cache)
     assert quantize.trt_qdq_report(cpu)["unfoldable"]
+
+
+def test_int8_on_a_full_disk_names_the_file_and_leaves_nothing(tiny_onnx, tmp_path):
+    """ONNX Runtime's quantizer writes its intermediate copies itself: a full disk used to come out as a bare
+    'No space left on device' (or, from onnx's shape inference, an internal 'Wire format was corrupt' error)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import small_file_limit
+
+    cache = tmp_path / "ranges.json"
+    quantize.to_int8(tiny_onnx, tmp_path / "first.onnx", "trt", "minmax", cache, batches=[_images(8)])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "tiny.int8.onnx"
+    code = ("import torch\nfrom lungedge import quantize\nfrom lungedge.io import WriteError\n"
+            f"try: quantize.to_int8({str(tiny_onnx)!r}, {str(target)!r}, 'trt', 'minmax', {str(cache)!r})\n"
+            "except WriteError as e: print(e)\n")
+    limit = tiny_onnx.stat().st_size // 2  # the model fits nowhere
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], preexec_fn=small_file_limit(limit))
+    assert proc.stdout.strip() == f"cannot write {target}: File too large", (proc.stdout, proc.stderr[-2000:])
+    assert list(out_dir.iterdir()) == []  # no temporary copy left behind
