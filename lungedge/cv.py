@@ -138,10 +138,15 @@ def run_fold(model: str, root: Path, manifest: dict, fold_dir: Path, settings: d
                 return res
         except ValueError:
             pass
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    split_path = write_json(fold_dir / "split.json", manifest)
     runs = fold_dir / "runs"
     run_dir = runs / model / "run"
+    # what the fold's training depends on (not --threads): a training started otherwise is never reused
+    trained_for = {k: v for k, v in settings.items() if k != "threads"}
+    train_key = _key({"settings": trained_for, "items": [(it["path"], it["split"]) for it in manifest["items"]]})
+    _check_fold_training(fold_dir, run_dir, train_key, trained_for)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    write_json(fold_dir / "fold.json", {"format": FORMAT, "train_key": train_key, "settings": trained_for})
+    split_path = write_json(fold_dir / "split.json", manifest)
     cfg = TrainConfig(model=model, split=str(split_path), out=str(runs), run_name="run",
                       **{k: v for k, v in settings.items() if k in ("epochs", "image_size", "batch_size", "lr", "weights",
                                                                     "seed", "threads")})
@@ -170,6 +175,26 @@ def run_fold(model: str, root: Path, manifest: dict, fold_dir: Path, settings: d
            "metrics": classification_metrics(y, ev["pred"], classes, scores=np.array(ev["probs"]))}
     write_json(res_path, res)
     return res
+
+
+def _check_fold_training(fold_dir: Path, run_dir: Path, key: str, settings: dict) -> None:
+    """Refuse a fold folder whose training was started with other settings or folds: reusing it (finished) or
+    resuming it would report that training under these settings, and, for other folds, test on images it
+    trained on."""
+    if not (run_dir / "config.json").is_file():
+        return
+    try:
+        trained = json.loads((fold_dir / "fold.json").read_text())
+    except (OSError, ValueError):
+        return  # a fold folder of an older lungedge: resumed or reused as before
+    if not isinstance(trained, dict) or trained.get("train_key") in (None, key):
+        return
+    was = trained.get("settings") or {}
+    differ = [f"--{k.replace('_', '-')} {v} (trained with {was.get(k)})" for k, v in settings.items()
+              if k in was and was.get(k) != v]
+    why = "; ".join(differ) if differ else "its folds differ (the data changed)"
+    raise LungedgeError(f"{fold_dir} holds a training started with other settings: {why}; give cv another --out, "
+                        f"or remove {fold_dir} to train that fold again")
 
 
 METRIC_KEYS = ("balanced_accuracy", "accuracy", "macro_f1")

@@ -95,3 +95,20 @@ def test_cv_end_to_end_then_resume(tmp_path, capsys):
     # bad input: one line
     code, out, err = run_cli(["cv", "smallcnn", "--data", tmp_path / "nope"], capsys)
     assert code != 0 and err.startswith("error:") and "Traceback" not in err
+
+
+def test_cv_never_reuses_a_fold_trained_with_other_settings(tmp_path, capsys):
+    """A rerun with another --epochs (or --seed, ...) into the same --out used to evaluate the folds trained
+    before and report them under the new settings; it is refused in one line, and the folds stay as they were."""
+    data = write_dataset(tmp_path / "data", ["a", "b", "c"], per_class=6, copies=2, size=32)
+    args = ["cv", "smallcnn", "--data", data, "--folds", "3", "--image-size", "32", "--threads", "1",
+            "--out", tmp_path / "cv"]
+    code, _, err = run_cli([*args, "--epochs", "1"], capsys)
+    assert code == 0, err
+    fold = tmp_path / "cv" / "smallcnn" / "near-duplicate" / "r0-f0"
+    before = (fold / "runs" / "smallcnn" / "run" / "best.pth").read_bytes()
+    code, _, err = run_cli([*args, "--epochs", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--epochs 2 (trained with 1)" in err, err
+    assert (fold / "runs" / "smallcnn" / "run" / "best.pth").read_bytes() == before
+    report = json.loads((tmp_path / "cv" / "smallcnn" / "cv-near-duplicate.json").read_text())
+    assert report["settings"]["epochs"] == 1
