@@ -26,7 +26,8 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable, Iterator
+from glob import escape as glob_escape
+from typing import Any, Callable, Iterable, Iterator
 
 from .errors import LungedgeError
 
@@ -227,16 +228,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def clean_temp_files(folder: str | os.PathLike) -> list[str]:
+def clean_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[str]:
     """Remove the ``.<name>.*.tmp`` files :func:`atomic_write_bytes` leaves when killed mid-write.
 
-    Call it while holding the folder's lock (nobody else is writing then). Returns the names removed.
+    Call it while holding the folder's lock (nobody else is writing then). ``names``: only the temporaries of
+    these files (a folder the user shares with other files). Returns the names removed.
     """
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for p in folder.glob(".*.tmp"):
+    patterns = [".*.tmp"] if names is None else [f".{glob_escape(n)}.*.tmp" for n in names]
+    for p in (p for pattern in patterns for p in folder.glob(pattern)):
         try:
             p.unlink()
             removed.append(p.name)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .errors import LungedgeError
-from .io import atomic_write_png, atomic_write_text, read_written, written_together
+from .io import FolderLock, atomic_write_png, atomic_write_text, clean_temp_files, read_written, written_together
 from .provenance import machine_label
 from .runners.registry import short_name
 
@@ -488,8 +488,15 @@ def build_report(results, out="reports", title="lungedge accuracy vs latency", s
     machines = label_machines(rows)
     lat = latency_rows(rows)
     out = Path(out)
-    with written_together():  # the page and its PNGs: all new, or (on a failed write) all as they were
-        return _write_report(rows, machines, lat, out, title, saliency, log)
+    # one report at a time into OUT (two would each rename their files into place: a mixed set), and what
+    # a killed one left under temporary names goes
+    with FolderLock(out, "lungedge report"):
+        clean_temp_files(out, REPORT_FILES)
+        with written_together():  # the page and its PNGs: all new, or (on a failed write) all as they were
+            return _write_report(rows, machines, lat, out, title, saliency, log)
+
+
+REPORT_FILES = ("accuracy_latency.png", "saliency.png", "reliability.png", "report.md", "report.html")
 
 
 def _write_report(rows, machines, lat, out: Path, title: str, saliency: bool, log) -> dict:

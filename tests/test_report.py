@@ -175,3 +175,40 @@ def test_crowded_scatter_labels_cover_neither_each_other_nor_a_point():
     dots = [ax.transData.transform(p) for p in xy]
     assert not [t for t, e in zip(texts, boxes) for x, y in dots if e.x0 < x < e.x1 and e.y0 < y < e.y1]
     plt.close(fig)
+
+
+def test_a_killed_reports_temporaries_go_and_a_second_report_at_once_is_refused(two_machines, capsys):
+    """A report killed while writing left its page and PNGs under temporary names (megabytes each, one more set
+    per kill); two reports into one folder at once each renamed their files into place, mixing the sets."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lungedge.io import FolderLock
+
+    out = two_machines / "reports"
+    out.mkdir()
+    (out / "notes.tmp.txt").write_text("mine")  # the user's own files stay
+    code = ("import os, sys\nimport lungedge.io as io\n"
+            "orig = io.atomic_write_bytes\n"
+            "def killed(path, data, exclusive=False):\n"
+            "    r = orig(path, data, exclusive)\n"
+            "    if str(path).endswith('report.md'): os.kill(os.getpid(), 9)\n"
+            "    return r\n"
+            "io.atomic_write_bytes = killed\n"
+            "import lungedge.report as rep\nrep.atomic_write_text = lambda p, t: killed(p, t.encode())\n"
+            f"rep.build_report([{str(two_machines)!r}], {str(out)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = sorted(p.name for p in out.iterdir())
+    assert any(n.endswith(".tmp") and n.startswith(".report.md.") for n in left), left  # the kill's litter
+    with FolderLock(out, "lungedge report"):
+        code, _, err = run_cli(["report", "--results", two_machines, "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is being written by pid" in err, err
+    code, _, err = run_cli(["report", "--results", two_machines, "--out", out], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")], names
+    assert "notes.tmp.txt" in names and "report.html" in names
+    assert not os.path.exists(two_machines / ".reports.lock")
