@@ -35,14 +35,19 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
         if not preds:
             raise LungedgeError(f"none of the {len(images)} images could be read (first: {unreadable[0]['reason']})")
         if explain_dir is not None:
-            from .saliency import explain, write_overlays
+            from .io import FolderLock, written_together
+            from .saliency import clean_overlay_temps, explain, write_overlays
 
-            stems: set[str] = set()  # one overlay per image, also when file names repeat across folders
-            for i in range(0, len(readable), batch):
-                chunk = readable[i : i + batch]
-                written = write_overlays(explain(runner, chunk, method), explain_dir, stems)
-                for p, f in zip(preds[i : i + batch], written):
-                    p["overlay"] = f
+            # one predict --explain into a folder at a time; the overlays take their names together at the
+            # end, so a full disk or a kill leaves the folder as it was, not part of the set
+            with FolderLock(Path(explain_dir).absolute(), "lungedge predict --explain"), written_together():
+                clean_overlay_temps(explain_dir)
+                stems: set[str] = set()  # one overlay per image, also when file names repeat across folders
+                for i in range(0, len(readable), batch):
+                    chunk = readable[i : i + batch]
+                    written = write_overlays(explain(runner, chunk, method), explain_dir, stems)
+                    for p, f in zip(preds[i : i + batch], written):
+                        p["overlay"] = f
         return {"artifact": str(artifact), "model": runner.info.architecture, "backend": runner.backend,
                 "device": runner.device, "precision": runner.variant, "classes": runner.classes,
                 "temperature": runner.temperature,

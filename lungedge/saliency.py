@@ -142,6 +142,20 @@ def explain(runner, paths, method: str = "auto", targets=None, batch: int = 16) 
             for i, (p, k) in enumerate(zip(paths, pred))]
 
 
+def clean_overlay_temps(out_dir) -> list[str]:
+    """Remove the overlays a killed ``predict --explain`` left under temporary names (call it holding the
+    folder's lock); the user's other files stay. Returns the names removed."""
+    removed = []
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return removed
+    for m in METHODS:
+        for p in out_dir.glob(f".*.{m}.png.*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
 def write_overlays(explained: list[dict], out_dir, stems: set[str] | None = None) -> list[str]:
     """Write ``<stem>.<class>.<method>.png`` (the image with its map) for each explained image, atomically.
     ``stems``: the stems already written in this run (updated); an image whose stem repeats (a/img05.png,

@@ -849,3 +849,35 @@ def test_export_killed_mid_way_leaves_the_previous_set(exported):
 
     shas = {onnx_meta.read(p)["source_sha256"] for p in folder.glob("*.onnx")}
     assert len(shas) == 1
+
+
+def test_explain_that_fails_half_way_leaves_the_folder_as_it_was(exported, same_names, tmp_path, capsys):
+    """The overlays of one predict --explain are one set: a disk that fills after the first overlays used to
+    leave those (a part of the set, beside any older overlays); now none of this run's overlays is left."""
+    code, out, err = run_cli(["predict", exported["onnx"], *same_names, "--explain", tmp_path / "all", "--json"],
+                             capsys)
+    assert code == 0, err
+    sizes = {p["image"]: Path(p["overlay"]).stat().st_size for p in json.loads(out)["predictions"]}
+    order = sorted(same_names, key=lambda p: sizes[str(p)])  # the smallest first: it fits, a later one does not
+    assert sizes[str(order[0])] < sizes[str(order[-1])]
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "mine.txt").write_text("kept")
+    proc = cli(["predict", exported["onnx"], *order, "--explain", maps],
+               preexec_fn=small_file_limit((sizes[str(order[0])] + sizes[str(order[-1])]) // 2))
+    one_error(proc.returncode, proc.stderr, match=rf"cannot write {re.escape(str(maps))}/img05")
+    assert [p.name for p in maps.iterdir()] == ["mine.txt"]
+
+
+def test_a_second_explain_into_the_same_folder_is_refused(exported, same_names, tmp_path, capsys):
+    from lungedge.io import FolderLock
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / ".img05.Benign.occlusion.png.x1y2.tmp").write_bytes(b"half")  # what a killed run left
+    with FolderLock(maps, "lungedge predict --explain"):
+        code, _, err = run_cli(["predict", exported["onnx"], *same_names, "--explain", maps], capsys)
+    one_error(code, err, match="is being written by pid")
+    code, _, err = run_cli(["predict", exported["onnx"], *same_names, "--explain", maps], capsys)
+    assert code == 0, err
+    assert len(list(maps.iterdir())) == 3 and not [p for p in maps.iterdir() if p.name.startswith(".")]
