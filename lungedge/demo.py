@@ -72,6 +72,9 @@ def demo(run_command: RunCommand, data: str | Path | None = None, out: str | Pat
         check_choice(m, names(), "model")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    options = {"models": models, "data": str(Path(data).absolute()) if data is not None else None,
+               "per_class": per_class if data is None else None}
+    _check_same_options(out, options)
     if data is None:
         from .synthetic import generate
 
@@ -103,5 +106,33 @@ def demo(run_command: RunCommand, data: str | Path | None = None, out: str | Pat
     report = out / "reports" / "report.html"
     if not report.is_file():
         raise LungedgeError(f"the report stage wrote no {report}")
-    (out / "demo.json").write_text(json.dumps({"models": models, "data": str(data), "timings": st.timings}, indent=1))
+    atomic_write_text(out / "demo.json", json.dumps({**options, "timings": st.timings}, indent=1))
     return report
+
+
+def _check_same_options(out: Path, options: dict) -> None:
+    """A demo folder continues the demo it holds: its finished stages are reused by name, so a rerun with other
+    --models, --data or --per-class would mix that demo's results with this one's (a report without the new
+    model, a split of other images). Refused in one line; the options are recorded for the next run."""
+    record = out / "demo.json"
+    try:
+        was = json.loads(record.read_text())
+    except FileNotFoundError:
+        was = None
+    except (OSError, ValueError):
+        was = {}  # unreadable: nothing to compare with
+    if isinstance(was, dict) and was:
+        names = {"models": "--models", "data": "--data", "per_class": "--per-class"}
+        shown = {"models": lambda v: ",".join(v), "data": lambda v: v or "(synthetic)",
+                 "per_class": lambda v: v}
+        differ = [f"{names[k]} {shown[k](options[k])} (started with {shown[k](was[k])})" for k in names
+                  if k in was and k != "data" and was[k] != options[k]]
+        if "data" in was and "per_class" in was and was["data"] != options["data"]:  # recorded by this version
+            differ.insert(0, f"--data {shown['data'](options['data'])} (started with {shown['data'](was['data'])})")
+        if differ:
+            raise LungedgeError(f"{out} holds a demo started with other options: {'; '.join(differ)}; "
+                                "give another --out, or remove that folder to start again")
+        return
+    if was is None and (out / ".done").is_dir():
+        return  # stages of a demo whose options were never recorded: reused as before
+    atomic_write_text(record, json.dumps({**options, "timings": {}}, indent=1))

@@ -78,3 +78,34 @@ def test_a_stage_runs_real_commands_prints_them_and_resumes_from_its_marker(tmp_
     with pytest.raises(LungedgeError, match="'lungedge data inspect ...' failed"):
         stages.run("inspect", [["data", "inspect", tmp_path / "nowhere"]])
     assert not (tmp_path / ".done" / "inspect").exists()
+
+
+def test_a_demo_folder_is_continued_only_with_the_options_it_was_started_with(tmp_path):
+    """Stages are reused by name: a rerun with another --models reused the bench and report stages (a report
+    without the new model), one with another --data or --per-class reused the split of the other images. Such
+    a rerun is refused in one line before any stage runs; the same options continue the demo."""
+    from lungedge.cli.common import main
+    from lungedge.demo import demo
+    from lungedge.errors import LungedgeError
+
+    ran = []
+
+    def run(argv):  # the real commands, but training fails (as a killed or failed demo would stop there)
+        ran.append(argv[0])
+        return 2 if argv[0] == "train" else main(argv)
+
+    out = tmp_path / "demo"
+    with pytest.raises(LungedgeError, match="demo stopped"):
+        demo(run, out=out, models=["smallcnn"], per_class=3, log=lambda s: None)
+    assert ran == ["data", "data", "train"] and (out / ".done" / "split").is_file()
+    for options, expect in (({"models": ["smallcnn", "googlenet"]}, "--models smallcnn,googlenet (started with smallcnn)"),
+                            ({"per_class": 5}, "--per-class 5 (started with 3)"),
+                            ({"data": tmp_path / "other"}, "--data")):
+        ran.clear()
+        kw = {"models": ["smallcnn"], "per_class": 3, **options}
+        with pytest.raises(LungedgeError, match="holds a demo started with other options") as exc:
+            demo(run, out=out, log=lambda s: None, **kw)
+        assert expect in str(exc.value) and "\n" not in str(exc.value) and ran == []
+    with pytest.raises(LungedgeError, match="demo stopped"):  # the same options: continued where it stopped
+        demo(run, out=out, models=["smallcnn"], per_class=3, log=lambda s: None)
+    assert ran == ["train"]
