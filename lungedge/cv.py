@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LungedgeError
-from .io import write_json
+from .io import FolderLock, write_json
 
 FORMAT = "lungedge-cv/1"
 VAL_FRACTION = 0.15
@@ -240,7 +240,16 @@ def run_cv(model: str, data, folds: int = 5, repeats: int = 1, group_by: str = "
         raise LungedgeError(f"data folder not found: {data}")
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     out = Path(out) / model / group_by
-    out.mkdir(parents=True, exist_ok=True)
+    # one cv at a time in OUT/MODEL/GROUP_BY: a second one would write the same folds' split and cache files
+    # and then stumble on the first one's trainings
+    with FolderLock(out, "lungedge cv"):
+        out.mkdir(parents=True, exist_ok=True)
+        return _run_cv(model, spec, root, out, folds, repeats, group_by, image_size, epochs, batch_size, lr,
+                       weights, threads, seed, threshold, log)
+
+
+def _run_cv(model, spec, root: Path, out: Path, folds, repeats, group_by, image_size, epochs, batch_size, lr,
+            weights, threads, seed, threshold, log) -> dict:
     from .data.layout import detect_layout
 
     layout = detect_layout(root)

@@ -112,3 +112,16 @@ def test_cv_never_reuses_a_fold_trained_with_other_settings(tmp_path, capsys):
     assert (fold / "runs" / "smallcnn" / "run" / "best.pth").read_bytes() == before
     report = json.loads((tmp_path / "cv" / "smallcnn" / "cv-near-duplicate.json").read_text())
     assert report["settings"]["epochs"] == 1
+
+
+def test_a_second_cv_into_the_same_folder_is_refused_in_one_line(tmp_path, capsys):
+    """It used to start on the same folds and fail with train's 'use --resume or another --run-name' (options
+    cv does not have) after rewriting the first one's fold files."""
+    from lungedge.io import FolderLock
+
+    data = write_dataset(tmp_path / "data", ["a", "b", "c"], per_class=6, copies=2, size=32)
+    with FolderLock(tmp_path / "cv" / "smallcnn" / "near-duplicate", "lungedge cv"):
+        code, _, err = run_cli(["cv", "smallcnn", "--data", data, "--folds", "3", "--image-size", "32", "--epochs",
+                                "1", "--threads", "1", "--out", tmp_path / "cv"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is being written by pid" in err, err
+    assert not list((tmp_path / "cv" / "smallcnn").glob("near-duplicate/*"))
