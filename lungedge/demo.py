@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import LungedgeError, check_choice
-from .io import atomic_write_text
+from .io import FolderLock, atomic_write_text
 
 DEFAULT_MODELS = ("smallcnn", "googlenet")
 
@@ -71,6 +71,13 @@ def demo(run_command: RunCommand, data: str | Path | None = None, out: str | Pat
     for m in models:
         check_choice(m, names(), "model")
     out = Path(out)
+    # one demo at a time in OUT: a second one would generate the same images, redo the same stages and be
+    # refused half way by the first one's training
+    with FolderLock(out, "lungedge demo"):
+        return _demo(run_command, data, out, models, per_class, log)
+
+
+def _demo(run_command: RunCommand, data, out: Path, models: list[str], per_class: int, log) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     options = {"models": models, "data": str(Path(data).absolute()) if data is not None else None,
                "per_class": per_class if data is None else None}

@@ -109,3 +109,16 @@ def test_a_demo_folder_is_continued_only_with_the_options_it_was_started_with(tm
     with pytest.raises(LungedgeError, match="demo stopped"):  # the same options: continued where it stopped
         demo(run, out=out, models=["smallcnn"], per_class=3, log=lambda s: None)
     assert ran == ["train"]
+
+
+def test_a_second_demo_into_the_same_folder_is_refused_before_it_writes(tmp_path):
+    from lungedge.demo import demo
+    from lungedge.errors import LungedgeError
+    from lungedge.io import FolderLock
+
+    ran = []
+    out = tmp_path / "demo"
+    with FolderLock(out, "lungedge demo"):
+        with pytest.raises(LungedgeError, match="is being written by pid"):
+            demo(lambda argv: ran.append(argv) or 2, out=out, models=["smallcnn"], per_class=3, log=lambda s: None)
+    assert ran == [] and not out.exists()
