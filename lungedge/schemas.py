@@ -219,6 +219,7 @@ class EngineSidecar(_Open):
     max_batch: int = Field(ge=1)
     onnx: str
     onnx_sha256: str = SHA256
+    engine_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # sidecars before it: absent
     gpu: str
     compute_capability: str
     trt_version: str

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import __version__
 from .errors import LungedgeError, check_choice
-from .io import atomic_write_bytes, sha256_file, write_json
+from .io import FolderLock, atomic_write_bytes, sha256_bytes, sha256_file, write_json, written_together
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SIDECAR_FORMAT = "lungedge-engine/1"
@@ -264,10 +264,11 @@ def detect_target() -> EngineTarget:
 
 
 def build_engine(onnx_path: str | Path, model: str, precision: str, max_batch: int, out_dir: str | Path,
-                 opt_batch: int | None = None, workspace_gib: float = 4.0) -> Path:
+                 opt_batch: int | None = None, workspace_gib: float = 4.0, extra: dict | None = None) -> Path:
     """Build an engine from an FP16/INT8/FP32 ONNX with a batch profile 1..opt..max_batch (opt: the batch
     that will be measured; default max_batch). FP32 engines clear TF32 (as Polygraphy does), so an FP32
-    row computes in FP32; the sidecar says how layers outside Q/DQ pairs run."""
+    row computes in FP32; the sidecar says how layers outside Q/DQ pairs run (``extra``: more of its
+    fields, e.g. the Jetson's settings)."""
     trt = _tensorrt()
     target = detect_target()
     mode = build_mode(target.trt_version, precision)
@@ -304,13 +305,32 @@ def build_engine(onnx_path: str | Path, model: str, precision: str, max_batch: i
     if serialized is None:
         raise LungedgeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     seconds = time.perf_counter() - started
-    atomic_write_bytes(out, bytes(serialized))
-    atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
-    write_json(sidecar_path(out), make_sidecar(onnx_path, model, precision, max_batch, target, seconds, mode,
-                                               opt_batch=opt_batch or max_batch,
-                                               builder_flags=builder_flags(mode, precision), tf32=tf32,
-                                               non_qdq_layers=non_qdq_layers(mode, precision)))
+    atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))  # a cache: any complete one serves
+    return publish_engine(out, bytes(serialized),
+                          make_sidecar(onnx_path, model, precision, max_batch, target, seconds, mode,
+                                       opt_batch=opt_batch or max_batch, builder_flags=builder_flags(mode, precision),
+                                       tf32=tf32, non_qdq_layers=non_qdq_layers(mode, precision), **(extra or {})))
+
+
+def publish_engine(out: Path, engine: bytes, sidecar: dict) -> Path:
+    """Write an engine and its sidecar as one set: both new, or (a failed write) both as they were. The
+    model's folder is locked meanwhile, so another build or an export replacing that folder is refused in
+    one line instead of leaving one build's engine beside the other's sidecar. The sidecar records the
+    engine's SHA-256: a pair that still does not belong together (killed between the two renames) is named
+    by :func:`check_engine_bytes` when the engine is loaded."""
+    sidecar = {**sidecar, "engine_sha256": sha256_bytes(engine)}
+    with FolderLock(out.parent, "lungedge engine build"), written_together():
+        atomic_write_bytes(out, engine)
+        write_json(sidecar_path(out), sidecar)
     return out
+
+
+def check_engine_bytes(meta: dict, data: bytes, path: str | Path) -> None:
+    """The engine file is the one its sidecar describes (sidecars before lungedge recorded the hash pass)."""
+    want = meta.get("engine_sha256")
+    if want is not None and sha256_bytes(data) != want:
+        raise LungedgeError(f"{path} is not the engine its sidecar {sidecar_path(path).name} describes (a build "
+                            f"was stopped or replaced half way); {rebuild_hint(meta)}")
 
 
 def check_buildable(meta: dict, onnx_path: str | Path) -> str:
@@ -342,14 +362,10 @@ def build_from_onnx(onnx_path: str | Path, max_batch: int = 8, opt_batch: int | 
         raise LungedgeError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt_batch}")
     meta = onnx_meta.read(onnx_path)
     precision = check_buildable(meta, onnx_path)
-    engine = build_engine(onnx_path, meta["architecture"], precision, max_batch, out,
-                          opt_batch=opt_batch, workspace_gib=workspace_gib)
-    sidecar = read_sidecar(engine)
     info = jetson_info()
-    if info is not None:
-        sidecar["jetson"] = info
-        write_json(sidecar_path(engine), sidecar)
-    return engine, sidecar
+    engine = build_engine(onnx_path, meta["architecture"], precision, max_batch, out, opt_batch=opt_batch,
+                          workspace_gib=workspace_gib, extra={"jetson": info} if info is not None else None)
+    return engine, read_sidecar(engine)
 
 
 def load_engine(path: str | Path):
@@ -361,7 +377,9 @@ def load_engine(path: str | Path):
     check_onnx_matches(meta, path)
     check_compatible(meta, detect_target())
     trt = _tensorrt()
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    data = path.read_bytes()
+    check_engine_bytes(meta, data, path)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
     if engine is None:
         raise LungedgeError(f"{path} is corrupt or truncated; {rebuild_hint(meta)}")
     return engine, meta

@@ -241,3 +241,37 @@ def test_tensorrt_runner_reads_io_from_the_engine_and_refuses_big_batches(tmp_pa
     with pytest.raises(LungedgeError, match="above .* profile maximum \\(4\\)"):
         runner._infer(np.concatenate([x, x[:1]]))
     runner.close()
+
+
+def test_engine_and_sidecar_are_published_as_one_set(tmp_path):
+    """A failed sidecar write leaves the previous engine and sidecar both as they were, no temporaries."""
+    engine, meta = _sidecar(tmp_path)
+    engine.write_bytes(b"old engine")
+    trt.publish_engine(engine, b"new engine", meta)
+    assert engine.read_bytes() == b"new engine"
+    assert trt.read_sidecar(engine)["engine_sha256"] == trt.sha256_bytes(b"new engine")
+    side = trt.sidecar_path(engine)
+    side.unlink()
+    side.mkdir()  # the sidecar cannot take its name: the write fails after the engine is written
+    with pytest.raises(LungedgeError, match=f"cannot write {side}"):
+        trt.publish_engine(engine, b"newer engine", meta)
+    assert engine.read_bytes() == b"new engine"
+    assert sorted(p.name for p in engine.parent.iterdir()) == sorted([engine.name, side.name])
+
+
+def test_engine_build_is_refused_while_its_folder_is_written(tmp_path):
+    engine, meta = _sidecar(tmp_path)
+    with trt.FolderLock(engine.parent, "lungedge export"):
+        with pytest.raises(LungedgeError, match="being written by .*lungedge export"):
+            trt.publish_engine(engine, b"engine", meta)
+    assert not engine.exists()
+
+
+def test_an_engine_its_sidecar_does_not_describe_is_named(tmp_path):
+    engine, meta = _sidecar(tmp_path)
+    trt.publish_engine(engine, b"engine A", meta)
+    side = trt.read_sidecar(engine)
+    trt.check_engine_bytes(side, b"engine A", engine)
+    with pytest.raises(LungedgeError, match="not the engine its sidecar .* describes"):
+        trt.check_engine_bytes(side, b"engine B", engine)
+    trt.check_engine_bytes(meta, b"engine B", engine)  # a sidecar written before the hash was recorded
