@@ -179,3 +179,33 @@ def fixed_batch_one(outputs: int = 3, seed: int = 0):
     """tiny_torch's layers with a ``reshape(1, 4)`` that hard-codes batch 1 (as many fixed-batch exports do)."""
     model = tiny_torch(outputs=outputs, seed=seed)
     return _wrapped(model, lambda inner, x: inner[4](inner[2](inner[1](inner[0](x))).reshape(1, 4)))
+
+
+def googlenet_training_checkpoint(path: Path, seed: int = 0, head=None, key: str = "model_state_dict",
+                                  prefix: str = "model."):
+    """GoogLeNet (3 classes, no aux heads) as fine-tuning scripts save it: its weights under ``key`` with
+    every name prefixed (a wrapper module), the optimizer state and epoch beside them; ``head``: the
+    ``fc`` module (e.g. ``nn.Sequential(nn.Dropout(0.5), nn.Linear(1024, 3))``)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=3,
+                                         transform_input=False)
+    if head is not None:
+        model.fc = head
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    model.zero_grad()
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save({key: state, "optimizer_state_dict": opt.state_dict(), "epoch": 7, "best_acc": 0.91}, path)
+    return model
+
+
+def densenet121_old_names(state: dict) -> dict:
+    """A torchvision DenseNet state dict with the pre-0.3 names (``norm.1`` for ``norm1``, ``conv.2``...)."""
+    import re
+
+    return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)\.", r"\1.\2.", k): v for k, v in state.items()}

@@ -136,6 +136,46 @@ def test_whole_pickled_model_is_checked_like_its_state_dict(tmp_path, capsys):
     np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tmp_path, capsys):
+    head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(1024, 3))
+    model = ff.googlenet_training_checkpoint(tmp_path / "ckpt.pth", head=head)
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "ckpt.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--no-transform-input")
+    assert "exporting the weights under 'model_state_dict' (left out: optimizer_state_dict, epoch, best_acc)" in out
+    assert "removed the 'model.' prefix" in out and "only weights are fc.1 (Linear 1024 -> 3)" in out
+    x = np.random.default_rng(6).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+    mlp = torch.nn.Sequential(torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    ff.googlenet_training_checkpoint(tmp_path / "mlp.pth", head=mlp, key="state_dict", prefix="")
+    code, out, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "mlp.pth", "--classes", "a,b,c",
+                              "--out", tmp_path / "e2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "head fc is an nn.Sequential with weights in 2 layers (fc.0, fc.2), not one Linear" in err
+    assert "--custom" in err
+    torch.save({"optimizer": {}, "epoch": 3}, tmp_path / "noweights.pth")
+    code, out, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "noweights.pth", "--classes",
+                              "a,b,c", "--out", tmp_path / "e2"], capsys)
+    assert code == 2 and "keys optimizer, epoch and no state dict under them" in err, err
+
+
+def test_densenet_old_tensor_names_load_as_torchvision_does(tmp_path):
+    from lungedge.models.registry import get_spec
+    from lungedge.models.weights import load_into, read_weights_file
+
+    torch.manual_seed(0)
+    net = torchvision.models.densenet121(weights=None, num_classes=3).eval()
+    old = ff.densenet121_old_names(net.state_dict())
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    torch.save({"state_dict": old, "epoch": 1}, tmp_path / "dn.pth")  # as `lungedge train --weights` reads it
+    spec = get_spec("densenet121")
+    fresh = torchvision.models.densenet121(weights=None, num_classes=3).eval()
+    load_into(spec, fresh, read_weights_file(spec, tmp_path / "dn.pth"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+
 # -- your own model, any architecture ---------------------------------------------------------------------------
 
 def _image_folder(tmp_path, classes, size=24, colour=True):
