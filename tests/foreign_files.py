@@ -209,3 +209,34 @@ def densenet121_old_names(state: dict) -> dict:
     import re
 
     return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)\.", r"\1.\2.", k): v for k, v in state.items()}
+
+
+def rank4_output(outputs: int = 3, size: int = 16, seed: int = 0):
+    """A fully convolutional classifier whose scores come out as (N, outputs, 1, 1) (no Flatten at the end)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, outputs, size)).eval()
+
+
+def softmax_first(model):
+    """``model`` returning (softmax probabilities, logits): two outputs, the probabilities first."""
+    import torch
+
+    return _wrapped(model, lambda inner, x: (torch.softmax(inner(x), 1), inner(x)))
+
+
+def keras_two_outputs(path: Path, size: int = 16, seed: int = 0):
+    """A Keras model with two heads (class scores and a sigmoid), as multi-task code writes them."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(inputs))
+    model = keras.Model(inputs, [keras.layers.Dense(3, name="classes")(x),
+                                 keras.layers.Dense(1, activation="sigmoid", name="tumour")(x)])
+    model.save(path)
+    return model

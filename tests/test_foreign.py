@@ -323,6 +323,33 @@ def test_plain_onnx_input_types_and_fixed_batch(tmp_path, capsys):
     np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
 
 
+def test_onnx_with_outputs_of_other_shapes_or_names(tmp_path, capsys):
+    decl = ["--custom", "--classes", "a,b,c", "--scale", "1", "--mean", "none", "--std", "none"]
+    ff.onnx_file(tmp_path / "r4.onnx", ff.rank4_output(), size=16)  # scores as (N, 3, 1, 1)
+    code, out, err = run_cli(["export", "r4", "--checkpoint", tmp_path / "r4.onnx", *decl, "--out", tmp_path / "e",
+                              "--calibration", tmp_path / "c"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "outputs a 3x1x1 array per image" in err and "Flatten" in err
+    model = ff.tiny_torch()
+    import torch.onnx
+
+    torch.onnx.export(ff.softmax_first(model), torch.zeros(1, 3, 16, 16), str(tmp_path / "two.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["probs", "logits"], dynamic_axes={"x": {0: "n"}})
+    out, fp32 = _export(tmp_path, capsys, "two", tmp_path / "two.onnx", *decl)
+    assert "using the first (probs)" in out and onnx_meta.read(fp32)["output"] == "probabilities"
+    x = np.random.default_rng(8).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), torch.softmax(model(torch.from_numpy(x)), 1).numpy(), atol=1e-6)
+
+
+def test_keras_model_with_two_outputs_is_refused_in_one_line(tmp_path, capsys):
+    ff.keras_two_outputs(tmp_path / "two.h5")
+    code, out, err = run_cli(["export", "two", "--checkpoint", tmp_path / "two.h5", "--custom", "--classes", "a,b,c",
+                              "--out", tmp_path / "e"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "two.h5 has 2 outputs (classes, tumour)" in err and "model.outputs[i]" in err
+
+
 def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsys):
     ff.torchscript_file(tmp_path / "ts.pt", ff.tiny_torch(), size=16)
     code, _, err = run_cli(["export", "ts", "--checkpoint", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c",

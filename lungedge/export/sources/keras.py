@@ -45,9 +45,10 @@ def load(path: Path, request: Request) -> Source:
     if meta is not None:
         return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
     model = load_keras_file(path)
+    facts = _facts(model, path)
     if spec is not None:
         _check_signature(spec, model, path)
-    return _foreign(path, spec, _facts(model), request, model)
+    return _foreign(path, spec, facts, request, model)
 
 
 def _resnet50_read(path: Path, spec, meta, reading, request: Request) -> Source:
@@ -106,8 +107,13 @@ def final_activation(model) -> str:
     return OUTPUT_OF_ACTIVATION.get(act, "logits")
 
 
-def _facts(model) -> dict:
-    """What export needs to know of a loaded Keras model."""
+def _facts(model, path: Path | None = None) -> dict:
+    """What export needs to know of a loaded Keras model; a model with several outputs refused in one line."""
+    if len(getattr(model, "outputs", None) or [None]) > 1:
+        names = ", ".join(getattr(model, "output_names", None) or [getattr(t, "name", "?") for t in model.outputs])
+        raise LungedgeError(f"{path or 'the Keras model'} has {len(model.outputs)} outputs ({names}); lungedge "
+                            "exports classifiers with one output: save keras.Model(model.inputs, model.outputs[i]) "
+                            "with the class scores and export that")
     return {"input_shape": model.input_shape, "outputs": int(model.output_shape[-1]) if len(model.output_shape) == 2
             else None, "activation": final_activation(model), "class": type(model).__name__,
             "parameters": int(model.count_params())}
