@@ -50,8 +50,9 @@ def googlenet_state_dict(path: Path, aux: bool = True, seed: int = 0):
 
 
 def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0, pooling: str = "avg",
-                           activation: str = "softmax"):
-    """The group's notebook: frozen ResNet50 base, Sequential with a softmax Dense(3), ``model.save``."""
+                           activation: str = "softmax", rescale: bool = False):
+    """The group's notebook: frozen ResNet50 base, Sequential with a softmax Dense(3), ``model.save``
+    (``rescale``: a ``Rescaling(1/255)`` layer in front of the base, as many notebooks put one)."""
     import torch  # noqa: F401
 
     from lungedge.models.frameworks import import_keras
@@ -60,7 +61,8 @@ def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0, pooling: 
     keras.utils.set_random_seed(seed)
     base = keras.applications.ResNet50(include_top=False, weights=None, pooling=pooling, input_shape=(size, size, 3))
     base.trainable = False
-    model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Dense(3, activation=activation)])
+    front = [keras.layers.Rescaling(1 / 255.0)] if rescale else []
+    model = keras.Sequential([keras.Input((size, size, 3)), *front, base, keras.layers.Dense(3, activation=activation)])
     model.save(path)
     return model
 

@@ -420,6 +420,15 @@ def test_keras_file_given_as_resnet50_must_be_one(tmp_path, capsys):
     assert code == 2 and "is not a resnet50" in err and "--custom" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
+def test_keras_resnet50_with_preprocessing_inside_is_not_taken_as_resnet50(tmp_path, capsys):
+    ff.keras_resnet50_softmax(tmp_path / "r50.h5", size=32, rescale=True)  # weights as ResNet50's; input 0..255 RGB
+    code, out, err = run_cli(["export", "resnet50", "--checkpoint", tmp_path / "r50.h5", "--classes", "a,b,c",
+                              "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "e" / "resnet50").exists(), err
+    assert "is not a plain resnet50" in err and "Rescaling" in err and "--custom" in err
+
+
 def test_readme_bring_your_own_model_commands_exist():
     from pathlib import Path
 

@@ -83,6 +83,32 @@ def _check_signature(spec, model, path: Path) -> None:
             f"({model.count_params():,} parameters in {len(model.weights)} tensors, {spec.name} has "
             f"{expected.count_params():,} in {len(expected.weights)}); export it as your own model with --custom "
             "and its preprocessing")
+    own = {type(la).__name__ for la in _all_layers(expected)}
+    extra = [la for la in _all_layers(model) if type(la).__name__ not in own | NEUTRAL_LAYERS | set(INFERENCE_IDENTITY)
+             and not type(la).__name__.startswith("Random")]
+    if extra:
+        some = ", ".join(f"{type(la).__name__} {la.name!r}" for la in extra[:3])
+        raise LungedgeError(
+            f"{path} is not a plain {spec.name}: it has layers the {spec.title} backbone + Dense head does not ({some}"
+            f"{', ...' if len(extra) > 3 else ''}), which may change what its input must be (preprocessing inside "
+            f"the model), so {spec.name}'s preprocessing cannot be assumed; export it as your own model with "
+            "--custom and declare the preprocessing its input expects (--scale, --mean, --std, --channels)")
+
+
+# layers that neither hold weights nor change what the input must be: pooling/flatten/activation before or at the
+# head, and layers that pass their input through at inference (INFERENCE_IDENTITY, augmentation layers Random*)
+NEUTRAL_LAYERS = {"InputLayer", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten", "Activation", "Softmax"}
+
+
+def _all_layers(model) -> list:
+    """Every layer of ``model``, nested models' layers included (the models themselves left out)."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        if getattr(layer, "layers", None):
+            found.extend(_all_layers(layer))
+        else:
+            found.append(layer)
+    return found
 
 
 # a Keras model's final activation -> what it outputs (runners.base.OUTPUT_KINDS); anything else: logits
