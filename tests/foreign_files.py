@@ -242,3 +242,35 @@ def keras_two_outputs(path: Path, size: int = 16, seed: int = 0):
                                  keras.layers.Dense(1, activation="sigmoid", name="tumour")(x)])
     model.save(path)
     return model
+
+
+def keras_lambda(path: Path, size: int = 16, seed: int = 0):
+    """A small Keras CNN mapping its input to [-1, 1] with a Python ``Lambda`` layer (code in the file)."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0 - 1.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(x))
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.save(path)
+    return model
+
+
+def keras_channels_first(path: Path, size: int = 16, seed: int = 0):
+    """A small Keras CNN built ``data_format="channels_first"``: input (N, 3, H, W)."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((3, size, size))
+    x = keras.layers.Conv2D(4, 3, activation="relu", data_format="channels_first")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.save(path)
+    return model

@@ -350,6 +350,24 @@ def test_keras_model_with_two_outputs_is_refused_in_one_line(tmp_path, capsys):
     assert "two.h5 has 2 outputs (classes, tumour)" in err and "model.outputs[i]" in err
 
 
+def test_keras_lambda_layer_needs_trust_and_channels_first_is_said(tmp_path, capsys):
+    model = ff.keras_lambda(tmp_path / "lam.keras")
+    args = ["export", "lam", "--checkpoint", tmp_path / "lam.keras", "--custom", "--classes", "a,b,c",
+            "--out", tmp_path / "e"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds a Lambda layer with Python code, which runs when loaded" in err and "--trust-pickle" in err
+    out, fp32 = _export(tmp_path, capsys, "lam", tmp_path / "lam.keras", "--custom", "--classes", "a,b,c",
+                        "--trust-pickle")
+    x = np.random.default_rng(9).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_ort(fp32, x), np.asarray(model(x, training=False)), rtol=1e-4, atol=1e-5)
+    ff.keras_channels_first(tmp_path / "cf.keras")
+    code, out, err = run_cli(["export", "cf", "--checkpoint", tmp_path / "cf.keras", "--custom", "--classes",
+                              "a,b,c", "--out", tmp_path / "e"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "channels-first (N, C, H, W)" in err and "--layout says" not in err
+
+
 def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsys):
     ff.torchscript_file(tmp_path / "ts.pt", ff.tiny_torch(), size=16)
     code, _, err = run_cli(["export", "ts", "--checkpoint", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c",

@@ -44,7 +44,7 @@ def load(path: Path, request: Request) -> Source:
             pass
     if meta is not None:
         return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
-    model = load_keras_file(path)
+    model = load_keras_file(path, trust_code=request.trust_pickle)
     facts = _facts(model, path)
     if spec is not None:
         _check_signature(spec, model, path)
@@ -153,7 +153,10 @@ def _foreign(path: Path, spec, facts: dict, request: Request, model) -> Source:
     prep, notes = declared.preprocessing(opts, path, size=size, layout=layout, channels=channels, base=base,
                                          default_layout="NHWC")
     if prep.layout != "NHWC":
-        raise LungedgeError(f"{path}: Keras models take NHWC inputs here; --layout says {prep.layout}")
+        said = "--layout says NCHW" if opts.get("layout") else "it takes channels-first (N, C, H, W) inputs"
+        raise LungedgeError(f"{path}: lungedge runs Keras models channels-last (N, H, W, C); {said}: save the model "
+                            "with data_format='channels_last', or convert it to ONNX yourself and export that with "
+                            "--custom")
     outputs = facts["outputs"]
     kind, keep, more = declared.output_kind(facts["activation"], opts.get("output"), outputs, names, path)
     notes = [f"{path.name} carries no lungedge metadata; classes {', '.join(names)}", *notes, *more]
@@ -164,6 +167,8 @@ def _foreign(path: Path, spec, facts: dict, request: Request, model) -> Source:
 
         build = foreign_build(spec, outputs or len(names), prep.size)
         build["head"]["activation"] = {k: a for a, k in OUTPUT_OF_ACTIVATION.items()}.get(kind, "linear")
+    if request.trust_pickle:
+        build["trusted_code"] = True  # Lambda layers' code allowed (--trust-pickle): the conversion child too
     return Source(model, KIND.name, "keras", arch, names, prep, path, sha256_file(path), build=build, notes=notes,
                   output=kind, keep=keep)
 
@@ -372,7 +377,12 @@ def to_onnx(source: Source, opset: int):
         else:
             cmd = child_command(str(source.path), str(out), str(opset),
                                 ",".join(str(d) for d in source.preprocessing.input_shape))
-            p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+            env = child_env()
+            if source.build.get("trusted_code"):
+                from ...models.files import TRUST_CODE_ENV
+
+                env[TRUST_CODE_ENV] = "1"
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode != 0 or not out.is_file():
                 raise LungedgeError(f"Keras->ONNX conversion of {source.path} failed in its child process: "
                                     f"{child_failure(p.stderr, p.returncode)}")
