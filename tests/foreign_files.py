@@ -50,8 +50,9 @@ def googlenet_state_dict(path: Path, aux: bool = True, seed: int = 0):
 
 
 def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0, pooling: str = "avg",
-                           activation: str = "softmax"):
-    """The group's notebook: frozen ResNet50 base, Sequential with a softmax Dense(3), ``model.save``."""
+                           activation: str = "softmax", rescale: bool = False):
+    """The group's notebook: frozen ResNet50 base, Sequential with a softmax Dense(3), ``model.save``
+    (``rescale``: a ``Rescaling(1/255)`` layer in front of the base, as many notebooks put one)."""
     import torch  # noqa: F401
 
     from lungedge.models.frameworks import import_keras
@@ -60,7 +61,8 @@ def keras_resnet50_softmax(path: Path, size: int = 224, seed: int = 0, pooling: 
     keras.utils.set_random_seed(seed)
     base = keras.applications.ResNet50(include_top=False, weights=None, pooling=pooling, input_shape=(size, size, 3))
     base.trainable = False
-    model = keras.Sequential([keras.Input((size, size, 3)), base, keras.layers.Dense(3, activation=activation)])
+    front = [keras.layers.Rescaling(1 / 255.0)] if rescale else []
+    model = keras.Sequential([keras.Input((size, size, 3)), *front, base, keras.layers.Dense(3, activation=activation)])
     model.save(path)
     return model
 
@@ -179,3 +181,96 @@ def fixed_batch_one(outputs: int = 3, seed: int = 0):
     """tiny_torch's layers with a ``reshape(1, 4)`` that hard-codes batch 1 (as many fixed-batch exports do)."""
     model = tiny_torch(outputs=outputs, seed=seed)
     return _wrapped(model, lambda inner, x: inner[4](inner[2](inner[1](inner[0](x))).reshape(1, 4)))
+
+
+def googlenet_training_checkpoint(path: Path, seed: int = 0, head=None, key: str = "model_state_dict",
+                                  prefix: str = "model."):
+    """GoogLeNet (3 classes, no aux heads) as fine-tuning scripts save it: its weights under ``key`` with
+    every name prefixed (a wrapper module), the optimizer state and epoch beside them; ``head``: the
+    ``fc`` module (e.g. ``nn.Sequential(nn.Dropout(0.5), nn.Linear(1024, 3))``)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=3,
+                                         transform_input=False)
+    if head is not None:
+        model.fc = head
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    model.zero_grad()
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save({key: state, "optimizer_state_dict": opt.state_dict(), "epoch": 7, "best_acc": 0.91}, path)
+    return model
+
+
+def densenet121_old_names(state: dict) -> dict:
+    """A torchvision DenseNet state dict with the pre-0.3 names (``norm.1`` for ``norm1``, ``conv.2``...)."""
+    import re
+
+    return {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)\.", r"\1.\2.", k): v for k, v in state.items()}
+
+
+def rank4_output(outputs: int = 3, size: int = 16, seed: int = 0):
+    """A fully convolutional classifier whose scores come out as (N, outputs, 1, 1) (no Flatten at the end)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, outputs, size)).eval()
+
+
+def softmax_first(model):
+    """``model`` returning (softmax probabilities, logits): two outputs, the probabilities first."""
+    import torch
+
+    return _wrapped(model, lambda inner, x: (torch.softmax(inner(x), 1), inner(x)))
+
+
+def keras_two_outputs(path: Path, size: int = 16, seed: int = 0):
+    """A Keras model with two heads (class scores and a sigmoid), as multi-task code writes them."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(inputs))
+    model = keras.Model(inputs, [keras.layers.Dense(3, name="classes")(x),
+                                 keras.layers.Dense(1, activation="sigmoid", name="tumour")(x)])
+    model.save(path)
+    return model
+
+
+def keras_lambda(path: Path, size: int = 16, seed: int = 0):
+    """A small Keras CNN mapping its input to [-1, 1] with a Python ``Lambda`` layer (code in the file)."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0 - 1.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(x))
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.save(path)
+    return model
+
+
+def keras_channels_first(path: Path, size: int = 16, seed: int = 0):
+    """A small Keras CNN built ``data_format="channels_first"``: input (N, 3, H, W)."""
+    import torch  # noqa: F401
+
+    from lungedge.models.frameworks import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((3, size, size))
+    x = keras.layers.Conv2D(4, 3, activation="relu", data_format="channels_first")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    model.save(path)
+    return model

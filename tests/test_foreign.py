@@ -136,6 +136,46 @@ def test_whole_pickled_model_is_checked_like_its_state_dict(tmp_path, capsys):
     np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tmp_path, capsys):
+    head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(1024, 3))
+    model = ff.googlenet_training_checkpoint(tmp_path / "ckpt.pth", head=head)
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "ckpt.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--no-transform-input")
+    assert "exporting the weights under 'model_state_dict' (left out: optimizer_state_dict, epoch, best_acc)" in out
+    assert "removed the 'model.' prefix" in out and "only weights are fc.1 (Linear 1024 -> 3)" in out
+    x = np.random.default_rng(6).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+    mlp = torch.nn.Sequential(torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    ff.googlenet_training_checkpoint(tmp_path / "mlp.pth", head=mlp, key="state_dict", prefix="")
+    code, out, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "mlp.pth", "--classes", "a,b,c",
+                              "--out", tmp_path / "e2"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "head fc is an nn.Sequential with weights in 2 layers (fc.0, fc.2), not one Linear" in err
+    assert "--custom" in err
+    torch.save({"optimizer": {}, "epoch": 3}, tmp_path / "noweights.pth")
+    code, out, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "noweights.pth", "--classes",
+                              "a,b,c", "--out", tmp_path / "e2"], capsys)
+    assert code == 2 and "keys optimizer, epoch and no state dict under them" in err, err
+
+
+def test_densenet_old_tensor_names_load_as_torchvision_does(tmp_path):
+    from lungedge.models.registry import get_spec
+    from lungedge.models.weights import load_into, read_weights_file
+
+    torch.manual_seed(0)
+    net = torchvision.models.densenet121(weights=None, num_classes=3).eval()
+    old = ff.densenet121_old_names(net.state_dict())
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    torch.save({"state_dict": old, "epoch": 1}, tmp_path / "dn.pth")  # as `lungedge train --weights` reads it
+    spec = get_spec("densenet121")
+    fresh = torchvision.models.densenet121(weights=None, num_classes=3).eval()
+    load_into(spec, fresh, read_weights_file(spec, tmp_path / "dn.pth"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+
 # -- your own model, any architecture ---------------------------------------------------------------------------
 
 def _image_folder(tmp_path, classes, size=24, colour=True):
@@ -283,6 +323,51 @@ def test_plain_onnx_input_types_and_fixed_batch(tmp_path, capsys):
     np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2)
 
 
+def test_onnx_with_outputs_of_other_shapes_or_names(tmp_path, capsys):
+    decl = ["--custom", "--classes", "a,b,c", "--scale", "1", "--mean", "none", "--std", "none"]
+    ff.onnx_file(tmp_path / "r4.onnx", ff.rank4_output(), size=16)  # scores as (N, 3, 1, 1)
+    code, out, err = run_cli(["export", "r4", "--checkpoint", tmp_path / "r4.onnx", *decl, "--out", tmp_path / "e",
+                              "--calibration", tmp_path / "c"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "outputs a 3x1x1 array per image" in err and "Flatten" in err
+    model = ff.tiny_torch()
+    import torch.onnx
+
+    torch.onnx.export(ff.softmax_first(model), torch.zeros(1, 3, 16, 16), str(tmp_path / "two.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["probs", "logits"], dynamic_axes={"x": {0: "n"}})
+    out, fp32 = _export(tmp_path, capsys, "two", tmp_path / "two.onnx", *decl)
+    assert "using the first (probs)" in out and onnx_meta.read(fp32)["output"] == "probabilities"
+    x = np.random.default_rng(8).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), torch.softmax(model(torch.from_numpy(x)), 1).numpy(), atol=1e-6)
+
+
+def test_keras_model_with_two_outputs_is_refused_in_one_line(tmp_path, capsys):
+    ff.keras_two_outputs(tmp_path / "two.h5")
+    code, out, err = run_cli(["export", "two", "--checkpoint", tmp_path / "two.h5", "--custom", "--classes", "a,b,c",
+                              "--out", tmp_path / "e"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "two.h5 has 2 outputs (classes, tumour)" in err and "model.outputs[i]" in err
+
+
+def test_keras_lambda_layer_needs_trust_and_channels_first_is_said(tmp_path, capsys):
+    model = ff.keras_lambda(tmp_path / "lam.keras")
+    args = ["export", "lam", "--checkpoint", tmp_path / "lam.keras", "--custom", "--classes", "a,b,c",
+            "--out", tmp_path / "e"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds a Lambda layer with Python code, which runs when loaded" in err and "--trust-pickle" in err
+    out, fp32 = _export(tmp_path, capsys, "lam", tmp_path / "lam.keras", "--custom", "--classes", "a,b,c",
+                        "--trust-pickle")
+    x = np.random.default_rng(9).uniform(size=(2, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_ort(fp32, x), np.asarray(model(x, training=False)), rtol=1e-4, atol=1e-5)
+    ff.keras_channels_first(tmp_path / "cf.keras")
+    code, out, err = run_cli(["export", "cf", "--checkpoint", tmp_path / "cf.keras", "--custom", "--classes",
+                              "a,b,c", "--out", tmp_path / "e"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "channels-first (N, C, H, W)" in err and "--layout says" not in err
+
+
 def test_undeclared_preprocessing_is_said_and_size_must_be_known(tmp_path, capsys):
     ff.torchscript_file(tmp_path / "ts.pt", ff.tiny_torch(), size=16)
     code, _, err = run_cli(["export", "ts", "--checkpoint", tmp_path / "ts.pt", "--custom", "--classes", "a,b,c",
@@ -351,6 +436,15 @@ def test_keras_file_given_as_resnet50_must_be_one(tmp_path, capsys):
     code, _, err = run_cli(["export", "resnet50", "--checkpoint", tmp_path / "small.h5", "--classes", "a,b,c",
                             "--out", tmp_path / "e"], capsys)
     assert code == 2 and "is not a resnet50" in err and "--custom" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_keras_resnet50_with_preprocessing_inside_is_not_taken_as_resnet50(tmp_path, capsys):
+    ff.keras_resnet50_softmax(tmp_path / "r50.h5", size=32, rescale=True)  # weights as ResNet50's; input 0..255 RGB
+    code, out, err = run_cli(["export", "resnet50", "--checkpoint", tmp_path / "r50.h5", "--classes", "a,b,c",
+                              "--out", tmp_path / "e", "--no-engine"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "e" / "resnet50").exists(), err
+    assert "is not a plain resnet50" in err and "Rescaling" in err and "--custom" in err
 
 
 def test_readme_bring_your_own_model_commands_exist():

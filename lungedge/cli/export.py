@@ -39,8 +39,9 @@ def export_cmd(
     classes: Optional[str] = typer.Option(None, help="Class names in output order, for checkpoints without metadata."),
     data: Optional[Path] = typer.Option(None, help="Data folder: class names and test images for checkpoints "
                                         "without a lungedge run."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .pth holding a whole pickled model "
-                                      "(it can run arbitrary code: only for files you trust)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a .pth holding a whole pickled model, "
+                                      "or a Keras file with Lambda layers (both can run arbitrary code: only for "
+                                      "files you trust)."),
     custom: bool = typer.Option(False, "--custom", help="Your own model, any architecture (Keras .h5/.keras, "
                                 "TorchScript .pt, torch.export .pt2, plain .onnx), exported as MODEL: declare "
                                 "--classes and the preprocessing below."),

@@ -93,6 +93,10 @@ def _check_fp32(source: Source, fp32: Path, base: Path, check: EvalSet, summary:
 
     # the source a few images a call: a Keras ResNet50 on 32 images at once alone took > 3.8 GB (#14)
     ref = predict_in_batches(lambda c: run_source(source, c), check.x, 4)
+    if ref.ndim != 2:
+        raise LungedgeError(f"{source.path} outputs a {'x'.join(str(d) for d in ref.shape[1:]) or 'scalar'} array "
+                            "per image; lungedge exports classifiers that output one score per class (N, classes): "
+                            "end the model with a Flatten/Reshape to (N, classes) and export it again")
     bad = nonfinite_rows(ref)
     if bad:
         raise LungedgeError(f"{source.path}: the model's own output is NaN or infinite on {bad} of "

@@ -243,6 +243,16 @@ def rename_io(model, input_name: str, output_name: str):
     if len(inputs) != 1:
         raise LungedgeError(f"the model has {len(inputs)} inputs; lungedge runs image classifiers with one input")
     renames = {inputs[0].name: input_name, g.output[0].name: output_name}
+    taken = {t for n in g.node for t in (*n.input, *n.output)} | {i.name for i in g.input} | initializers
+    for name in (input_name, output_name):  # another tensor already has the name: it gets a free one
+        if name in taken and name not in renames:
+            free = next(f"{name}_{k}" for k in range(1, 10**6) if f"{name}_{k}" not in taken)
+            renames[name] = free
+            taken.add(free)
+    for init in g.initializer:
+        init.name = renames.get(init.name, init.name)
+    for vi in (*g.value_info, *g.input):
+        vi.name = renames.get(vi.name, vi.name)
     for node in g.node:
         node.input[:] = [renames.get(i, i) for i in node.input]
         node.output[:] = [renames.get(o, o) for o in node.output]

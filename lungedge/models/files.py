@@ -163,15 +163,32 @@ def read_keras_meta(path) -> dict:
     return meta
 
 
-def load_keras_file(path):
-    """The Keras model stored in ``path`` (architecture and weights), uncompiled."""
+TRUST_CODE_ENV = "LUNGEDGE_KERAS_TRUST_CODE"  # "1": Keras may deserialize Lambda layers' Python code (--trust-pickle)
+
+
+def load_keras_file(path, trust_code: bool | None = None):
+    """The Keras model stored in ``path`` (architecture and weights), uncompiled. A ``Lambda`` layer holding
+    Python code (which runs when loaded) is refused unless ``trust_code`` (default: the environment's
+    :data:`TRUST_CODE_ENV`, set for the conversion children of a ``--trust-pickle`` export)."""
     from .frameworks import import_keras
 
     keras = import_keras()
+    if trust_code is None:
+        trust_code = os.environ.get(TRUST_CODE_ENV) == "1"
+    kwargs = {"safe_mode": False} if trust_code else {}
     try:
-        return keras.models.load_model(str(path), compile=False)
+        try:
+            return keras.models.load_model(str(path), compile=False, **kwargs)
+        except TypeError as exc:  # a Keras without safe_mode
+            if not kwargs or "safe_mode" not in str(exc):
+                raise
+            return keras.models.load_model(str(path), compile=False)
     except Exception as exc:  # noqa: BLE001
-        raise LungedgeError(f"{path}: cannot load the Keras model ({str(exc).splitlines()[0][:160]})") from None
+        text = str(exc)
+        if "Lambda" in text and ("safe_mode" in text or "arbitrary code" in text):
+            raise LungedgeError(f"{path} holds a Lambda layer with Python code, which runs when loaded; refusing "
+                                "it. If you trust its origin, pass --trust-pickle") from None
+        raise LungedgeError(f"{path}: cannot load the Keras model ({text.splitlines()[0][:160]})") from None
 
 
 # -- any checkpoint -------------------------------------------------------------------------------

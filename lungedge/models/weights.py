@@ -57,9 +57,12 @@ def read_weights_file(spec, path) -> WeightsFile:
         _same_architecture(spec, meta, path)
         kwargs = (meta.get("build") or {}).get("kwargs", {})
         return WeightsFile(path, "lungedge", dict(kwargs), payload["state_dict"], sha)
-    if not files.is_tensor_dict(payload):
-        raise LungedgeError(f"{path} is not a plain state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in payload.items()}
+    from .statedict import describe_payload, normalise_keys, unwrap
+
+    state, _ = unwrap(payload, path.name)  # a training checkpoint: the weights under its "state_dict" (or ...) key
+    if state is None:
+        raise LungedgeError(f"{path} is not a plain state dict of tensors (it holds {describe_payload(payload)})")
+    state = normalise_keys(state, spec.head, path.name, [])  # wrapper prefixes, old DenseNet names, Sequential head
     return WeightsFile(path, "plain", dict(getattr(spec.builder, "foreign_kwargs", {})), state, sha)
 
 

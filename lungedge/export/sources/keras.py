@@ -44,10 +44,11 @@ def load(path: Path, request: Request) -> Source:
             pass
     if meta is not None:
         return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
-    model = load_keras_file(path)
+    model = load_keras_file(path, trust_code=request.trust_pickle)
+    facts = _facts(model, path)
     if spec is not None:
         _check_signature(spec, model, path)
-    return _foreign(path, spec, _facts(model), request, model)
+    return _foreign(path, spec, facts, request, model)
 
 
 def _resnet50_read(path: Path, spec, meta, reading, request: Request) -> Source:
@@ -82,6 +83,32 @@ def _check_signature(spec, model, path: Path) -> None:
             f"({model.count_params():,} parameters in {len(model.weights)} tensors, {spec.name} has "
             f"{expected.count_params():,} in {len(expected.weights)}); export it as your own model with --custom "
             "and its preprocessing")
+    own = {type(la).__name__ for la in _all_layers(expected)}
+    extra = [la for la in _all_layers(model) if type(la).__name__ not in own | NEUTRAL_LAYERS | set(INFERENCE_IDENTITY)
+             and not type(la).__name__.startswith("Random")]
+    if extra:
+        some = ", ".join(f"{type(la).__name__} {la.name!r}" for la in extra[:3])
+        raise LungedgeError(
+            f"{path} is not a plain {spec.name}: it has layers the {spec.title} backbone + Dense head does not ({some}"
+            f"{', ...' if len(extra) > 3 else ''}), which may change what its input must be (preprocessing inside "
+            f"the model), so {spec.name}'s preprocessing cannot be assumed; export it as your own model with "
+            "--custom and declare the preprocessing its input expects (--scale, --mean, --std, --channels)")
+
+
+# layers that neither hold weights nor change what the input must be: pooling/flatten/activation before or at the
+# head, and layers that pass their input through at inference (INFERENCE_IDENTITY, augmentation layers Random*)
+NEUTRAL_LAYERS = {"InputLayer", "GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten", "Activation", "Softmax"}
+
+
+def _all_layers(model) -> list:
+    """Every layer of ``model``, nested models' layers included (the models themselves left out)."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        if getattr(layer, "layers", None):
+            found.extend(_all_layers(layer))
+        else:
+            found.append(layer)
+    return found
 
 
 # a Keras model's final activation -> what it outputs (runners.base.OUTPUT_KINDS); anything else: logits
@@ -106,8 +133,13 @@ def final_activation(model) -> str:
     return OUTPUT_OF_ACTIVATION.get(act, "logits")
 
 
-def _facts(model) -> dict:
-    """What export needs to know of a loaded Keras model."""
+def _facts(model, path: Path | None = None) -> dict:
+    """What export needs to know of a loaded Keras model; a model with several outputs refused in one line."""
+    if len(getattr(model, "outputs", None) or [None]) > 1:
+        names = ", ".join(getattr(model, "output_names", None) or [getattr(t, "name", "?") for t in model.outputs])
+        raise LungedgeError(f"{path or 'the Keras model'} has {len(model.outputs)} outputs ({names}); lungedge "
+                            "exports classifiers with one output: save keras.Model(model.inputs, model.outputs[i]) "
+                            "with the class scores and export that")
     return {"input_shape": model.input_shape, "outputs": int(model.output_shape[-1]) if len(model.output_shape) == 2
             else None, "activation": final_activation(model), "class": type(model).__name__,
             "parameters": int(model.count_params())}
@@ -121,7 +153,10 @@ def _foreign(path: Path, spec, facts: dict, request: Request, model) -> Source:
     prep, notes = declared.preprocessing(opts, path, size=size, layout=layout, channels=channels, base=base,
                                          default_layout="NHWC")
     if prep.layout != "NHWC":
-        raise LungedgeError(f"{path}: Keras models take NHWC inputs here; --layout says {prep.layout}")
+        said = "--layout says NCHW" if opts.get("layout") else "it takes channels-first (N, C, H, W) inputs"
+        raise LungedgeError(f"{path}: lungedge runs Keras models channels-last (N, H, W, C); {said}: save the model "
+                            "with data_format='channels_last', or convert it to ONNX yourself and export that with "
+                            "--custom")
     outputs = facts["outputs"]
     kind, keep, more = declared.output_kind(facts["activation"], opts.get("output"), outputs, names, path)
     notes = [f"{path.name} carries no lungedge metadata; classes {', '.join(names)}", *notes, *more]
@@ -132,6 +167,8 @@ def _foreign(path: Path, spec, facts: dict, request: Request, model) -> Source:
 
         build = foreign_build(spec, outputs or len(names), prep.size)
         build["head"]["activation"] = {k: a for a, k in OUTPUT_OF_ACTIVATION.items()}.get(kind, "linear")
+    if request.trust_pickle:
+        build["trusted_code"] = True  # Lambda layers' code allowed (--trust-pickle): the conversion child too
     return Source(model, KIND.name, "keras", arch, names, prep, path, sha256_file(path), build=build, notes=notes,
                   output=kind, keep=keep)
 
@@ -340,7 +377,12 @@ def to_onnx(source: Source, opset: int):
         else:
             cmd = child_command(str(source.path), str(out), str(opset),
                                 ",".join(str(d) for d in source.preprocessing.input_shape))
-            p = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+            env = child_env()
+            if source.build.get("trusted_code"):
+                from ...models.files import TRUST_CODE_ENV
+
+                env[TRUST_CODE_ENV] = "1"
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode != 0 or not out.is_file():
                 raise LungedgeError(f"Keras->ONNX conversion of {source.path} failed in its child process: "
                                     f"{child_failure(p.stderr, p.returncode)}")

@@ -69,7 +69,9 @@ def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: lis
     dict is a pickled model's (for the messages)."""
     from ...models.registry import foreign_build, rebuild
 
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    from ...models.statedict import normalise_keys
+
+    state = normalise_keys(state, spec.head, path.name, notes, wrapper_prefixes=holds is None)
     head_key = f"{spec.head}.weight"
     if head_key not in state:
         what = f"holds {holds}, which is not a {spec.name}" if holds else f"is not a {spec.name} state dict"
@@ -137,11 +139,14 @@ def _foreign(path: Path, spec, request: Request) -> Source:
     if isinstance(payload, torch.nn.Module):
         model, out_features = _pickled_model(path, spec, payload, request, notes)
         build = {}  # a pickled model records no build
-    elif isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        model, build, out_features = _from_state_dict(path, spec, payload, request, notes)
     else:
-        raise LungedgeError(f"{path.name} is neither a lungedge checkpoint nor a plain state dict of tensors; "
-                            f"{_accepted(spec)}")
+        from ...models.statedict import describe_payload, unwrap
+
+        state, unwrapped = unwrap(payload, path.name)
+        if state is None:
+            raise LungedgeError(f"{path.name} holds {describe_payload(payload)}; {_accepted(spec)}")
+        notes += unwrapped
+        model, build, out_features = _from_state_dict(path, spec, state, request, notes)
     names = src.class_names(request, path)
     base = spec.preprocessing_for(request.options.get("input_size") or (build or {}).get("input_size"))
     prep, more = declared.preprocessing(request.options, path, base=base)
