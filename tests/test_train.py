@@ -87,6 +87,37 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny, tmp_path):
     assert [h["val_loss"] for h in full["history"]] == pytest.approx([h["val_loss"] for h in resumed["history"]], rel=1e-5)
 
 
+def test_config_json_is_checked_against_the_one_list_of_training_fields(tmp_path):
+    """TrainConfig is the only list of a run's fields: the check of a stored config.json takes each field's
+    type, default and constraints from it, so an option added to the dataclass alone is checked too."""
+    import dataclasses
+    import re
+
+    from lungedge.errors import LungedgeError
+    from lungedge.train import common
+    from lungedge.validation import validate
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"format": common.RUN_FORMAT, "model": "smallcnn", "someday": 1}))
+    assert common.load_config(tmp_path) == common.TrainConfig(model="smallcnn")  # the defaults; extra keys pass
+    for field, value, problem in [("threads", 0, "greater than or equal to 1"),
+                                  ("warmup_epochs", -1, "greater than or equal to 0"),
+                                  ("augment", "yes", "a valid boolean"), ("val", float("nan"), "a finite number")]:
+        path.write_text(json.dumps({"model": "smallcnn", field: value}))
+        with pytest.raises(LungedgeError, match=rf"^{re.escape(str(path))}: {field}: Input should be {problem}"):
+            common.load_config(tmp_path)
+
+    @dataclasses.dataclass
+    class Newer(common.TrainConfig):  # a training option added in one place only
+        crop: float = common._checked(0.875, gt=0, le=1, strict=True, allow_inf_nan=False)
+
+    validate(Newer, {"model": "smallcnn", "crop": 0.5}, path)
+    with pytest.raises(LungedgeError, match=r"config\.json: crop: Input should be less than or equal to 1$"):
+        validate(Newer, {"model": "smallcnn", "crop": 2}, path)
+    with pytest.raises(LungedgeError, match=r"config\.json: epochs: Input should be a valid integer"):
+        validate(Newer, {"model": "smallcnn", "epochs": "many"}, path)
+
+
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     code, _, err = run_cli(["train", "smallcnn", "--resume", "--out", tmp_path], capsys)
     assert code == 2 and "no interrupted run of smallcnn" in err
