@@ -2,7 +2,8 @@
 
 * :func:`atomic_write_bytes` writes through a temporary sibling and renames: a reader never sees
   a half-written file; a failed write (read-only folder, full disk) is one :class:`WriteError` line
-  naming the path.
+  naming the path. :func:`written_together` makes a set of such files (a report's page and its PNGs,
+  a training epoch's checkpoints and metrics) all new or all as they were.
 * :class:`FolderLock` marks a folder as being written (``.<name>.lock`` beside it, naming the holder:
   pid, host, command, start time). The lock is an ``flock`` on that file, so the kernel drops it when
   the holder dies, however it died: a lock left by a killed process is reclaimed by the next writer.
@@ -122,15 +123,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = F
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        pending = getattr(_TOGETHER, "pending", None)
         if exclusive:
             _publish_new(tmp, path)
-        elif pending is not None:  # inside written_together(): named when the block ends
-            earlier, pending[path] = pending.get(path), tmp
-            if earlier:
-                Path(earlier).unlink(missing_ok=True)
         else:
-            os.replace(tmp, path)
+            _name(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         if exclusive and isinstance(exc, FileExistsError):
@@ -143,6 +139,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = F
 
 
 _TOGETHER = threading.local()
+
+
+def _name(tmp: str, path: Path) -> None:
+    """Give the complete file ``tmp`` the name ``path`` (a rename); inside :func:`written_together`, when
+    the block ends."""
+    pending = getattr(_TOGETHER, "pending", None)
+    if pending is None:
+        os.replace(tmp, path)
+        return
+    earlier, pending[path] = pending.get(path), tmp
+    if earlier:
+        Path(earlier).unlink(missing_ok=True)
+
+
+def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Name ``tmp``, a complete file that a library which wants a file name of its own (h5py, Keras) wrote
+    beside ``path``, as :func:`atomic_write_bytes` names its files: ``path`` at once, or with the rest of
+    the set when a :func:`written_together` block ends. A failure removes ``tmp`` (:class:`WriteError`)."""
+    path = Path(path)
+    try:
+        _name(str(tmp), path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+    return path
 
 
 @contextmanager

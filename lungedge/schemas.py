@@ -11,10 +11,13 @@ Limits (sizes, memory, numeric options) are in :mod:`lungedge.limits`, which nee
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .errors import LungedgeError
 from .io import relative_inside
@@ -130,37 +133,25 @@ class CalibrationManifest(_Open):
         return self
 
 
-# -- run configurations (<runs>/<model>/<run>/config.json, read by train --resume) -------------------------
+# -- dataclasses lungedge writes as JSON (a run's config.json, read by train --resume) -------------------------
 
-_COUNT = dict(default=None, ge=1, strict=True)
-_NUMBER = dict(strict=True, allow_inf_nan=False)
-
-
-class RunConfig(_Open):
-    """What ``lungedge train`` stored; strict types (a hand-edited ``"epochs": "many"`` is named here)."""
-    model: str
-    data: str | None = None
-    split: str | None = None
-    epochs: int | None = Field(**_COUNT)
-    batch_size: int | None = Field(**_COUNT)
-    image_size: int | None = Field(default=None, ge=8, strict=True)
-    lr: float | None = Field(default=None, gt=0, le=1, **_NUMBER)
-    weights: str = "imagenet"
-    mode: str | None = None
-    device: str = "cpu"
-    out: str = "runs"
-    run_name: str | None = None
-    seed: int = Field(default=0, strict=True)
-    patience: int = Field(default=0, ge=0, strict=True)
-    augment: bool = Field(default=True, strict=True)
-    group_by: str = "near-duplicate"
-    val: float = Field(default=0.15, ge=0, lt=1, **_NUMBER)
-    test: float = Field(default=0.15, ge=0, lt=1, **_NUMBER)
-    unfreeze: str | None = None
-    init_checkpoint: str | None = None
-    weight_decay: float = Field(default=1e-4, ge=0, **_NUMBER)
-    warmup_epochs: float = Field(default=1.0, ge=0, **_NUMBER)
-    threads: int | None = Field(**_COUNT)
+@functools.cache
+def dataclass_model(cls) -> type[BaseModel]:
+    """The pydantic model of the dataclass ``cls`` (e.g. :class:`lungedge.train.common.TrainConfig`), made
+    from its own fields: each field's type and default, plus the ``Field`` constraints in its
+    ``metadata["schema"]`` (strict types: a hand-edited ``"epochs": "many"`` is named). Extra keys are
+    allowed. The dataclass stays the one list of fields; nothing here repeats it."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = {"default": f.default}
+        elif f.default_factory is not dataclasses.MISSING:
+            default = {"default_factory": f.default_factory}
+        else:
+            default = {}  # required
+        fields[f.name] = (hints[f.name], Field(**default, **f.metadata.get("schema", {})))
+    return create_model(cls.__name__, __base__=_Open, __module__=cls.__module__, **fields)
 
 
 # -- ONNX metadata (metadata_props "lungedge.*") ----------------------------------------------------------

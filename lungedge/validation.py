@@ -13,9 +13,11 @@ import sys
 _warned = False
 
 
-def validate(model_name: str, data, where) -> None:
-    """Check ``data`` against :mod:`lungedge.schemas`'s ``model_name`` ("row" for a bench or eval row):
-    one line naming ``where`` and the field; without pydantic, a one-time note and no check."""
+def validate(model, data, where) -> None:
+    """Check ``data`` against :mod:`lungedge.schemas`'s model named ``model`` ("row" for a bench or eval row),
+    or against a dataclass ``model`` (its fields and their ``metadata["schema"]`` constraints: see
+    :func:`lungedge.schemas.dataclass_model`): one line naming ``where`` and the field; without pydantic,
+    a one-time note and no check."""
     global _warned
     try:
         from . import schemas
@@ -26,7 +28,9 @@ def validate(model_name: str, data, where) -> None:
             _warned = True
             print("note: pydantic is not installed; lungedge's files are read without schema checks", file=sys.stderr)
         return
-    if model_name == "row":
+    if model == "row":
         schemas.check_row(data, where)
+    elif isinstance(model, str):
+        schemas.check(getattr(schemas, model), data, where)
     else:
-        schemas.check(getattr(schemas, model_name), data, where)
+        schemas.check(schemas.dataclass_model(model), data, where)

@@ -67,6 +67,19 @@ def run_cli(args, capsys):
     return code, out, err
 
 
+def one_error(code: int, err: str, match: str | None = None, exit_code: int = 2) -> str:
+    """Exit ``exit_code``, exactly one ``error:`` line (matching ``match``), no traceback; the line."""
+    import re
+
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert code == exit_code, err
+    if match:
+        assert re.search(match, lines[0]), lines[0]
+    return lines[0]
+
+
 def require_real(name: str) -> Path:
     path = REAL_DATA / name
     if not path.is_dir():

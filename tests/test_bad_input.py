@@ -20,22 +20,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, small_file_limit, unwritable_folder, write_dataset
+from conftest import one_error, run_cli, small_file_limit, unwritable_folder, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # smallcnn input side in these tests
 CLASSES = ["benign", "malignant", "normal"]
-
-
-def one_error(code: int, err: str, match: str | None = None, exit_code: int = 2) -> str:
-    """Exit ``exit_code``, exactly one ``error:`` line (matching ``match``), no traceback; the line."""
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, err
-    assert code == exit_code, err
-    if match:
-        assert re.search(match, lines[0]), lines[0]
-    return lines[0]
 
 
 def cli(args, **kw) -> subprocess.CompletedProcess:

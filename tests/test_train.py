@@ -10,7 +10,7 @@ import torchvision  # noqa: F401
 import numpy as np
 import pytest
 
-from conftest import TRAIN_CLASSES as CLASSES, TRAIN_SIZES as SIZES, run_cli, write_dataset
+from conftest import TRAIN_CLASSES as CLASSES, TRAIN_SIZES as SIZES, one_error, run_cli, write_dataset
 from lungedge.models.checkpoint import load_checkpoint, read_meta
 from lungedge.preprocess import Preprocessing
 
@@ -87,6 +87,93 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tiny, tmp_path):
     assert [h["val_loss"] for h in full["history"]] == pytest.approx([h["val_loss"] for h in resumed["history"]], rel=1e-5)
 
 
+def test_config_json_is_checked_against_the_one_list_of_training_fields(tmp_path):
+    """TrainConfig is the only list of a run's fields: the check of a stored config.json takes each field's
+    type, default and constraints from it, so an option added to the dataclass alone is checked too."""
+    import dataclasses
+    import re
+
+    from lungedge.errors import LungedgeError
+    from lungedge.train import common
+    from lungedge.validation import validate
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"format": common.RUN_FORMAT, "model": "smallcnn", "someday": 1}))
+    assert common.load_config(tmp_path) == common.TrainConfig(model="smallcnn")  # the defaults; extra keys pass
+    for field, value, problem in [("threads", 0, "greater than or equal to 1"),
+                                  ("warmup_epochs", -1, "greater than or equal to 0"),
+                                  ("augment", "yes", "a valid boolean"), ("val", float("nan"), "a finite number")]:
+        path.write_text(json.dumps({"model": "smallcnn", field: value}))
+        with pytest.raises(LungedgeError, match=rf"^{re.escape(str(path))}: {field}: Input should be {problem}"):
+            common.load_config(tmp_path)
+
+    @dataclasses.dataclass
+    class Newer(common.TrainConfig):  # a training option added in one place only
+        crop: float = common._checked(0.875, gt=0, le=1, strict=True, allow_inf_nan=False)
+
+    validate(Newer, {"model": "smallcnn", "crop": 0.5}, path)
+    with pytest.raises(LungedgeError, match=r"config\.json: crop: Input should be less than or equal to 1$"):
+        validate(Newer, {"model": "smallcnn", "crop": 2}, path)
+    with pytest.raises(LungedgeError, match=r"config\.json: epochs: Input should be a valid integer"):
+        validate(Newer, {"model": "smallcnn", "epochs": "many"}, path)
+
+
+def _disk_full_at(monkeypatch, name: str, nth: int) -> None:
+    """The disk fills up at the ``nth`` write of ``name``: ``os.fsync``, which every atomic write of lungedge.io
+    calls on its temporary file (``.NAME.*``) before naming it, fails there with ENOSPC."""
+    import errno
+    import os
+
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+            seen.append(fd)
+            if len(seen) == nth:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failed_write_at_an_epoch_end_keeps_the_previous_epoch_whole(tiny, tmp_path, capsys, monkeypatch):
+    """Full disk while epoch 2's files are written (last.pth, after best.pth): none of epoch 2's files replaces
+    epoch 1's; one line names the file and says how to go on; --resume then ends where an uninterrupted run ends."""
+    import re
+
+    args = ["train", "smallcnn", "--data", tiny, "--epochs", 2, "--batch-size", 8, "--image-size", 32, "--weights",
+            "none", "--seed", 3, "--threads", 2, "--out", tmp_path, "--json"]
+    code, out, err = run_cli([*args, "--run-name", "full"], capsys)
+    assert code == 0, err
+    full = json.loads(out)
+    assert full["history"][1]["best"]  # epoch 2 is the best: it writes best.pth before last.pth
+    run = tmp_path / "smallcnn" / "cut"
+    with monkeypatch.context() as m:
+        _disk_full_at(m, "last.pth", 2)
+        code, out, err = run_cli([*args, "--run-name", "cut"], capsys)
+    one_error(code, err, rf"^error: cannot write {re.escape(str(run / 'last.pth'))}: No space left on device; "
+                          rf"{re.escape(str(run))} keeps its last finished epoch; continue with 'lungedge train "
+                          rf"smallcnn --out .* --run-name cut --resume'$")
+    last = torch.load(run / "last.pth", weights_only=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert last["train_state"]["epoch"] == 1 and last["train_state"]["best"]["epoch"] == 1
+    assert read_meta(run / "best.pth")["epoch"] == 1  # not epoch 2's, which last.pth and metrics.json do not know
+    assert metrics["status"] == "running" and len(metrics["history"]) == 1 and metrics["best"]["epoch"] == 1
+    assert not list(run.glob(".*.tmp"))
+
+    code, out, err = run_cli(["train", "smallcnn", "--out", tmp_path, "--run-name", "cut", "--resume", "--json"],
+                             capsys)
+    assert code == 0, err
+    resumed = json.loads(out)
+    assert resumed["status"] == "finished" and resumed["best"] == full["best"]
+    assert [h["val_loss"] for h in resumed["history"]] == pytest.approx([h["val_loss"] for h in full["history"]],
+                                                                       rel=1e-5)
+    a = torch.load(tmp_path / "smallcnn" / "full" / "best.pth", weights_only=True)["state_dict"]
+    b = torch.load(run / "best.pth", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6)
+
+
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     code, _, err = run_cli(["train", "smallcnn", "--resume", "--out", tmp_path], capsys)
     assert code == 2 and "no interrupted run of smallcnn" in err
@@ -157,6 +244,70 @@ def test_keras_resume_ends_where_an_uninterrupted_run_ends(tiny, tmp_path):
         np.testing.assert_allclose(wa, wb, rtol=1e-5, atol=1e-6)
     assert [h["val_loss"] for h in full["history"]] == pytest.approx([h["val_loss"] for h in resumed["history"]], rel=1e-5)
     assert meta["build"]["constructor"] == "keras.applications.ResNet50" and meta["build"]["kwargs"]["pooling"] == "avg"
+
+
+@pytest.mark.slow
+def test_keras_a_failed_write_at_an_epoch_end_keeps_the_previous_epoch_whole(tiny, tmp_path, capsys, monkeypatch):
+    """The Keras trainer's epoch set (best.h5, last.h5, last.optimizer.npz, metrics.json) is written as one: the
+    disk fills up at epoch 2's optimizer state, after its .h5 files; epoch 1's set stays, and --resume goes on."""
+    import re
+
+    from lungedge.models.checkpoint import read_keras_meta
+
+    run = tmp_path / "resnet50" / "cut"
+    with monkeypatch.context() as m:
+        _disk_full_at(m, "last.optimizer.npz", 2)
+        code, _, err = run_cli(["train", "resnet50", "--data", tiny, "--epochs", 2, "--batch-size", 8, "--image-size",
+                                32, "--weights", "none", "--mode", "transfer", "--lr", 3e-4, "--seed", 1,
+                                "--out", tmp_path, "--run-name", "cut"], capsys)
+    one_error(code, err, rf"^error: cannot write {re.escape(str(run / 'last.optimizer.npz'))}: No space left on "
+                         rf"device; {re.escape(str(run))} keeps its last finished epoch; continue with ")
+    assert read_keras_meta(run / "best.h5")["epoch"] == read_keras_meta(run / "last.h5")["epoch"] == 1
+    assert len(json.loads((run / "metrics.json").read_text())["history"]) == 1
+    assert sorted(p.name for p in run.iterdir()) == ["best.h5", "config.json", "last.h5", "last.optimizer.npz",
+                                                     "metrics.json", "split.json"]  # no temporary file left
+    code, out, err = run_cli(["train", "resnet50", "--out", tmp_path, "--run-name", "cut", "--resume", "--json"],
+                             capsys)
+    assert code == 0, err
+    resumed = json.loads(out)
+    assert resumed["status"] == "finished" and len(resumed["history"]) == 2
+    assert resumed["history"][1]["best"]  # epoch 2 was the best: its best.h5 had been written when the disk filled
+    assert read_keras_meta(run / "best.h5")["epoch"] == read_keras_meta(run / "last.h5")["epoch"] == 2
+
+
+KERAS_SAVE = """
+import sys
+
+import torch  # noqa: F401  (torch before tensorflow)
+
+from lungedge.io import WriteError
+from lungedge.models.files import save_keras_checkpoint
+from lungedge.models.registry import import_keras
+
+keras = import_keras()
+model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(512)])  # 130 kB of weights
+try:
+    save_keras_checkpoint(sys.argv[1], model, {})
+except WriteError as exc:
+    print(exc)
+"""
+
+
+def test_keras_checkpoint_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """h5py reports a failed write as a RuntimeError: a WriteError naming the file, the temporary file removed."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import small_file_limit
+
+    out = tmp_path / "run" / "best.h5"
+    proc = subprocess.run([sys.executable, "-c", KERAS_SAVE, str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], preexec_fn=small_file_limit(64_000),
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"cannot write {out}: ") and len(proc.stdout.splitlines()) == 1, proc.stdout
+    assert list((tmp_path / "run").iterdir()) == []
 
 
 def test_keras_optimizer_honours_weight_decay_and_warmup():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import LungedgeError
-from ..io import atomic_write_bytes, sha256_file
+from ..io import WriteError, atomic_write_bytes, publish_file, sha256_file, write_error
 
 FORMAT = "lungedge-checkpoint/1"
 TORCH_SUFFIXES = (".pth", ".pt")
@@ -107,22 +107,31 @@ def save_torch_checkpoint(path, model, meta: dict, train_state: dict | None = No
 # -- keras ------------------------------------------------------------------------------------------
 
 def save_keras_checkpoint(path, model, meta: dict) -> Path:
-    """Atomically write the Keras model as HDF5 with the metadata JSON in its attributes."""
+    """Atomically write the Keras model as HDF5 with the metadata JSON in its attributes (named like
+    :func:`lungedge.io.atomic_write_bytes`'s files, so also together with a :func:`~lungedge.io.written_together`
+    set); a failed write is a :class:`~lungedge.io.WriteError` naming ``path``."""
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".h5", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".h5", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         model.save(tmp, include_optimizer=False) if _accepts_include_optimizer(model) else model.save(tmp)
         with h5py.File(tmp, "a") as fh:
             fh.attrs[META_ATTR] = json.dumps(meta, allow_nan=False)
-        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # h5py reports a failed write (full disk) as either
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno:
+            raise write_error(path, exc) from None
+        raise WriteError(f"cannot write {path}: {' '.join(str(exc).split())[:300] or type(exc).__name__}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return publish_file(tmp, path)
 
 
 def _accepts_include_optimizer(model) -> bool:

@@ -51,19 +51,22 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
     refused = False
     try:
         return _train(cfg, spec, resume_dir, on_epoch, show_progress, stop_after, strategy)
-    except LungedgeError:
+    except LungedgeError as exc:
+        from ..io import WriteError
+
         if new_folder and main_rank and not run_checkpoint(run_dir):
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)  # refused before an epoch finished: leave no half run
             refused = True
+        elif isinstance(exc, WriteError) and main_rank and run_checkpoint(run_dir):  # e.g. the disk filled up
+            raise WriteError(f"{exc}; {_kept(cfg, run_dir)}") from None
         raise
     except KeyboardInterrupt:
         from ..io import note_kept
 
         if run_checkpoint(run_dir):
-            note_kept(f"{run_dir} keeps its last finished epoch; continue with "
-                      f"'lungedge train {cfg.model} --out {cfg.out} --run-name {run_dir.name} --resume'")
+            note_kept(_kept(cfg, run_dir))
         else:
             note_kept(f"{run_dir}: no epoch finished, nothing to resume")
         raise
@@ -75,6 +78,12 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
                 folder.rmdir()
             except OSError:
                 pass
+
+
+def _kept(cfg: TrainConfig, run_dir: Path) -> str:
+    """What a stopped run keeps (its epochs' files are written as one set: the last finished one is whole)."""
+    return (f"{run_dir} keeps its last finished epoch; continue with "
+            f"'lungedge train {cfg.model} --out {cfg.out} --run-name {run_dir.name} --resume'")
 
 
 # where a run runs (free to change on resume) and how it is found (--out, --run-name)

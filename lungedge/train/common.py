@@ -20,33 +20,48 @@ from ..ui import progress
 RUN_FORMAT = "lungedge-run/1"
 
 
+def _checked(default=None, **rules):
+    """A field whose value read back from ``config.json`` must meet ``rules`` (pydantic ``Field`` constraints:
+    ``ge``, ``strict``, ...). They are declared here once and applied by :func:`load_config` through
+    :func:`lungedge.schemas.dataclass_model`; building a TrainConfig checks nothing (options are checked,
+    with their own names, by :meth:`TrainConfig.resolved`)."""
+    return field(default=default, metadata={"schema": rules})
+
+
+_COUNT = dict(ge=1, strict=True)  # a whole number >= 1
+_NUMBER = dict(strict=True, allow_inf_nan=False)  # a finite number, not a string
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (stored as ``config.json`` in the run folder)."""
+    """Everything a training run depends on (stored as ``config.json`` in the run folder).
+
+    The one list of the run's fields: their types, defaults and the constraints a stored ``config.json``
+    must meet (:func:`_checked`) are read from here by the schema check (:func:`load_config`)."""
 
     model: str
     data: str | None = None
     split: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    image_size: int | None = None
-    lr: float | None = None
+    epochs: int | None = _checked(**_COUNT)
+    batch_size: int | None = _checked(**_COUNT)
+    image_size: int | None = _checked(ge=8, strict=True)
+    lr: float | None = _checked(gt=0, le=1, **_NUMBER)
     weights: str = "imagenet"
     mode: str | None = None
     device: str = "cpu"
     out: str = "runs"
     run_name: str | None = None
-    seed: int = 0
-    patience: int = 0  # early stopping: epochs without a better val balanced accuracy (0: off)
-    augment: bool = True
+    seed: int = _checked(0, strict=True)
+    patience: int = _checked(0, ge=0, strict=True)  # early stopping: epochs without a better val bal. acc (0: off)
+    augment: bool = _checked(True, strict=True)
     group_by: str = "near-duplicate"  # for the split made when --split is not given
-    val: float = 0.15
-    test: float = 0.15
+    val: float = _checked(0.15, ge=0, lt=1, **_NUMBER)
+    test: float = _checked(0.15, ge=0, lt=1, **_NUMBER)
     unfreeze: str | None = None  # finetune: number of blocks or "all"
     init_checkpoint: str | None = None  # finetune: the checkpoint to start from
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    threads: int | None = None
+    weight_decay: float = _checked(1e-4, ge=0, **_NUMBER)
+    warmup_epochs: float = _checked(1.0, ge=0, **_NUMBER)
+    threads: int | None = _checked(**_COUNT)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,7 +252,7 @@ def load_config(run_dir: Path) -> TrainConfig:
     data = read_json(path, "a run configuration")
     if not isinstance(data, dict):
         raise LungedgeError(f"{path} is not a run configuration (a JSON object expected)")
-    validate("RunConfig", data, path)  # fields typed and in range: "epochs": "many" is named here, not as --epochs
+    validate(TrainConfig, data, path)  # fields typed and in range: "epochs": "many" is named here, not as --epochs
     return TrainConfig.from_dict(data)
 
 

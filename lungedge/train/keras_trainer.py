@@ -19,7 +19,7 @@ import numpy as np
 
 from ..batching import predict_in_batches
 from ..errors import LungedgeError
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, written_together
 from ..models import checkpoint as ckpt
 from ..models.frameworks import set_tensorflow_threads
 from ..models.registry import Built, apply_mode, get_spec, import_keras
@@ -136,15 +136,17 @@ class KerasRun(EpochLoop):
         return float(fit.history["loss"][-1])
 
     def end_epoch(self, epoch: int, train_loss: float, seconds: float) -> dict:
-        """Validate, update best/patience, write best.h5, last.h5 (+ optimizer) and metrics.json."""
+        """Validate, update best/patience, write best.h5 (if better), last.h5 (+ optimizer) and metrics.json
+        as one set: a failed write (full disk) leaves the previous epoch's set whole, to --resume from."""
         rec, improved = self.record_epoch(epoch, train_loss, self.evaluate(self.model, "val"), seconds)
         run_dir = self.data.run_dir
-        if improved:
-            ckpt.save_keras_checkpoint(run_dir / "best.h5", self.model, self.meta_for(epoch + 1))
-        ckpt.save_keras_checkpoint(run_dir / "last.h5", self.model, self.meta_for(epoch + 1))
-        save_optimizer(run_dir / "last.optimizer.npz", self.optimizer)
-        common.write_metrics(self.data, self.cfg, self.history, self.best, None, "running",
-                             time.time() - self.t_start, suffix=".h5")
+        with written_together():
+            if improved:
+                ckpt.save_keras_checkpoint(run_dir / "best.h5", self.model, self.meta_for(epoch + 1))
+            ckpt.save_keras_checkpoint(run_dir / "last.h5", self.model, self.meta_for(epoch + 1))
+            save_optimizer(run_dir / "last.optimizer.npz", self.optimizer)
+            common.write_metrics(self.data, self.cfg, self.history, self.best, None, "running",
+                                 time.time() - self.t_start, suffix=".h5")
         return rec
 
     def finish(self) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..batching import predict_in_batches
 from ..errors import LungedgeError
-from ..io import sha256_bytes
+from ..io import sha256_bytes, written_together
 from ..models import checkpoint as ckpt
 from ..models.registry import get_spec
 from . import common
@@ -261,19 +261,22 @@ class TorchRun(EpochLoop):
         return float(loss.detach())
 
     def end_epoch(self, epoch: int, train_loss: float, seconds: float) -> dict:
-        """Validate, update best/patience, write best.pth, last.pth and metrics.json (rank 0)."""
+        """Validate, update best/patience, write best.pth (if better), last.pth and metrics.json (rank 0), as
+        one set: a failed write (full disk) leaves the previous epoch's set whole, to --resume from."""
         self.dist.sync_buffers(self.model)
         arrays = self.data.arrays
         val = evaluate(self.model, arrays.x["val"], arrays.y["val"], self.data.classes, self.device)
         rec, improved = self.record_epoch(epoch, train_loss, val, seconds, lr=self.opt.param_groups[0]["lr"])
         if self.dist.main:
             run_dir = self.data.run_dir
-            if improved:
-                ckpt.save_torch_checkpoint(run_dir / "best.pth", self.model, self.meta_for(epoch + 1))
-            train_state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                           "epoch": epoch + 1, "bad_epochs": self.bad_epochs, "best": self.best}
-            ckpt.save_torch_checkpoint(run_dir / "last.pth", self.model, self.meta_for(epoch + 1), train_state)
-            common.write_metrics(self.data, self.cfg, self.history, self.best, None, "running", time.time() - self.t_start)
+            with written_together():  # all of them this epoch's, or (a failed write) all the previous epoch's
+                if improved:
+                    ckpt.save_torch_checkpoint(run_dir / "best.pth", self.model, self.meta_for(epoch + 1))
+                train_state = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                               "epoch": epoch + 1, "bad_epochs": self.bad_epochs, "best": self.best}
+                ckpt.save_torch_checkpoint(run_dir / "last.pth", self.model, self.meta_for(epoch + 1), train_state)
+                common.write_metrics(self.data, self.cfg, self.history, self.best, None, "running",
+                                     time.time() - self.t_start)
         return rec
 
     def finish(self) -> dict:
