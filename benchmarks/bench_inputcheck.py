@@ -138,8 +138,8 @@ def main() -> None:
     for k, d in enumerate(inputcheck.DESCRIPTORS):
         others = "  ".join(f"{n.split(':')[-1].strip()[:12]} {np.nanmedian(described[n][:, k]):.1f}"
                            for n in names[2:9])
-        print(f"  {d:<14} {np.nanpercentile(train_values[:, k], 0.5):7.1f} – {np.nanpercentile(train_values[:, k], 99.5):7.1f}"
-              f"   {others}")
+        lo, hi = np.nanpercentile(train_values[:, k], inputcheck.RANGE)
+        print(f"  {d:<14} {lo:7.1f} – {hi:7.1f}   {others}")
 
     import onnxruntime as ort
 

@@ -211,4 +211,5 @@ def summary_line(flags: list[dict], names: list[str], shown: int = 3) -> str:
     hit = [(n, f) for n, f in zip(names, flags) if f["unlike_training"]]
     head = ", ".join(f"{n} ({f['reasons'][0]})" for n, f in hit[:shown])
     more = f" and {len(hit) - shown} more" if len(hit) > shown else ""
-    return f"{len(hit)} of {len(flags)} images ({len(hit) / max(len(flags), 1):.1%}) unlike the training images: {head}{more}"
+    share = len(hit) / max(len(flags), 1)
+    return f"{len(hit)} of {len(flags)} images ({share:.1%}) unlike the training images: {head}{more}"

@@ -78,7 +78,8 @@ def test_the_envelope_flags_a_colour_image_for_a_grey_trained_check_and_not_its_
     fitted = ic.fit(train, "40 grey images")
     assert fitted["images"] == 40 and fitted["descriptors"] == list(ic.DESCRIPTORS)
     lo, hi = fitted["training_range"]["colourfulness"]
-    assert abs(lo) < 1e-3 and abs(hi) < 1e-3 and fitted["envelope"]["colourfulness"][1] == pytest.approx(ic.FLOOR, abs=1e-3)
+    assert abs(lo) < 1e-3 and abs(hi) < 1e-3
+    assert fitted["envelope"]["colourfulness"][1] == pytest.approx(ic.FLOOR, abs=1e-3)
     check = ic.InputCheck.from_meta(fitted, "test")
     assert not any(f["unlike_training"] for f in check.flag(prep.normalize(_grey(40)), prep))
     flags = check.flag(prep.normalize(_colour()), prep)
