@@ -90,8 +90,11 @@ def _fp32_reference(job: Job, cache: dict, x_of) -> tuple[np.ndarray, str] | Non
     return pred, f"{ref.backend} fp32 {ref.artifact.name}"
 
 
-def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT) -> tuple[dict, np.ndarray]:
-    """One job's row (metrics, predictions, model facts) and its predicted classes."""
+def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT, log=lambda s: None
+             ) -> tuple[dict, np.ndarray]:
+    """One job's row (metrics, predictions, model facts) and its predicted classes. Where the artifact
+    carries an input check (:mod:`lungedge.inputcheck`), ``row["unlike_training"]`` is the share of test
+    images it flags (``log`` names a few); nothing else depends on it."""
     with open_runner(job.artifact, job.backend, job.device, job.precision, threads) as runner:
         unknown = sorted(set(ts.labels) - set(runner.classes))
         if unknown:
@@ -118,10 +121,24 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT) -> tu
         row["images"] = [str(p) for p in ts.paths]
         row["labels"] = y.tolist()
         row["groups"] = list(ts.groups) if ts.groups is not None else None
+        if runner.input_check is not None:
+            _input_check(runner, x, ts, row, job, log)
         if not runner.info.fixed_precision and job.precision == "fp32":
             row["model_info"] = model_info(runner, job.artifact)
         row["provenance"] = provenance.collect(threads=runner.threads_used())
     return row, pred
+
+
+def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log) -> None:
+    """The share of test images the artifact's input check finds unlike the training images, in the row."""
+    from .inputcheck import summary_line
+
+    flags = runner.input_check.flag(x, runner.preprocessing)
+    n = sum(f["unlike_training"] for f in flags)
+    row["unlike_training"] = n / len(flags) if flags else 0.0
+    row["unlike_training_count"] = n
+    if n:
+        log(f"{job.model} {row['variant']}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
 
 
 def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, log=lambda s: None,
@@ -139,7 +156,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
         ts = load_test_set(job.model, job.artifact, data, split, runs)
         ts = sets.setdefault(ts.where, ts)  # images are loaded once per test set and preprocessing
         noted = len(ts.skipped)
-        row, pred = eval_job(job, ts, threads, n_boot)
+        row, pred = eval_job(job, ts, threads, n_boot, log)
         for bad in ts.skipped[noted:]:  # as data split and predict do: listed, not the end of the run
             log(f"skipped {display_name(bad['path'])}: {bad['reason']}")
         if job.precision == "fp32":
@@ -158,6 +175,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
         log(f"{job.model} {row['backend']} {row['device']} {row['variant']}: balanced accuracy "
             f"{m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
             f"ECE {m['calibration']['ece']:.3f}" + (f", differs from FP32 on {d:.1%}" if d is not None else "")
+            + (f", {row['unlike_training']:.1%} unlike the training images" if row.get("unlike_training") else "")
             + f" ({ts.where})")
     return rows
 

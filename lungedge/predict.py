@@ -13,7 +13,9 @@ from .runners import open_runner
 
 def predict(artifact, images, backend: str | None = None, device: str | None = None, precision: str | None = None,
             threads: int | None = None, batch: int = 16, explain_dir=None, method: str = "auto") -> dict:
-    """{"artifact", "backend", "classes", "predictions": [{"image", "class", "probabilities"}]}; with
+    """{"artifact", "backend", "classes", "predictions": [{"image", "class", "probabilities"}]}; where the
+    artifact carries an input check (:mod:`lungedge.inputcheck`), each prediction also has "input_check":
+    {"unlike_training", "reasons"} (the class and probabilities are the model's all the same). With
     ``explain_dir`` each prediction also gets "overlay": the image with its saliency map (Grad-CAM on torch,
     occlusion elsewhere; :mod:`lungedge.saliency`) written there."""
     images = [Path(p) for p in images]
@@ -28,10 +30,13 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
                 continue
             readable += chunk
             probs = runner.probabilities(x)
-            for path, p in zip(chunk, probs):
+            checks = runner.input_check.flag(x, runner.preprocessing) if runner.input_check else [None] * len(x)
+            for path, p, check in zip(chunk, probs, checks):
                 k = int(np.argmax(p))
                 preds.append({"image": str(path), "class": runner.classes[k],
                               "probabilities": {c: round(float(v), 6) for c, v in zip(runner.classes, p)}})
+                if check is not None:
+                    preds[-1]["input_check"] = check
         if not preds:
             raise LungedgeError(f"none of the {len(images)} images could be read (first: {unreadable[0]['reason']})")
         if explain_dir is not None:

@@ -201,6 +201,44 @@ class OnnxMetadata(_Open):
         return v
 
 
+class InputCheckFields(_Open):
+    """``extra.input_check`` (:mod:`lungedge.inputcheck`): the envelope predict and eval flag images with."""
+    format: Literal["lungedge-input-check/1"]
+    descriptors: list[str] = Field(min_length=1)
+    training_range: dict[str, list[float]]
+    envelope: dict[str, list[float]]
+    fitted_on: str
+    images: int = Field(ge=1, strict=True)
+    validation_flag_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    validation_images: int | None = Field(default=None, ge=0)
+
+    @field_validator("descriptors")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from .inputcheck import DESCRIPTORS
+
+        for name in v:
+            if name not in DESCRIPTORS:
+                raise ValueError(f"{name!r} is not a descriptor ({', '.join(DESCRIPTORS)})")
+        return v
+
+    @field_validator("training_range", "envelope")
+    @classmethod
+    def _ranges(cls, v: dict) -> dict:
+        for name, r in v.items():
+            if len(r) != 2 or not all(math.isfinite(b) for b in r) or r[0] > r[1]:
+                raise ValueError(f"{name}: {r!r} is not a range (two finite numbers, low <= high)")
+        return v
+
+    @model_validator(mode="after")
+    def _every_descriptor_bounded(self):
+        for field in ("training_range", "envelope"):
+            missing = [n for n in self.descriptors if n not in getattr(self, field)]
+            if missing:
+                raise ValueError(f"{field}: no range for {missing[0]!r}")
+        return self
+
+
 # -- TensorRT engine sidecars (<engine>.json) --------------------------------------------------------------
 
 class EngineSidecar(_Open):
@@ -307,6 +345,12 @@ class EvalRow(_Row):
     classes: list[str] = Field(min_length=1)
     metrics: EvalMetrics
     temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # rows before temperature scaling: 1
+    unlike_training: float | None = None  # share of test images the input check flags (absent: no check)
+
+    @field_validator("unlike_training")
+    @classmethod
+    def _flag_share(cls, v):
+        return _fraction(v)
 
     @model_validator(mode="after")
     def _matrix_matches(self):

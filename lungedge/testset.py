@@ -3,6 +3,8 @@
 Export (parity and per-precision accuracy) and eval both read their images here:
 
 * :func:`split_of_run` — the split manifest a training run used, found beside its checkpoint;
+* :func:`load_training_set` / :func:`load_validation_set` — a manifest's other parts (the input
+  check's reference images, the temperature's fit);
 * :func:`load_test_set` — a manifest's test part (``data`` overrides the manifest's root), else
   a data folder's images (all, or ``limit`` evenly spaced ones). Strict: a manifest without test
   images, or with test images missing on disk, is refused with one line; callers that have a
@@ -83,20 +85,24 @@ def split_of_run(checkpoint: str | Path) -> Path | None:
 
 
 def _from_manifest(manifest_path: str | Path, data: str | Path | None, limit: int | None,
-                   part: str = "test") -> TestImages:
+                   part: str = "test", spaced: bool = False) -> TestImages:
     from .data.split import read_manifest
 
     manifest = read_manifest(manifest_path)
     root = Path(data) if data else Path(manifest["dataset"]["root"])
     items = [it for it in manifest["items"] if it["split"] == part]
-    name = {"val": "validation"}.get(part, part)
+    name = {"val": "validation", "train": "training"}.get(part, part)
     if not items:
         raise LungedgeError(f"{manifest_path} has no {name} images")
     missing = [it["path"] for it in items if not (root / it["path"]).is_file()]
     if missing:
         raise LungedgeError(f"{len(missing)} {name} images of {manifest_path} are missing under {root} "
                             f"(first: {missing[0]}); pass --data DIR with the data set's folder")
-    items = items[:limit] if limit else items
+    spaced = spaced and bool(limit) and len(items) > limit
+    if spaced:  # evenly spaced over the manifest (class by class), not its first classes only
+        items = [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+    else:
+        items = items[:limit] if limit else items
     from .io import sha256_file
 
     changed = [it["path"] for it in items if sha256_file(root / it["path"]) != it["sha256"]]
@@ -104,7 +110,7 @@ def _from_manifest(manifest_path: str | Path, data: str | Path | None, limit: in
         raise LungedgeError(f"{manifest_path}: {len(changed)} of {len(items)} {name} images changed since the split "
                             f"(first: {changed[0]}); re-run 'lungedge data split'")
     return TestImages([root / it["path"] for it in items], [it["label"] for it in items],
-                      f"{len(items)} {name} images of {manifest_path}",
+                      f"{len(items)} {'evenly spaced ' if spaced else ''}{name} images of {manifest_path}",
                       groups=[it.get("group", k) for k, it in enumerate(items)])
 
 
@@ -119,6 +125,12 @@ def _from_folder(data: str | Path, limit: int | None) -> TestImages:
     else:
         where = f"all {len(files)} images of {layout.root}"
     return TestImages([layout.root / f.path for f in files], [f.label for f in files], where)
+
+
+def load_training_set(split: str | Path, data: str | Path | None = None, limit: int | None = None) -> TestImages:
+    """The training part of ``split`` (what the model learnt from: the input check's reference images);
+    ``limit`` keeps that many, evenly spaced (the manifest lists them class by class)."""
+    return _from_manifest(split, data, limit, part="train", spaced=True)
 
 
 def load_validation_set(split: str | Path, data: str | Path | None = None) -> TestImages:

@@ -31,6 +31,9 @@ def export_cmd(
     temperature: bool = typer.Option(True, "--temperature/--no-temperature",
                                      help="Fit a temperature on the run's validation images so that the "
                                      "probabilities say how often the model is right (predictions unchanged)."),
+    input_check: bool = typer.Option(True, "--input-check/--no-input-check",
+                                     help="Fit the input check on the run's training images (else --calib-data's) "
+                                     "so that predict and eval say when an image is unlike them."),
     engine: Optional[bool] = typer.Option(None, "--engine/--no-engine",
                                           help="Build the TensorRT engine (default: when TensorRT and a GPU are here)."),
     out: Path = typer.Option(Path("engines"), help="Output folder (files land in OUT/MODEL/)."),
@@ -73,7 +76,7 @@ def export_cmd(
                               "channels": channels, "layout": layout, "resize": resize, "output": output,
                               "transform_input": transform_input},
                      max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100, uint8_input=uint8_input,
-                     temperature=temperature)
+                     temperature=temperature, input_check=input_check)
     typer.echo(f"wrote {', '.join(summary['files'].values())}")
     failed = failed_gates(summary)
     if gate and failed:

@@ -190,6 +190,8 @@ def predict_cmd(
                      method=method)
     if as_json:
         print_json(result)
+        for p in result["predictions"]:  # beside the JSON, on stderr
+            _unlike_warning(p, lambda line: typer.echo(line, err=True))
         return
     t = result.get("temperature", 1.0)
     typer.echo(f"{result['model']} via {result['backend']} {result['device']} {result['precision']} "
@@ -198,5 +200,19 @@ def predict_cmd(
         probs = "  ".join(f"{c} {v:.3f}" for c, v in p["probabilities"].items())
         typer.echo(f"{display_name(p['image'])}: {p['class']}  ({probs})"
                    + (f"  -> {display_name(p['overlay'])}" if p.get("overlay") else ""))
+        _unlike_warning(p, typer.echo)
     for u in result.get("unreadable", []):
         typer.echo(f"{display_name(u['image'])}: unreadable ({u['reason']})")
+
+
+def _unlike_warning(pred: dict, echo, shown: int = 2) -> None:
+    """One warning line for a prediction whose image the input check finds unlike the training images."""
+    from ..errors import display_name
+
+    check = pred.get("input_check")
+    if not check or not check["unlike_training"]:
+        return
+    reasons = check["reasons"]
+    more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
+    echo(f"warning: {display_name(pred['image'])} is unlike the images the model was trained on "
+         f"({'; '.join(reasons[:shown])}{more}): the class shown may be meaningless")

@@ -168,11 +168,14 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
            engine: bool | None = None, out="engines", runs="runs", calibration="calibration",
            classes: str | None = None, data=None, trust_pickle: bool = False, log=print,
            options: dict | None = None, max_bacc_drop: float = stats.MAX_BACC_DROP,
-           max_sens_drop: float = stats.MAX_SENS_DROP, uint8_input: bool = False, temperature: bool = True) -> dict:
+           max_sens_drop: float = stats.MAX_SENS_DROP, uint8_input: bool = False, temperature: bool = True,
+           input_check: bool = True) -> dict:
     """Export MODEL; returns the summary that is also written as ``<model>.export.json``.
 
     ``temperature``: fit one on the run's validation images and stamp it on every file
     (:mod:`lungedge.temperature`; nothing is fitted without validation images).
+    ``input_check``: fit the input check (:mod:`lungedge.inputcheck`) on the run's training images (else the
+    ``calib_data`` images) and stamp it on every file; its false-flag rate is measured on the validation part.
 
     ``options``: declared facts for the source kinds (``Request.options``: --custom, preprocessing, output).
     With FP16/INT8 and labelled test images, ``summary["gate"]`` holds each precision's release gate
@@ -206,8 +209,12 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         check = test.head(PARITY_IMAGES) if test is not None else evaluation_set(source, data, PARITY_IMAGES, log=log)
         _check_fp32(source, fp32, base, check, summary, shown)
         _release_source(source)  # the framework's model is not run again: free it before calibrating (#14)
+        if input_check:
+            _fit_input_check(source, data, calib_data, summary, shown)
         if temperature:
             _fit_temperature(source, fp32, data, summary, shown)
+        if source.temperature or source.input_check:  # every later file inherits them through the source
+            metadata.restamp(fp32, source, "fp32")
         variants = [precision.write_fp16(fp32, base, source)] if fp16 else []
         if int8:
             cal = precision.calibration(source, calib_data, calib_size, Path(calibration), calib_method)
@@ -230,9 +237,9 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
 
 
 def _fit_temperature(source: Source, fp32: Path, data, summary: dict, log) -> None:
-    """Temperature scaling on the run's validation part with the FP32 ONNX; the FP32 file is stamped
-    again and every later file inherits it through ``source.temperature``. Said in a note where it
-    cannot be fitted (no run split, too few validation images)."""
+    """Temperature scaling on the run's validation part with the FP32 ONNX, kept in ``source.temperature``
+    (the FP32 file is stamped again by the caller, every later file inherits it). Said in a note where
+    it cannot be fitted (no run split, too few validation images)."""
     from .. import temperature as temp
     from ..testset import load_validation_set
 
@@ -255,11 +262,78 @@ def _fit_temperature(source: Source, fp32: Path, data, summary: dict, log) -> No
     fit = temp.fit(scores, labels, "logits" if source.output == "logits" else "probabilities")
     fit["fitted_on"] = val.where
     source.temperature = fit
-    metadata.restamp(fp32, source, "fp32")
     summary["temperature"] = fit
     log(f"temperature {fit['value']:.3f} fitted on {val.where}: their negative log-likelihood "
         f"{fit['nll_before']:.3f} -> {fit['nll_after']:.3f}" + (" (at the search bound)" if fit["at_bound"] else "")
         + "; predictions unchanged")
+
+
+def _reference_images(source: Source, data, calib_data):
+    """(the input check's reference images, the validation images or None, a note when there are none):
+    the run's training part, else the --calib-data images (a folder, or a manifest's training part)."""
+    from .. import inputcheck
+    from ..testset import load_test_set, load_training_set, load_validation_set
+
+    if source.split_path is not None:
+        try:
+            ref = load_training_set(source.split_path, data, inputcheck.MAX_IMAGES)
+        except LungedgeError as exc:
+            return None, None, f"no input check ({exc})"
+        try:
+            val = load_validation_set(source.split_path, data)
+        except LungedgeError:
+            val = None  # a split without a validation part: the check without its false-flag rate
+        return ref, val, None
+    if calib_data:
+        try:
+            if Path(calib_data).is_file():
+                return load_training_set(calib_data, None, inputcheck.MAX_IMAGES), None, None
+            return load_test_set(data=calib_data, limit=inputcheck.MAX_IMAGES), None, None
+        except LungedgeError as exc:
+            return None, None, f"no input check (--calib-data: {exc})"
+    return None, None, ("no input check: no training images known (a run's split has them; for a model from "
+                        "outside pass --calib-data DIR with images like those it was trained on)")
+
+
+def _descriptors(images, prep) -> np.ndarray:
+    """The input check's descriptors of ``images`` (a TestImages), decoded through ``prep`` a chunk at a time
+    (memory stays bounded); unreadable images are left out."""
+    from .. import inputcheck
+
+    def chunks():
+        for i in range(0, len(images.paths), inputcheck.CHUNK):
+            _, x, _ = prep.load_readable(images.paths[i : i + inputcheck.CHUNK])
+            if x is not None:
+                yield x, prep
+
+    return inputcheck.describe_in_chunks(chunks())
+
+
+def _fit_input_check(source: Source, data, calib_data, summary: dict, log) -> None:
+    """The input check (:mod:`lungedge.inputcheck`) fitted on the reference images, through the model's own
+    preprocessing, its false-flag rate measured on the validation part; kept in ``source.input_check``
+    (stamped on every file). Said in a note where there are no (or too few) reference images."""
+    from .. import inputcheck
+
+    ref, val, why = _reference_images(source, data, calib_data)
+    if ref is None:
+        log(f"note: {why}")
+        return
+    values = _descriptors(ref, source.preprocessing)
+    if len(values) < inputcheck.MIN_IMAGES:
+        log(f"note: no input check: {len(values)} readable reference images ({ref.where}) are fewer than "
+            f"{inputcheck.MIN_IMAGES}")
+        return
+    check = inputcheck.fit(values, ref.where)
+    if val is not None:
+        check = inputcheck.validation_rate(check, _descriptors(val, source.preprocessing), val.where)
+    source.input_check = check
+    summary["input_check"] = check
+    rate = check["validation_flag_rate"]
+    log(f"input check fitted on {ref.where}: {len(check['descriptors'])} descriptors"
+        + (f"; flags {rate:.1%} of the {check['validation_images']} validation images" if rate is not None
+           else "; no validation images to measure its false-flag rate on")
+        + "".join(f"; {note}" for note in check.get("not_available", {}).values()))
 
 
 def _release_source(source: Source) -> None:

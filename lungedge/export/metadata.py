@@ -14,6 +14,8 @@ def metadata(source: Source, precision: str, **extra) -> dict:
         extra = {"converter": source.converter, **extra}
     if source.temperature:
         extra = {"temperature": source.temperature, **extra}
+    if source.input_check:
+        extra = {"input_check": source.input_check, **extra}
     return onnx_meta.make_metadata(source.architecture, source.framework, source.classes, source.preprocessing,
                                    precision, source.sha256, build=source.build, output=source.output, **extra)
 

@@ -47,6 +47,7 @@ class Source:
     keep: int | None = None  # more outputs than classes: the first ``keep`` are labelled (run_source, source_to_onnx)
     converter: str = ""  # which converter wrote the ONNX where a kind has several (ONNX metadata extra.converter)
     temperature: dict | None = None  # fitted at export on the run's validation images (lungedge.temperature)
+    input_check: dict | None = None  # fitted at export on the run's training images (lungedge.inputcheck)
 
 
 class UnfinishedRun(LungedgeError):

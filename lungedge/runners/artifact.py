@@ -33,6 +33,7 @@ class ArtifactInfo:
     extra: dict = field(default_factory=dict)
     output: str = "logits"  # logits | probabilities | sigmoid (runners.base.OUTPUT_KINDS)
     temperature: float = 1.0  # divides the logits before the softmax (fitted at export; lungedge.temperature)
+    input_check: object = None  # lungedge.inputcheck.InputCheck fitted at export; None: the file carries none
 
     @property
     def fixed_precision(self) -> bool:
@@ -72,6 +73,20 @@ def _temperature(meta: dict, path: Path) -> float:
     return check(t.get("value") if isinstance(t, dict) else t, f"{path}: metadata extra.temperature")
 
 
+def _input_check(meta: dict, path: Path):
+    """The input check an exported file carries (``extra.input_check``), None where none was fitted; a
+    damaged one is one line naming the field."""
+    c = (meta.get("extra") or {}).get("input_check")
+    if c is None:
+        return None
+    from ..inputcheck import InputCheck
+    from ..validation import validate
+
+    where = f"{path}: metadata extra.input_check"
+    validate("InputCheckFields", c, where)
+    return InputCheck.from_meta(c, where)
+
+
 def _checkpoint(path: Path) -> ArtifactInfo:
     from ..models.checkpoint import read_meta
     from ..models.sniff import check_model_file
@@ -99,7 +114,7 @@ def _onnx(path: Path) -> ArtifactInfo:
     return ArtifactInfo(path, "onnx", m["architecture"], m.get("framework", "?"), list(m["classes"]),
                         m["preprocessing"], m.get("precision", "fp32"), m.get("source_sha256"),
                         _onnx_variant(m), dict(m.get("extra") or {}), m.get("output", "logits"),
-                        _temperature(m, path))
+                        _temperature(m, path), _input_check(m, path))
 
 
 def _engine(path: Path) -> ArtifactInfo:
@@ -114,7 +129,7 @@ def _engine(path: Path) -> ArtifactInfo:
     return ArtifactInfo(path, "engine", m["architecture"], m.get("framework", "?"), list(m["classes"]),
                         m["preprocessing"], side["precision"], m.get("source_sha256"), side["precision"],
                         {"sidecar": side, "max_batch": side.get("max_batch")}, m.get("output", "logits"),
-                        _temperature(m, onnx_path))
+                        _temperature(m, onnx_path), _input_check(m, onnx_path))
 
 
 _READERS = {"checkpoint": _checkpoint, "onnx": _onnx, "engine": _engine}

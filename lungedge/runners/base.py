@@ -136,6 +136,11 @@ class Runner:
         return getattr(self.info, "temperature", 1.0)
 
     @property
+    def input_check(self):
+        """The artifact's :class:`lungedge.inputcheck.InputCheck` (fitted at export), None where it has none."""
+        return getattr(self.info, "input_check", None)
+
+    @property
     def variant(self) -> str:
         return self.info.variant if self.info.fixed_precision else self.precision
 
