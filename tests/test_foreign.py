@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import foreign_files as ff
-from conftest import run_cli, write_dataset
+from conftest import one_error, run_cli, write_dataset
 from lungedge import onnx_meta
 from lungedge.errors import LungedgeError
 from lungedge.models import sniff
@@ -348,6 +348,25 @@ def test_keras_model_with_two_outputs_is_refused_in_one_line(tmp_path, capsys):
                               "--out", tmp_path / "e"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "two.h5 has 2 outputs (classes, tumour)" in err and "model.outputs[i]" in err
+
+
+def test_keras_weights_only_file_says_so_and_how_to_save_the_model(tmp_path, capsys):
+    import h5py
+
+    model = ff.tiny_keras(tmp_path / "whole.h5")
+    model.save_weights(tmp_path / "model.weights.h5")  # Keras 3: layers/ and vars/ groups, no model config
+    with h5py.File(tmp_path / "k2.h5", "w") as fh:  # Keras 2's save_weights layout: layer_names, no model config
+        fh.attrs["layer_names"] = [b"conv2d", b"dense"]
+        fh.create_group("conv2d")
+        fh.create_group("dense")
+    for name in ("model.weights.h5", "k2.h5"):
+        for arch in (["resnet50"], ["mine", "--custom"]):
+            code, _, err = run_cli(["export", *arch, "--checkpoint", tmp_path / name, "--classes", "A,B,C",
+                                    "--out", tmp_path / "e"], capsys)
+            line = one_error(code, err)
+            assert f"{name} holds Keras weights only (model.save_weights)" in line, line
+            assert "model.load_weights()" in line and 'model.save("model.h5")' in line, line
+    assert not (tmp_path / "e").exists()
 
 
 def test_keras_lambda_layer_needs_trust_and_channels_first_is_said(tmp_path, capsys):
