@@ -136,6 +136,37 @@ def test_whole_pickled_model_is_checked_like_its_state_dict(tmp_path, capsys):
     np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_training_checkpoint_holding_a_whole_model_is_read_only_with_trust_pickle(tmp_path, capsys):
+    torch.manual_seed(1)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=4,
+                                       transform_input=False).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.save({"model": torch.nn.DataParallel(net).half(), "optimizer": opt.state_dict(), "epoch": 7},
+               tmp_path / "ckpt.pth")
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "ckpt.pth", "--classes", "a,b,c",
+                            "--out", tmp_path / "e"], capsys)
+    line = one_error(code, err, "runs code when loaded")
+    assert "--trust-pickle" in line
+    code, _, err = run_cli(["export", "densenet121", "--checkpoint", tmp_path / "ckpt.pth", "--classes", "a,b,c",
+                            "--trust-pickle", "--out", tmp_path / "e"], capsys)
+    one_error(code, err, "holds a pickled GoogLeNet, which is not a densenet121")
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "ckpt.pth", "--classes", "a,b,c,d,e",
+                            "--trust-pickle", "--out", tmp_path / "e"], capsys)
+    one_error(code, err, "has 4 outputs but 5 class names")
+    assert not (tmp_path / "e").exists()
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "ckpt.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--trust-pickle")
+    assert "ckpt.pth is a training checkpoint: exporting the pickled model under 'model' (left out: optimizer, epoch)" \
+        in out, out
+    assert "wrapped in DataParallel" in out and "float16 weights; converted to float32" in out
+    assert "4 outputs; exporting the first 3" in out
+    x = np.random.default_rng(5).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = net.half().float()(torch.from_numpy(x))[:, :3].numpy()
+    np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tmp_path, capsys):
     head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(1024, 3))
     model = ff.googlenet_training_checkpoint(tmp_path / "ckpt.pth", head=head)
