@@ -197,7 +197,7 @@ def lock_run(run_dir: Path) -> FolderLock:
     """Hold ``run_dir`` for this training (rank 0 only under torchrun): a second ``lungedge train`` with
     the same run folder gets one line naming this one. Litter of a killed run's writes is removed."""
     lock = FolderLock(run_dir).acquire()
-    clean_temp_files(run_dir)
+    clean_temp_files(run_dir, published=[f"{which}.h5" for which in ("best", "last")])  # the Keras trainer's
     return lock
 
 
