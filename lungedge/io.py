@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -249,18 +250,35 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def clean_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[str]:
+_MKSTEMP_PART = re.compile(r"[a-z0-9_]{8}")  # the random part tempfile.mkstemp puts in a name
+
+
+def _published_temps(folder: Path, name: str) -> list[Path]:
+    """The temporaries a writer of ``name`` through :func:`publish_file` leaves when killed: ``.<stem>.XXXXXXXX
+    <suffix>`` (``.best.k3j_x9a2.h5`` for ``best.h5``, as :func:`lungedge.models.files.save_keras_checkpoint`
+    names them), the middle exactly mkstemp's random part, so no other file of the folder matches."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    return [p for p in folder.glob(f".{glob_escape(stem)}.*{glob_escape(suffix)}")
+            if _MKSTEMP_PART.fullmatch(p.name[len(stem) + 2:len(p.name) - len(suffix)])]
+
+
+def clean_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None,
+                     published: Iterable[str] = ()) -> list[str]:
     """Remove the ``.<name>.*.tmp`` files :func:`atomic_write_bytes` leaves when killed mid-write.
 
     Call it while holding the folder's lock (nobody else is writing then). ``names``: only the temporaries of
-    these files (a folder the user shares with other files). Returns the names removed.
+    these files (a folder the user shares with other files). ``published``: the names of files written by a
+    library through :func:`publish_file` (``best.h5``), whose temporaries keep the file's suffix
+    (``.best.XXXXXXXX.h5``): those are removed too. Returns the names removed.
     """
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     patterns = [".*.tmp"] if names is None else [f".{glob_escape(n)}.*.tmp" for n in names]
-    for p in (p for pattern in patterns for p in folder.glob(pattern)):
+    found = [p for pattern in patterns for p in folder.glob(pattern)]
+    found += [p for name in published for p in _published_temps(folder, name)]
+    for p in found:
         try:
             p.unlink()
             removed.append(p.name)

@@ -64,3 +64,25 @@ def test_unknown_command_is_a_usage_error(capsys):
     code, _, err = run_cli(["frobnicate"], capsys)
     assert code == 2
     assert "frobnicate" in err
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+@pytest.mark.parametrize("argv", [["mlp", "demo"], ["mlp", "demo", "--json"]])
+def test_unwritable_standard_output_is_named_and_a_closed_pipe_is_quiet(argv, unbuffered, tmp_path):
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}  # "": Python buffers stdout, flushed when the command ends
+    command = [sys.executable, "-c", "from lungedge.cli import run; run()", *argv]
+    with open("/dev/full", "w") as full:  # a full disk
+        proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: cannot write to standard output: No space left on device\n"
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone (| head -1 after its line)
+    try:
+        proc = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and proc.stderr == ""
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout and proc.stderr == ""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import foreign_files as ff
-from conftest import run_cli, write_dataset
+from conftest import one_error, run_cli, write_dataset
 from lungedge import onnx_meta
 from lungedge.errors import LungedgeError
 from lungedge.models import sniff
@@ -131,6 +131,37 @@ def test_whole_pickled_model_is_checked_like_its_state_dict(tmp_path, capsys):
     assert "wrapped in DataParallel" in out and "float16 weights; converted to float32" in out
     assert "4 outputs; exporting the first 3" in out
     x = np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = net.half().float()(torch.from_numpy(x))[:, :3].numpy()
+    np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_training_checkpoint_holding_a_whole_model_is_read_only_with_trust_pickle(tmp_path, capsys):
+    torch.manual_seed(1)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=4,
+                                       transform_input=False).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.save({"model": torch.nn.DataParallel(net).half(), "optimizer": opt.state_dict(), "epoch": 7},
+               tmp_path / "ckpt.pth")
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "ckpt.pth", "--classes", "a,b,c",
+                            "--out", tmp_path / "e"], capsys)
+    line = one_error(code, err, "runs code when loaded")
+    assert "--trust-pickle" in line
+    code, _, err = run_cli(["export", "densenet121", "--checkpoint", tmp_path / "ckpt.pth", "--classes", "a,b,c",
+                            "--trust-pickle", "--out", tmp_path / "e"], capsys)
+    one_error(code, err, "holds a pickled GoogLeNet, which is not a densenet121")
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "ckpt.pth", "--classes", "a,b,c,d,e",
+                            "--trust-pickle", "--out", tmp_path / "e"], capsys)
+    one_error(code, err, "has 4 outputs but 5 class names")
+    assert not (tmp_path / "e").exists()
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "ckpt.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--trust-pickle")
+    assert "ckpt.pth is a training checkpoint: exporting the pickled model under 'model' (left out: optimizer, epoch)" \
+        in out, out
+    assert "wrapped in DataParallel" in out and "float16 weights; converted to float32" in out
+    assert "4 outputs; exporting the first 3" in out
+    x = np.random.default_rng(5).normal(size=(2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         expected = net.half().float()(torch.from_numpy(x))[:, :3].numpy()
     np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
@@ -348,6 +379,25 @@ def test_keras_model_with_two_outputs_is_refused_in_one_line(tmp_path, capsys):
                               "--out", tmp_path / "e"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "two.h5 has 2 outputs (classes, tumour)" in err and "model.outputs[i]" in err
+
+
+def test_keras_weights_only_file_says_so_and_how_to_save_the_model(tmp_path, capsys):
+    import h5py
+
+    model = ff.tiny_keras(tmp_path / "whole.h5")
+    model.save_weights(tmp_path / "model.weights.h5")  # Keras 3: layers/ and vars/ groups, no model config
+    with h5py.File(tmp_path / "k2.h5", "w") as fh:  # Keras 2's save_weights layout: layer_names, no model config
+        fh.attrs["layer_names"] = [b"conv2d", b"dense"]
+        fh.create_group("conv2d")
+        fh.create_group("dense")
+    for name in ("model.weights.h5", "k2.h5"):
+        for arch in (["resnet50"], ["mine", "--custom"]):
+            code, _, err = run_cli(["export", *arch, "--checkpoint", tmp_path / name, "--classes", "A,B,C",
+                                    "--out", tmp_path / "e"], capsys)
+            line = one_error(code, err)
+            assert f"{name} holds Keras weights only (model.save_weights)" in line, line
+            assert "model.load_weights()" in line and 'model.save("model.h5")' in line, line
+    assert not (tmp_path / "e").exists()
 
 
 def test_keras_lambda_layer_needs_trust_and_channels_first_is_said(tmp_path, capsys):

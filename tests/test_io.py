@@ -232,6 +232,16 @@ def test_set_moved_aside_but_not_replaced_is_restored(tmp_path):
     assert (out / "a").read_text() == "old"
 
 
+def test_temp_files_of_killed_keras_checkpoint_writes_are_cleaned_and_nothing_else(tmp_path):
+    leftovers = [".best.k3j_x9a2.h5", ".last.00ab_zz9.h5"]  # save_keras_checkpoint's mkstemp names
+    mine = ["best.h5", ".best.h5", ".best.mine.h5", ".best.k3j_x9a2.h5.bak", ".other.k3j_x9a2.h5", ".best.K3J_X9A2.h5",
+            ".last.k3j_x9a2.keras", "notes.txt"]
+    for name in leftovers + mine:
+        (tmp_path / name).write_text("x")
+    assert sorted(clean_temp_files(tmp_path, published=["best.h5", "last.h5"])) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(mine)
+
+
 def test_temp_files_of_killed_writes_are_cleaned(tmp_path):
     (tmp_path / ".last.pth.abc123.tmp").write_text("half")
     (tmp_path / "last.pth").write_text("whole")

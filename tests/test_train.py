@@ -136,6 +136,53 @@ def _disk_full_at(monkeypatch, name: str, nth: int) -> None:
     monkeypatch.setattr(os, "fsync", fsync)
 
 
+def test_a_restarted_run_removes_a_killed_keras_writes_temporaries_only(tiny, tmp_path, capsys):
+    """A run killed while the Keras trainer wrote best.h5/last.h5 leaves .best.XXXXXXXX.h5 temporaries; the
+    next run in that folder removes them, and no file of another name."""
+    run = tmp_path / "smallcnn" / "again"
+    run.mkdir(parents=True)
+    leftovers = [".best.k3j_x9a2.h5", ".last.00ab_zz9.h5", ".metrics.json.abc123.tmp"]
+    kept = ["notes.h5", ".best.mine.h5"]
+    for name in leftovers + kept:
+        (run / name).write_text("x")
+    code, out, err = run_cli(["train", "smallcnn", "--data", tiny, "--epochs", 1, "--batch-size", 8, "--image-size",
+                              32, "--weights", "none", "--threads", 2, "--out", tmp_path, "--run-name", "again",
+                              "--json"], capsys)
+    assert code == 0, err
+    assert not any((run / name).exists() for name in leftovers)
+    assert all((run / name).read_text() == "x" for name in kept)
+    assert (run / "best.pth").is_file()
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_names(tiny, tmp_path, capsys, monkeypatch):
+    """Without --run-name the name is the start time; a second run started in that second (the clock held
+    still here) gets "-2" instead of a refusal, and names claimed at once by many are all different."""
+    import threading
+
+    from lungedge.train import common
+
+    monkeypatch.setattr(common, "default_run_name", lambda cfg: f"20250101-120000-s{cfg.seed}")
+    args = ["train", "smallcnn", "--data", tiny, "--epochs", 1, "--batch-size", 8, "--image-size", 32, "--weights",
+            "none", "--threads", 2, "--out", tmp_path, "--json"]
+    for name in ("20250101-120000-s0", "20250101-120000-s0-2"):
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        assert (tmp_path / "smallcnn" / name / "best.pth").is_file()
+    names, start = [], threading.Barrier(8)
+
+    def claim():
+        start.wait()
+        names.append(common.claim_run_name(common.TrainConfig(model="smallcnn", out=str(tmp_path), seed=1)))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(names) == sorted(["20250101-120000-s1"] + [f"20250101-120000-s1-{n}" for n in range(2, 9)])
+    assert all((tmp_path / "smallcnn" / n).is_dir() for n in names)
+
+
 def test_a_failed_write_at_an_epoch_end_keeps_the_previous_epoch_whole(tiny, tmp_path, capsys, monkeypatch):
     """Full disk while epoch 2's files are written (last.pth, after best.pth): none of epoch 2's files replaces
     epoch 1's; one line names the file and says how to go on; --resume then ends where an uninterrupted run ends."""

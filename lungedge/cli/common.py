@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import sys
 
@@ -21,6 +23,57 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+class StdoutError(LungedgeError, OSError):
+    """Standard output could not be written (full disk, I/O error): ``cannot write to standard output: ...``.
+    Also an OSError, so code that handles a failed write goes on handling it."""
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: a failed write or flush becomes a :class:`StdoutError` naming
+    standard output (the OSError alone says only "No space left on device"); a closed pipe (EPIPE) stays the
+    OSError that typer ends quietly on. Everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.failed = False
+
+    def _guard(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            self.failed = True
+            if exc.errno in (None, errno.EPIPE) or isinstance(exc, StdoutError):
+                raise
+            raise StdoutError(f"cannot write to standard output: {exc.strerror or exc}") from None
+
+    def write(self, text):
+        return self._guard(self._stream.write, text)
+
+    def writelines(self, lines):
+        return self._guard(self._stream.writelines, lines)
+
+    def flush(self):
+        return self._guard(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _drop_pending(stream) -> None:
+    """Discard what ``stream`` (standard output, found unwritable) still buffers: its file descriptor now
+    leads to /dev/null, so Python's flush at exit neither fails nor reports the same failure again."""
+    try:
+        fd = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+        stream.flush()
+    except (OSError, ValueError, AttributeError):  # not a file (tests' capture), or closed
+        pass
 
 
 def print_json(obj) -> None:
@@ -106,8 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _io.KEPT.clear()
     _io.COMMAND = f"lungedge {command_of(argv)}".replace("lungedge lungedge", "lungedge")
+    real = sys.stdout
+    guarded = sys.stdout = _GuardedStdout(real) if real is not None and not isinstance(real, _GuardedStdout) else real
     try:
-        app(args=argv, prog_name="lungedge")
+        return _main(argv, guarded)
+    finally:
+        if isinstance(guarded, _GuardedStdout) and guarded.failed:
+            _drop_pending(real)
+        if sys.stdout is guarded:  # (typer may have put its own wrapper around it after a closed pipe: kept)
+            sys.stdout = real
+
+
+def _main(argv: list[str], stdout) -> int:
+    try:
+        try:
+            app(args=argv, prog_name="lungedge")
+        except SystemExit:
+            if stdout is not None:
+                stdout.flush()  # what the command printed leaves now: a failure is said here, not at Python's exit
+            raise
     except SystemExit as exc:  # typer exits on its own after every command and usage error
         code = exc.code
         code = code if isinstance(code, int) else (0 if code is None else 1)
@@ -124,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecursionError as exc:
         return _internal_error(exc, argv)
     except Exception as exc:  # noqa: BLE001 - the last-resort handler: one line, traceback to a log
+        if isinstance(exc, OSError) and exc.errno == errno.EPIPE and getattr(stdout, "failed", False):
+            return 1  # standard output's reader has gone (| head -1): quiet, as typer ends a closed pipe
         known = _known_os_error(exc)
         if known:
             typer.echo(f"error: {known}", err=True)

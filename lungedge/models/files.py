@@ -172,6 +172,27 @@ def read_keras_meta(path) -> dict:
     return meta
 
 
+def keras_weights_only(path) -> bool:
+    """Whether ``path`` is an HDF5 file of Keras weights alone (``model.save_weights``: Keras 3's
+    ``.weights.h5`` with ``layers``/``vars`` groups, Keras 2's ``layer_names`` attribute) and no model config."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            if "model_config" in fh.attrs:
+                return False
+            return "layer_names" in fh.attrs or ("layers" in fh and "vars" in fh)
+    except OSError:
+        return False
+
+
+def weights_only_error(path) -> LungedgeError:
+    return LungedgeError(
+        f"{path} holds Keras weights only (model.save_weights), not the model's architecture, which lungedge needs: "
+        "in Keras, build the model, call model.load_weights() on this file and save the whole model with "
+        "model.save(\"model.h5\") or model.save(\"model.keras\"), then export that file")
+
+
 TRUST_CODE_ENV = "LUNGEDGE_KERAS_TRUST_CODE"  # "1": Keras may deserialize Lambda layers' Python code (--trust-pickle)
 
 
@@ -181,6 +202,8 @@ def load_keras_file(path, trust_code: bool | None = None):
     :data:`TRUST_CODE_ENV`, set for the conversion children of a ``--trust-pickle`` export)."""
     from .frameworks import import_keras
 
+    if Path(path).suffix.lower() in KERAS_SUFFIXES and keras_weights_only(path):
+        raise weights_only_error(path)
     keras = import_keras()
     if trust_code is None:
         trust_code = os.environ.get(TRUST_CODE_ENV) == "1"

@@ -46,6 +46,24 @@ def unwrap(payload, name: str) -> tuple[dict | None, list[str]]:
     return None, []
 
 
+def unwrap_module(payload, name: str):
+    """(the whole ``nn.Module`` under the first of :data:`WRAPPER_KEYS` that holds one, notes) for a training
+    checkpoint ``{"model": <module>, "optimizer": ..., "epoch": ...}`` read with ``--trust-pickle``;
+    ``(None, [])`` when there is none."""
+    import torch
+
+    if not isinstance(payload, dict):
+        return None, []
+    for key in WRAPPER_KEYS:
+        inner = payload.get(key)
+        if isinstance(inner, torch.nn.Module):
+            beside = [str(k) for k in payload if k != key]
+            return inner, [f"{name} is a training checkpoint: exporting the pickled model under {key!r}"
+                           + (f" (left out: {', '.join(beside[:6])}{', ...' if len(beside) > 6 else ''})"
+                              if beside else "")]
+    return None, []
+
+
 def describe_payload(payload) -> str:
     """What a torch.save payload that holds no state dict is, for a one-line refusal."""
     if isinstance(payload, dict):

@@ -21,7 +21,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
     import os
 
     from ..models.registry import get_spec, import_torch_first
-    from .common import default_run_name, lock_run, planned_run_dir
+    from .common import claim_run_name, default_run_name, lock_run, planned_run_dir
 
     spec = get_spec(cfg.model)
     if cfg.run_name is not None:
@@ -41,13 +41,23 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
         from ..data.split import read_manifest
 
         read_manifest(cfg.split)  # a bad manifest is refused before any run folder is made
-    if resume_dir is None and not cfg.run_name:
-        cfg.run_name = default_run_name(cfg)
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
+    runs = Path(cfg.out) / cfg.model
+    new_parents = [p for p in (runs.parent, runs) if not p.exists()]  # runs/, runs/MODEL
+    claimed = resume_dir is None and not cfg.run_name and main_rank
+    if resume_dir is None and not cfg.run_name:  # a timestamp, made unique (its folder made) by the main rank;
+        cfg.run_name = claim_run_name(cfg) if main_rank else default_run_name(cfg)  # others get its run folder
     run_dir = resume_dir or planned_run_dir(cfg)
-    new_parents = [p for p in (run_dir.parent.parent, run_dir.parent) if not p.exists()]  # runs/, runs/MODEL
-    lock = lock_run(run_dir) if main_rank else None
-    new_folder = resume_dir is None and not run_dir.exists()
+    new_folder = resume_dir is None and (claimed or not run_dir.exists())
+    try:
+        lock = lock_run(run_dir) if main_rank else None
+    except BaseException:
+        for folder in (run_dir, *reversed(new_parents)) if claimed else ():  # the folders made for it, if empty
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
     refused = False
     try:
         return _train(cfg, spec, resume_dir, on_epoch, show_progress, stop_after, strategy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LungedgeError
-from ..io import FolderLock, clean_temp_files, read_json, safe_name, write_json
+from ..io import FolderLock, clean_temp_files, read_json, safe_name, write_error, write_json
 from ..limits import check_input_size, check_positive
 from ..preprocess import Preprocessing, read_image
 from ..ui import progress
@@ -188,6 +189,28 @@ def default_run_name(cfg: TrainConfig) -> str:
     return time.strftime("%Y%m%d-%H%M%S") + f"-s{cfg.seed}"
 
 
+def claim_run_name(cfg: TrainConfig) -> str:
+    """A new run's name when ``--run-name`` is not given: the timestamp name (``20250101-120000-s0``), or, when
+    a run folder of that name exists (a run started in the same second), the first free ``-2``, ``-3``, ...
+    The folder is made here (``mkdir``, atomic), so two runs started together never take the same name."""
+    parent = Path(cfg.out) / safe_name(cfg.model, "model")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(parent, exc, "cannot create") from None
+    base = default_run_name(cfg)
+    for n in itertools.count(1):
+        name = base if n == 1 else f"{base}-{n}"
+        try:
+            (parent / name).mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise write_error(parent / name, exc, "cannot create") from None
+        return name
+    raise AssertionError("unreachable")
+
+
 def planned_run_dir(cfg: TrainConfig) -> Path:
     """``out/model/run_name``; the run name must be one plain folder name (it cannot leave ``out``)."""
     return Path(cfg.out) / safe_name(cfg.model, "model") / safe_name(cfg.run_name or default_run_name(cfg), "--run-name")
@@ -197,7 +220,7 @@ def lock_run(run_dir: Path) -> FolderLock:
     """Hold ``run_dir`` for this training (rank 0 only under torchrun): a second ``lungedge train`` with
     the same run folder gets one line naming this one. Litter of a killed run's writes is removed."""
     lock = FolderLock(run_dir).acquire()
-    clean_temp_files(run_dir)
+    clean_temp_files(run_dir, published=[f"{which}.h5" for which in ("best", "last")])  # the Keras trainer's
     return lock
 
 

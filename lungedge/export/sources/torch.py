@@ -136,12 +136,17 @@ def _foreign(path: Path, spec, request: Request) -> Source:
 
     notes: list[str] = []
     payload = _payload(path, request.trust_pickle, notes)
+    from ...models.statedict import describe_payload, unwrap, unwrap_module
+
+    if isinstance(payload, dict) and unwrap(payload, path.name)[0] is None:
+        module, unwrapped = unwrap_module(payload, path.name)  # {"model": <a whole nn.Module>, "optimizer": ...}
+        if module is not None:
+            notes += unwrapped
+            payload = module
     if isinstance(payload, torch.nn.Module):
         model, out_features = _pickled_model(path, spec, payload, request, notes)
         build = {}  # a pickled model records no build
     else:
-        from ...models.statedict import describe_payload, unwrap
-
         state, unwrapped = unwrap(payload, path.name)
         if state is None:
             raise LungedgeError(f"{path.name} holds {describe_payload(payload)}; {_accepted(spec)}")
