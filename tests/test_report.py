@@ -102,8 +102,9 @@ def test_calibration_section_lists_each_measured_row_and_draws_its_diagram(two_m
     row["intervals"] = bootstrap_metrics(y, probs.argmax(1), None, ["A", "B"], n_boot=50, probs=probs)
     _write(two_machines / "a" / "eval-new.jsonl", [row])
     out = two_machines / "reports"
-    code, _, err = run_cli(["report", "--results", two_machines / "a", "--out", out], capsys)
+    code, stdout, err = run_cli(["report", "--results", two_machines / "a", "--out", out], capsys)
     assert code == 0, err
+    assert str(out / "reliability.png") in stdout  # the "wrote ..." line names every file written
     md = (out / "report.md").read_text()
     section = md.split("## Calibration")[1].split("\n## ")[0]
     lines = [ln for ln in section.splitlines() if ln.startswith("| M")]

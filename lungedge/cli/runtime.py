@@ -152,7 +152,7 @@ def eval_cmd(
 def report_cmd(
     results: Optional[List[Path]] = typer.Option(None, "--results", help="Results files or folders (repeatable; "
                                                  "default: results/)."),
-    out: Path = typer.Option(Path("reports"), help="Output folder for report.md, report.html and the PNG."),
+    out: Path = typer.Option(Path("reports"), help="Output folder for report.md, report.html and the PNGs."),
 ):
     """Write the accuracy-vs-latency report (Markdown, self-contained HTML, PNG) from results files."""
     from ..report import build_report
@@ -162,6 +162,7 @@ def report_cmd(
         typer.echo(f"{mid}: {label}")
     typer.echo(f"wrote {summary['markdown']}, {summary['html']}" + (f", {summary['png']}" if summary["png"] else "")
                + (f", {summary['saliency']}" if summary.get("saliency") else "")
+               + (f", {summary['reliability']}" if summary.get("reliability") else "")
                + f" ({summary['rows']} rows)")
 
 
