@@ -212,18 +212,27 @@ def test_calibration_set_of_another_data_set_is_refused(trained_run, tmp_path, c
     assert code == 2 and "another data set" in err
 
 
-def test_engine_asked_for_without_tensorrt_fails(tmp_path, capsys):
+def test_engine_asked_for_without_tensorrt_fails_before_any_work(tmp_path, capsys):
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
     torch.save(torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False,
                                             num_classes=3).state_dict(), tmp_path / "g.pth")
+    previous = tmp_path / "e" / "googlenet" / "googlenet.int8.onnx"  # a set exported before, with INT8
+    previous.parent.mkdir(parents=True)
+    previous.write_bytes(b"the user's INT8 file")
     code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "g.pth", "--classes", "a,b,c",
                             "--out", tmp_path / "e", "--engine"], capsys)
-    assert code == 2 and "TensorRT is not installed" in err
+    assert code == 2 and "--engine: no TensorRT engine can be built here" in err and "TensorRT is not installed" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in previous.parent.iterdir()) == [previous.name]  # nothing written or replaced
+    assert previous.read_bytes() == b"the user's INT8 file"
+    code, out, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "g.pth", "--classes", "a,b,c",
+                              "--out", tmp_path / "e"], capsys)
+    assert code == 0 and "lungedge engine build" in out + err
     fp32 = tmp_path / "e" / "googlenet" / "googlenet.fp32.onnx"
-    assert fp32.is_file()  # the ONNX is still written
+    assert fp32.is_file()  # without --engine the ONNX is written and the build command printed
     build = onnx_meta.read(fp32)["build"]  # a foreign googlenet state dict: torchvision's pretrained defaults, recorded
     assert build["constructor"] == "torchvision.models.googlenet" and build["kwargs"]["transform_input"] is True
     assert build["weights"]["layout"] == "plain" and build["weights"]["assumed"]["transform_input"] is True

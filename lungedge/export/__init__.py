@@ -181,6 +181,12 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
     With FP16/INT8 and labelled test images, ``summary["gate"]`` holds each precision's release gate
     against FP32 (limits as fractions; :func:`failed_gates` lists the failed ones)."""
     _check_settings(calib_method, max_batch)  # before any work
+    if engine:  # asked for: said before anything is written or replaced, not after minutes of export
+        try:
+            trt.detect_target()
+        except LungedgeError as exc:
+            raise LungedgeError(f"--engine: no TensorRT engine can be built here ({exc}); export without "
+                                "--engine and build it on the target with `lungedge engine build`") from None
     stats.check_gate_limits(max_bacc_drop, max_sens_drop)
     if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
         raise LungedgeError(f"--opset must be from {OPSETS[0]} to {OPSETS[1]} (what the torch and Keras "
