@@ -128,9 +128,14 @@ def test_whole_pickled_model_is_checked_like_its_state_dict(tmp_path, capsys):
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "gn4.pth", "--classes", "a,b,c", "--input-size",
                         32, "--trust-pickle")
+    _is_fp16_parallel_net_first_three(out, fp32, net, seed=4)
+
+
+def _is_fp16_parallel_net_first_three(out: str, fp32, net, seed: int) -> None:
+    """An fp16 4-output net pickled inside DataParallel was exported as float32, its first 3 outputs."""
     assert "wrapped in DataParallel" in out and "float16 weights; converted to float32" in out
     assert "4 outputs; exporting the first 3" in out
-    x = np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(seed).normal(size=(2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         expected = net.half().float()(torch.from_numpy(x))[:, :3].numpy()
     np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
@@ -159,12 +164,7 @@ def test_training_checkpoint_holding_a_whole_model_is_read_only_with_trust_pickl
                         32, "--trust-pickle")
     assert "ckpt.pth is a training checkpoint: exporting the pickled model under 'model' (left out: optimizer, epoch)" \
         in out, out
-    assert "wrapped in DataParallel" in out and "float16 weights; converted to float32" in out
-    assert "4 outputs; exporting the first 3" in out
-    x = np.random.default_rng(5).normal(size=(2, 3, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        expected = net.half().float()(torch.from_numpy(x))[:, :3].numpy()
-    np.testing.assert_allclose(_ort(fp32, x), expected, rtol=1e-4, atol=1e-4)
+    _is_fp16_parallel_net_first_three(out, fp32, net, seed=5)
 
 
 def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tmp_path, capsys):
