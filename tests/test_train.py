@@ -224,6 +224,11 @@ def test_a_failed_write_at_an_epoch_end_keeps_the_previous_epoch_whole(tiny, tmp
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     code, _, err = run_cli(["train", "smallcnn", "--resume", "--out", tmp_path], capsys)
     assert code == 2 and "no interrupted run of smallcnn" in err
+    code, _, err = run_cli(["train", "smallcnn", "--resume", "--out", tmp_path, "--run-name", "typo"], capsys)
+    assert code == 2 and f"cannot resume --run-name typo: {tmp_path / 'smallcnn' / 'typo'} does not exist" in err
+    (tmp_path / "smallcnn" / "empty").mkdir(parents=True)
+    code, _, err = run_cli(["train", "smallcnn", "--resume", "--out", tmp_path, "--run-name", "empty"], capsys)
+    assert code == 2 and "empty has no finished epoch to resume from" in err
 
 
 def test_finetune_unfreezes_more_at_a_lower_rate(tiny, tmp_path, capsys):

@@ -253,6 +253,11 @@ def find_resumable(cfg: TrainConfig) -> Path:
         status = read_status(run_dir)
         if status != "finished" or cfg.run_name:
             return run_dir
+    if cfg.run_name:  # the run asked for by name: say what is wrong with it
+        run_dir = base / cfg.run_name
+        why = ("does not exist" if not run_dir.exists() else "has no finished epoch to resume from"
+               if not run_checkpoint(run_dir) else "has no config.json")
+        raise LungedgeError(f"cannot resume --run-name {cfg.run_name}: {run_dir} {why}")
     raise LungedgeError(f"no interrupted run of {cfg.model} to resume under {base}")
 
 
