@@ -215,10 +215,11 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
         check = test.head(PARITY_IMAGES) if test is not None else evaluation_set(source, data, PARITY_IMAGES, log=log)
         _check_fp32(source, fp32, base, check, summary, shown)
         _release_source(source)  # the framework's model is not run again: free it before calibrating (#14)
+        val = _validation_set(source, data) if (input_check or temperature) else None  # read once for both
         if input_check:
-            _fit_input_check(source, data, calib_data, summary, shown)
+            _fit_input_check(source, data, calib_data, val, summary, shown)
         if temperature:
-            _fit_temperature(source, fp32, data, summary, shown)
+            _fit_temperature(source, fp32, val, summary, shown)
         if source.temperature or source.input_check:  # every later file inherits them through the source
             metadata.restamp(fp32, source, "fp32")
         variants = [precision.write_fp16(fp32, base, source)] if fp16 else []
@@ -242,20 +243,31 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
     return summary
 
 
-def _fit_temperature(source: Source, fp32: Path, data, summary: dict, log) -> None:
+def _validation_set(source: Source, data):
+    """The run's validation part (the temperature's fit, the input check's false-flag rate), read once and
+    its images decoded once for both; None without a run split, the :class:`LungedgeError` where it cannot
+    be read."""
+    from ..testset import load_validation_set
+
+    if source.split_path is None:
+        return None
+    try:
+        return load_validation_set(source.split_path, data)
+    except LungedgeError as exc:
+        return exc
+
+
+def _fit_temperature(source: Source, fp32: Path, val, summary: dict, log) -> None:
     """Temperature scaling on the run's validation part with the FP32 ONNX, kept in ``source.temperature``
     (the FP32 file is stamped again by the caller, every later file inherits it). Said in a note where
     it cannot be fitted (no run split, too few validation images)."""
     from .. import temperature as temp
-    from ..testset import load_validation_set
 
-    if source.split_path is None:
+    if val is None:
         log("note: probabilities not temperature-scaled: no validation images known (a run's split has them)")
         return
-    try:
-        val = load_validation_set(source.split_path, data)
-    except LungedgeError as exc:
-        log(f"note: probabilities not temperature-scaled ({exc})")
+    if isinstance(val, LungedgeError):
+        log(f"note: probabilities not temperature-scaled ({val})")
         return
     if len(val.paths) < temp.MIN_IMAGES:
         log(f"note: probabilities not temperature-scaled: {val.where} are fewer than {temp.MIN_IMAGES}")
@@ -275,30 +287,25 @@ def _fit_temperature(source: Source, fp32: Path, data, summary: dict, log) -> No
 
 
 def _reference_images(source: Source, data, calib_data):
-    """(the input check's reference images, the validation images or None, a note when there are none):
-    the run's training part, else the --calib-data images (a folder, or a manifest's training part)."""
+    """(the input check's reference images, a note when there are none): the run's training part, else the
+    --calib-data images (a folder, or a manifest's training part)."""
     from .. import inputcheck
-    from ..testset import load_test_set, load_training_set, load_validation_set
+    from ..testset import load_test_set, load_training_set
 
     if source.split_path is not None:
         try:
-            ref = load_training_set(source.split_path, data, inputcheck.MAX_IMAGES)
+            return load_training_set(source.split_path, data, inputcheck.MAX_IMAGES), None
         except LungedgeError as exc:
-            return None, None, f"no input check ({exc})"
-        try:
-            val = load_validation_set(source.split_path, data)
-        except LungedgeError:
-            val = None  # a split without a validation part: the check without its false-flag rate
-        return ref, val, None
+            return None, f"no input check ({exc})"
     if calib_data:
         try:
             if Path(calib_data).is_file():
-                return load_training_set(calib_data, None, inputcheck.MAX_IMAGES), None, None
-            return load_test_set(data=calib_data, limit=inputcheck.MAX_IMAGES), None, None
+                return load_training_set(calib_data, None, inputcheck.MAX_IMAGES), None
+            return load_test_set(data=calib_data, limit=inputcheck.MAX_IMAGES), None
         except LungedgeError as exc:
-            return None, None, f"no input check (--calib-data: {exc})"
-    return None, None, ("no input check: no training images known (a run's split has them; for a model from "
-                        "outside pass --calib-data DIR with images like those it was trained on)")
+            return None, f"no input check (--calib-data: {exc})"
+    return None, ("no input check: no training images known (a run's split has them; for a model from "
+                  "outside pass --calib-data DIR with images like those it was trained on)")
 
 
 def _descriptors(images, prep) -> np.ndarray:
@@ -315,13 +322,14 @@ def _descriptors(images, prep) -> np.ndarray:
     return inputcheck.describe_in_chunks(chunks())
 
 
-def _fit_input_check(source: Source, data, calib_data, summary: dict, log) -> None:
+def _fit_input_check(source: Source, data, calib_data, val, summary: dict, log) -> None:
     """The input check (:mod:`lungedge.inputcheck`) fitted on the reference images, through the model's own
-    preprocessing, its false-flag rate measured on the validation part; kept in ``source.input_check``
-    (stamped on every file). Said in a note where there are no (or too few) reference images."""
+    preprocessing, its false-flag rate measured on the validation part ``val`` (:func:`_validation_set`:
+    without one, the check has no rate); kept in ``source.input_check`` (stamped on every file). Said in a
+    note where there are no (or too few) reference images."""
     from .. import inputcheck
 
-    ref, val, why = _reference_images(source, data, calib_data)
+    ref, why = _reference_images(source, data, calib_data)
     if ref is None:
         log(f"note: {why}")
         return
@@ -331,8 +339,12 @@ def _fit_input_check(source: Source, data, calib_data, summary: dict, log) -> No
             f"{inputcheck.MIN_IMAGES}")
         return
     check = inputcheck.fit(values, ref.where)
-    if val is not None:
-        check = inputcheck.validation_rate(check, _descriptors(val, source.preprocessing), val.where)
+    if val is not None and not isinstance(val, LungedgeError):
+        try:  # the decoded images stay cached in val for the temperature's fit
+            values = inputcheck.describe_in_chunks([(val.inputs(source.preprocessing), source.preprocessing)])
+        except LungedgeError:  # none of them readable: no rate, as without a validation part
+            values = np.empty((0, len(inputcheck.DESCRIPTORS)))
+        check = inputcheck.validation_rate(check, values, val.where)
     source.input_check = check
     summary["input_check"] = check
     rate = check["validation_flag_rate"]
