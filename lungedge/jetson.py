@@ -143,8 +143,10 @@ def parse_jetson_clocks(text: str) -> dict | None:
     pinned = []
     for line in text.splitlines():
         line = line.strip()
-        cpu = re.match(r"cpu\d+\s*:\s*Online=(\d)", line)
-        if cpu and cpu.group(1) == "0":
+        # "cpu0: Online=1 Governor=..." on most boards, "cpu0:  Governor=..." (no Online field) on JetPack 6's
+        # Orin Nano: a CPU line either way; only an explicitly offline CPU does not count
+        cpu = re.match(r"cpu\d+\s*:", line)
+        if cpu and re.search(r"\bOnline=0\b", line):
             continue
         if cpu or line.startswith("GPU "):
             lo = re.search(r"MinFreq=(\d+)", line)

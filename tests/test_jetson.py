@@ -60,6 +60,23 @@ CLOCKS_OFF = CLOCKS_ON.replace("cpu1: Online=1 Governor=schedutil MinFreq=220160
                       .replace("GPU MinFreq=1300500000", "GPU MinFreq=306000000") \
                       .replace("CurrentFreq=1300500000", "CurrentFreq=306000000")
 
+# `jetson_clocks --show` on an Orin Nano Super (JetPack 6, L4T r36, clocks not pinned): the CPU lines carry no
+# "Online=" field (a real capture, trimmed to its clock lines)
+CLOCKS_ORIN_NANO_JP6 = """SOC family:tegra234  Machine:NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super
+Online CPUs: 0-5, Offline CPUs:
+cpu0:  Governor=schedutil MinFreq=729600 MaxFreq=1344000 CurrentFreq=960000 IdleStates: WFI=1 c7=1
+cpu1:  Governor=schedutil MinFreq=729600 MaxFreq=1344000 CurrentFreq=960000 IdleStates: WFI=1 c7=1
+cpu2:  Governor=schedutil MinFreq=729600 MaxFreq=1344000 CurrentFreq=1344000 IdleStates: WFI=1 c7=1
+cpu3:  Governor=schedutil MinFreq=729600 MaxFreq=1344000 CurrentFreq=1344000 IdleStates: WFI=1 c7=1
+cpu4:  Governor=schedutil MinFreq=729600 MaxFreq=1344000 CurrentFreq=1344000 IdleStates: WFI=1 c7=1
+cpu5:  Governor=schedutil MinFreq=729600 MaxFreq=1344000 CurrentFreq=1267200 IdleStates: WFI=1 c7=1
+GPU MinFreq=306000000 MaxFreq=918000000 CurrentFreq=306000000
+Active GPU TPCs: 4
+EMC MinFreq=204000000 MaxFreq=3199000000 CurrentFreq=665600000
+FAN Dynamic Speed Control=nvfancontrol hwmon0_pwm1=60
+NV Power Mode: 25W
+"""
+
 DPKG_STATUS = """Package: nvidia-l4t-core
 Status: install ok installed
 Version: 36.4.0-20240912212859
@@ -118,6 +135,17 @@ def test_parse_jetson_clocks():
     offline = CLOCKS_OFF.replace("cpu1: Online=1", "cpu1: Online=0").replace("GPU MinFreq=306000000",
                                                                              "GPU MinFreq=1300500000")
     assert parse_jetson_clocks(offline)["jetson_clocks"] is True  # offline CPUs do not count
+
+
+def test_parse_jetson_clocks_counts_cpu_lines_without_an_online_field():
+    """JetPack 6 prints "cpu0:  Governor=..." on an Orin Nano: those CPUs still count, so a pinned GPU alone
+    (CPUs still scaling) is not "jetson_clocks on"."""
+    assert parse_jetson_clocks(CLOCKS_ORIN_NANO_JP6)["jetson_clocks"] is False
+    gpu_only = CLOCKS_ORIN_NANO_JP6.replace("GPU MinFreq=306000000", "GPU MinFreq=918000000")
+    assert parse_jetson_clocks(gpu_only)["jetson_clocks"] is False
+    pinned = gpu_only.replace("MinFreq=729600", "MinFreq=1344000")
+    on = parse_jetson_clocks(pinned)
+    assert on["jetson_clocks"] is True and on["power_mode"] == "25W" and on["gpu_freq_hz"] == 306000000
     assert parse_jetson_clocks("Permission denied\n") is None
 
 
