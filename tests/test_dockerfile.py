@@ -99,3 +99,17 @@ def test_build_context_is_small():
     for sources in copied:
         for src in sources.split():
             assert (ROOT / src).exists(), f"Dockerfile.jetson copies {src}, which is not in the repository"
+
+
+def test_torch_finds_the_cuda_libraries_jetpack_lacks():
+    """The Jetson index's torch links cuDSS and cuSPARSELt, which JetPack 6 does not ship: the image installs
+    them (no dependencies: their cuBLAS would shadow JetPack's), puts their folders on the loader path and
+    fails its build when either library is not found there."""
+    text = dockerfile_text()
+    assert re.search(r"^ARG CUDSS_PACKAGE=nvidia-cudss-cu12\nARG CUDSS_VERSION=0\.\S+$", text, re.M)  # libcudss.so.0
+    assert re.search(r"^ARG CUSPARSELT_PACKAGE=nvidia-cusparselt-cu12\nARG CUSPARSELT_VERSION=\S+$", text, re.M)
+    assert re.search(r'pip install --no-cache-dir --no-deps "\$\{CUDSS_PACKAGE\}==\$\{CUDSS_VERSION\}" \\\n\s+'
+                     r'"\$\{CUSPARSELT_PACKAGE\}==\$\{CUSPARSELT_VERSION\}"', text)
+    assert "/etc/ld.so.conf.d/" in text and "&& ldconfig" in text
+    for lib in ("libcudss.so.0", "libcusparseLt.so.0"):
+        assert f'ldconfig -p | grep -q "{lib}"' in text
