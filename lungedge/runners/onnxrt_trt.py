@@ -2,7 +2,9 @@
 
 The provider gets an engine cache and a timing cache next to the ONNX (``ort-trt-cache/``), so the
 engine is built once per GPU and TensorRT release; FP16 kernels are allowed for the FP16 and INT8
-files only, so an FP32 row stays FP32. CPU fallback is disabled (see ``session_config``).
+files only. An FP32 file may still run in TF32 on Ampere and newer GPUs (Orin included): that is
+TensorRT's default and the provider has no option to clear it (the ``tensorrt`` backend's FP32 engines
+clear it). CPU fallback is disabled (see ``session_config``).
 """
 
 from __future__ import annotations
