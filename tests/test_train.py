@@ -387,3 +387,40 @@ def test_keras_and_torch_augment_alike():
     ref = augment(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.Generator().manual_seed(7), prep)
     np.testing.assert_array_equal(out, ref.numpy().transpose(0, 2, 3, 1))
     assert not np.allclose(out, x)
+
+
+@pytest.mark.slow
+def test_keras_resnet50_takes_keras_backbone_weights_files_whole_or_not_at_all(tmp_path):
+    """`train resnet50 --weights FILE` with Keras' own backbone weights (the legacy `_notop.h5` that
+    `weights="imagenet"` downloads, and Keras 3's `.weights.h5`): every base weight is the file's; a file
+    of another network is one LungedgeError, with no Keras warning left on the way out."""
+    import warnings
+
+    import h5py
+
+    from lungedge.errors import LungedgeError
+    from lungedge.models.registry import build_model, import_keras
+
+    keras = import_keras()
+    from keras.src.legacy.saving import legacy_h5_format  # the layout of Keras' downloaded weight files
+
+    source = keras.applications.ResNet50(weights=None, include_top=False, input_shape=(32, 32, 3))
+    legacy, modern = tmp_path / "resnet50_notop.h5", tmp_path / "resnet50_notop.weights.h5"
+    with h5py.File(legacy, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, source)
+    source.save_weights(modern)
+    for path in (legacy, modern):
+        built = build_model("resnet50", 3, str(path), image_size=32)
+        base = next(layer for layer in built.model.layers if hasattr(layer, "layers"))
+        for name in ("conv1_conv", "conv5_block3_3_conv", "conv5_block3_3_bn"):
+            for got, want in zip(base.get_layer(name).get_weights(), source.get_layer(name).get_weights()):
+                np.testing.assert_array_equal(got, want)
+        assert built.build["weights"]["layout"] == "keras-backbone"
+
+    other = tmp_path / "mobilenet.weights.h5"
+    keras.applications.MobileNet(weights=None, include_top=False, input_shape=(32, 32, 3)).save_weights(other)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(LungedgeError, match=r"mobilenet\.weights\.h5 does not hold resnet50 backbone weights"):
+            build_model("resnet50", 3, str(other), image_size=32)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []  # Keras' "Skipping ..."

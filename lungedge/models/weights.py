@@ -10,6 +10,7 @@ when its class count differs. A Keras ``.h5`` is a lungedge checkpoint or backbo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,16 +89,32 @@ def load_into(spec, model, wf: WeightsFile) -> None:
         except ValueError as exc:
             raise LungedgeError(f"{wf.path} does not fit this {spec.name} ({exc})") from None
     elif wf.kind == "keras-backbone":
-        backbone = next(layer for layer in model.layers if hasattr(layer, "layers"))
-        try:
-            backbone.load_weights(str(wf.path))
-        except Exception as exc:  # noqa: BLE001 - keras raises many kinds
-            raise LungedgeError(f"{wf.path} does not hold {spec.name} backbone weights "
-                                f"({str(exc).splitlines()[0][:160]})") from None
+        _load_keras_backbone(spec, model, wf.path)
     elif wf.kind == "lungedge":
         load_state(spec, model, wf.state, wf.path)
     else:
         _load_matching(spec, model, wf)
+
+
+_SKIPPED = re.compile(r"skipping|could not be loaded|freshly.initiali[sz]ed|mismatch", re.IGNORECASE)
+
+
+def _load_keras_backbone(spec, model, path: Path) -> None:
+    """Keras' ``load_weights`` into the model's base, all or nothing: what Keras only warns about (a layer
+    skipped, left with its fresh initialisation) is refused like what it raises, in one line without the warning."""
+    import warnings
+
+    backbone = next(layer for layer in model.layers if hasattr(layer, "layers"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            backbone.load_weights(str(path))
+            problem = next((str(w.message) for w in caught if _SKIPPED.search(str(w.message))), None)
+        except Exception as exc:  # noqa: BLE001 - keras raises many kinds
+            problem = str(exc)
+    if problem:
+        raise LungedgeError(f"{path} does not hold {spec.name} backbone weights "
+                            f"({(problem.strip().splitlines() or [''])[0][:160]})")
 
 
 def _load_matching(spec, model, wf: WeightsFile) -> None:
