@@ -133,6 +133,7 @@ def bootstrap_metrics(y_true, y_pred, groups, classes, n_boot: int = N_BOOT, con
     out["exact_fallback"] = _exact_fallback(out, point, cms, classes, confidence)
     if scores is not None:
         out.update(_auroc_intervals(y_true, np.asarray(scores, float), groups, ids, draws, classes, confidence))
+        out["auroc_n_boot"] = int(min(n_boot, AUROC_MAX_REPS))  # AUROC is costlier: fewer replicates, said
     if probs is not None:
         reps = calibration_replicates(y_true, probs, np.searchsorted(ids, groups), draws)
         out.update({key: [_num(v) for v in _interval(reps[key], confidence)] for key in reps})
@@ -217,7 +218,10 @@ def _interval_dict(reps: dict, confidence: float):
     return lo, hi
 
 
-def _auroc_intervals(y, scores, groups, ids, draws, classes, confidence, max_reps: int = 300) -> dict:
+AUROC_MAX_REPS = 300
+
+
+def _auroc_intervals(y, scores, groups, ids, draws, classes, confidence, max_reps: int = AUROC_MAX_REPS) -> dict:
     """One-vs-rest AUROC intervals: each replicate weights every image by its group's draw count
     (scikit-learn's ``sample_weight``). Capped at ``max_reps`` replicates (AUROC is costlier)."""
     from sklearn.metrics import roc_auc_score
@@ -327,7 +331,10 @@ def release_gate(y_true, pred_ref, pred_new, groups, classes, max_bacc_drop: flo
 
 def gate_line(gate: dict) -> str:
     """One line: PASS/FAIL and the worst check."""
-    worst = min(gate["checks"], key=lambda ch: (ch["pass"], (ch["lower"] or -1) - ch["limit"]))
+    # the check closest to failing (smallest margin of its lower bound over its limit); a lower bound of exactly
+    # 0 is a margin like any other, not a missing one
+    worst = min(gate["checks"], key=lambda ch: (ch["pass"], (ch["lower"] if ch["lower"] is not None else -1)
+                                                - ch["limit"]))
     m, ev = gate["mcnemar"], gate.get("evidence")
     return (f"{'PASS' if gate['pass'] else 'FAIL'}: {worst['metric']} change {worst['delta']:+.3f} "
             f"(lower bound {worst['lower']:+.3f}, limit {worst['limit']:+.3f}); {m['flips']} flips, "

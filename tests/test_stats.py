@@ -340,3 +340,20 @@ def test_the_gate_says_how_much_it_rests_on():
     assert (ev["images"], ev["groups"], ev["groups_worse"]) == (2, 2, 0)
     assert ev["worse_share_upper"] == pytest.approx(binomtest(0, 2).proportion_ci(method="exact").high)
     assert "on 2 images in 2 groups, up to 84.2% of groups could lose a right answer" in gate_line(gate)
+
+
+def test_the_gate_line_names_the_check_closest_to_failing():
+    """Balanced accuracy's lower bound -0.005 against -0.01 is closer to failing than a class's 0.000 against
+    -0.02: the line must name balanced accuracy (a lower bound of exactly 0 once counted as -1)."""
+    from lungedge.stats import gate_line, release_gate
+
+    # 200 Benign images right in both; Malignant: the new model loses 1 of 200 images (own groups)
+    y = np.array([0] * 200 + [1] * 200)
+    ref = y.copy()
+    new = y.copy()
+    new[200] = 0
+    gate = release_gate(y, ref, new, None, CLASSES[:2], max_bacc_drop=0.01, max_sens_drop=0.02, n_boot=400)
+    margins = {ch["metric"]: ch["lower"] - ch["limit"] for ch in gate["checks"]}
+    closest = min(margins, key=margins.get)
+    assert gate_line(gate).split(": ")[1].startswith(f"{closest} change")
+    assert closest == "balanced_accuracy" and gate["checks"][1]["lower"] == 0.0  # Benign: no change at all
