@@ -197,3 +197,26 @@ def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(expo
             assert m["auroc"][c] == pytest.approx(roc_auc_score(y == i, probs[:, i]))
     ppv = precision_score(y, row["predictions"], labels=list(range(k)), average=None, zero_division=np.nan)
     assert [m["precision"][c] for c in row["classes"]] == [None if np.isnan(v) else pytest.approx(v) for v in ppv]
+
+
+def test_eval_of_one_image_of_one_class(exported, trained_run, tmp_path, capsys):
+    """A folder holding one class (here one image of it) is a test set: the other classes are said to be
+    absent, the averages are over that class, and the interval of one image is as wide as SciPy's exact one."""
+    import shutil
+
+    from scipy.stats import binomtest
+
+    (tmp_path / "one" / "malignant").mkdir(parents=True)
+    image = sorted((trained_run.data / "malignant").iterdir())[0]
+    shutil.copy(image, tmp_path / "one" / "malignant" / image.name)
+    code, stdout, err = run_cli(["eval", "googlenet", "--backend", "onnxruntime", "--precision", "fp32", "--data",
+                                 tmp_path / "one", "--runs", exported["runs"], "--engines", exported["engines"],
+                                 "--out", tmp_path / "r", "--json"], capsys)
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    m = row["metrics"]
+    assert m["n"] == 1 and m["averaged_over"] == ["malignant"] and m["absent"] == ["benign", "normal"]
+    assert "(one class: malignant)" in row["test_set"] and "no test images of benign, normal" in err
+    right = int(m["accuracy"])
+    ci = binomtest(right, 1).proportion_ci(method="exact")
+    assert row["intervals"]["accuracy"] == pytest.approx([ci.low, ci.high])
