@@ -112,12 +112,11 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT, log=l
         metrics = classification_metrics(y, pred, runner.classes, scores=probs)
         metrics["calibration"] = calibration(y, probs)
         row = {**job_row("eval", job, runner), "classes": runner.classes, "test_set": ts.where,
-               "metrics": metrics, "predictions": pred.tolist(), "temperature": runner.temperature}
+               "metrics": metrics, "predictions": pred.tolist(), "probabilities": probs.tolist(),
+               "temperature": runner.temperature}
         # 95% intervals by bootstrap over the split's near-duplicate groups (issue #16)
         row["intervals"] = bootstrap_metrics(y, pred, ts.groups, runner.classes, n_boot=n_boot, scores=probs,
                                              probs=probs)
-        if ts.groups is None:
-            row["intervals"]["method"] = "percentile bootstrap over images (no groups known: pass --split)"
         row["images"] = [str(p) for p in ts.paths]
         row["labels"] = y.tolist()
         row["groups"] = list(ts.groups) if ts.groups is not None else None
@@ -141,6 +140,52 @@ def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log
         log(f"{job.model} {row['variant']}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
 
 
+def leakage(ts: EvalImages, model: str, artifact: Path, runs) -> dict | None:
+    """How many test images are byte-identical (SHA-256) to an image of the training or validation part of the
+    split the model was trained with; None when that split is not known. Near-duplicates that are not
+    byte-identical are not counted: a split's own test part keeps them out by its groups."""
+    from .data.split import read_manifest
+    from .io import sha256_file
+
+    manifest_path = _run_split(model, Path(artifact), runs)
+    if manifest_path is None:
+        return None
+    try:
+        items = read_manifest(manifest_path)["items"]
+    except LungedgeError:
+        return None
+    seen = {it["sha256"]: it["split"] for it in items if it.get("split") in ("train", "val") and it.get("sha256")}
+    hits = {"train": 0, "val": 0}
+    for path in ts.paths:
+        part = seen.get(sha256_file(path))
+        if part:
+            hits[part] += 1
+    return {"checked_against": str(manifest_path), "images": len(ts.paths), "in_training": hits["train"],
+            "in_validation": hits["val"], "how": "byte-identical files (SHA-256)"}
+
+
+def leakage_line(model: str, leak: dict | None) -> str | None:
+    if not leak or not (leak["in_training"] or leak["in_validation"]):
+        return None
+    return (f"WARNING {model}: {leak['in_training']} of the {leak['images']} test images are byte-identical to "
+            f"training images and {leak['in_validation']} to validation images of {leak['checked_against']}: "
+            "these figures overstate how the model does on new patients (evaluate the split's test part: "
+            "--split MANIFEST)")
+
+
+def class_notes(row: dict) -> list[str]:
+    """What a clinician must not miss in a row: classes without test images (sensitivity undefined, left out
+    of balanced accuracy), classes the model never predicted (precision undefined), unchecked gate classes."""
+    m, out = row["metrics"], []
+    who = f"{row['model']} {row['backend']} {row['variant']}"
+    if m.get("absent"):
+        out.append(f"{who}: no test images of {', '.join(m['absent'])}: sensitivity undefined; balanced accuracy "
+                   f"and macro-F1 average over {', '.join(m['averaged_over'])} only")
+    if m.get("never_predicted"):
+        out.append(f"{who}: never predicted {', '.join(m['never_predicted'])}: precision (PPV) undefined")
+    return out
+
+
 def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, log=lambda s: None,
              n_boot: int = N_BOOT, max_bacc_drop: float = MAX_BACC_DROP,
              max_sens_drop: float = MAX_SENS_DROP) -> list[dict]:
@@ -151,6 +196,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
     rows = []
     sets: dict[str, EvalImages] = {}
     fp32_preds: dict = {}
+    leaks: dict = {}
     # FP32 first, so that FP16/INT8 compare with what was just measured
     for job in sorted(jobs, key=lambda j: (j.precision != "fp32",)):
         ts = load_test_set(job.model, job.artifact, data, split, runs)
@@ -159,6 +205,14 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
         row, pred = eval_job(job, ts, threads, n_boot, log)
         for bad in ts.skipped[noted:]:  # as data split and predict do: listed, not the end of the run
             log(f"skipped {display_name(bad['path'])}: {bad['reason']}")
+        key = (job.model, ts.where)
+        if key not in leaks:  # test images the model saw in training: said, and kept with every row
+            leaks[key] = leakage(ts, job.model, job.artifact, runs)
+            if (line := leakage_line(job.model, leaks[key])):
+                log(line)
+        row["leakage"] = leaks[key]
+        for line in class_notes(row):
+            log(line)
         if job.precision == "fp32":
             fp32_preds[(job.model, job.backend)] = (pred, f"{job.backend} fp32 {job.artifact.name}")
             row["differs_from_fp32"] = None
@@ -168,6 +222,9 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
             row["fp32_reference"] = ref[1] if ref else None
             row["gate"] = release_gate(row["labels"], ref[0], pred, ts.groups, row["classes"], max_bacc_drop,
                                        max_sens_drop, n_boot) if ref is not None and len(ref[0]) == len(pred) else None
+            if row["gate"] is not None and row["gate"].get("not_checked"):
+                log(f"{job.model} {row['variant']} release gate: no test images of "
+                    f"{', '.join(row['gate']['not_checked'])}: their sensitivity is not checked")
             if row["gate"] is not None:
                 log(f"{job.model} {row['variant']} vs FP32 release gate: {gate_line(row['gate'])}")
         rows.append(row)
@@ -183,7 +240,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
 def table(rows: list[dict]):
     from rich.table import Table
 
-    t = Table(title="lungedge eval (95% intervals: bootstrap over near-duplicate groups)", title_justify="left")
+    t = Table(title=table_title(rows), title_justify="left")
     for col in ("model", "backend", "device", "precision", "images", "accuracy", "balanced acc", "macro-F1",
                 "macro AUROC", "ECE", "≠ FP32", "gate", "sensitivity", "specificity"):
         t.add_column(col)
@@ -194,8 +251,8 @@ def table(rows: list[dict]):
             return pm(m.get(key), ci.get(key))
 
         def per(key):
-            return "\n".join(f"{k[:4]}={pm(v, (ci.get(key) or {}).get(k), 2)}" if v is not None else f"{k[:4]}=–"
-                             for k, v in m[key].items())
+            return "\n".join(f"{k}={pm(v, (ci.get(key) or {}).get(k), 2)}" if v is not None
+                             else f"{k}=– ({UNDEFINED[key]})" for k, v in m[key].items())
 
         gate = r.get("gate")
         t.add_row(r["model"], r["backend"], r["device"], r["variant"], str(m["n"]), one("accuracy"),
@@ -204,6 +261,18 @@ def table(rows: list[dict]):
                   f"{r['differs_from_fp32']:.1%}" if r.get("differs_from_fp32") is not None else "–",
                   ("pass" if gate["pass"] else "FAIL") if gate else "–", per("sensitivity"), per("specificity"))
     return t
+
+
+UNDEFINED = {"sensitivity": "no test images", "specificity": "no images of other classes",
+             "precision": "never predicted"}
+
+
+def table_title(rows: list[dict]) -> str:
+    """What every figure of the table is: the test set(s), the interval's level and method."""
+    sets = sorted({r.get("test_set", "?") for r in rows})
+    methods = sorted({f"{(r.get('intervals') or {}).get('confidence', 0.95):.0%} intervals: "
+                      f"{(r.get('intervals') or {}).get('method', '?')}" for r in rows})
+    return f"lungedge eval on {'; '.join(sets)} ({'; '.join(methods)})"
 
 
 def ece_pm(row: dict) -> str:

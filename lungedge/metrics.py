@@ -22,7 +22,9 @@ def classification_metrics(y_true, y_pred, classes, scores=None) -> dict:
     the confusion matrix and, given ``scores`` (N x K probabilities or logits), one-vs-rest AUROC.
 
     Classes absent from ``y_true`` get ``None`` sensitivity (and AUROC) and are left out of the
-    balanced accuracy and macro-F1, which average over the classes present.
+    balanced accuracy and macro-F1, which average over the classes present: ``averaged_over`` names
+    them and ``absent`` the others. A class never predicted has ``None`` precision (PPV = 0/0 is
+    undefined, not 0); ``never_predicted`` names those classes.
     """
     from sklearn.metrics import (accuracy_score, confusion_matrix, multilabel_confusion_matrix,
                                  precision_recall_fscore_support)
@@ -37,6 +39,7 @@ def classification_metrics(y_true, y_pred, classes, scores=None) -> dict:
                 "sensitivity": {c: None for c in classes}, "specificity": {c: None for c in classes},
                 "precision": {c: None for c in classes}, "f1": {c: None for c in classes},
                 "support": {c: 0 for c in classes}, "confusion_matrix": [[0] * k for _ in range(k)],
+                "averaged_over": [], "absent": list(classes), "never_predicted": list(classes),
                 **({"auroc": {c: None for c in classes}, "macro_auroc": None} if scores is not None else {})}
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     mcm = multilabel_confusion_matrix(y_true, y_pred, labels=labels)  # per class [[tn, fp], [fn, tp]]
@@ -53,10 +56,14 @@ def classification_metrics(y_true, y_pred, classes, scores=None) -> dict:
         "sensitivity": {c: (float(sens[i]) if support[i] > 0 else None) for i, c in enumerate(classes)},
         "specificity": {c: (float(tn[i] / (tn[i] + fp[i])) if tn[i] + fp[i] > 0 else None)
                         for i, c in enumerate(classes)},
-        "precision": {c: float(prec[i]) for i, c in enumerate(classes)},
-        "f1": {c: float(f1[i]) for i, c in enumerate(classes)},
+        # PPV = TP / (TP + FP): undefined (None), not 0, for a class the model never predicted
+        "precision": {c: (float(prec[i]) if cm[:, i].sum() > 0 else None) for i, c in enumerate(classes)},
+        "f1": {c: (float(f1[i]) if support[i] + cm[:, i].sum() > 0 else None) for i, c in enumerate(classes)},
         "support": {c: int(support[i]) for i, c in enumerate(classes)},
         "confusion_matrix": cm.astype(int).tolist(),
+        "averaged_over": [classes[i] for i in present],  # the classes balanced accuracy and macro-F1 average
+        "absent": [classes[i] for i in labels if support[i] == 0],  # no test image: sensitivity undefined
+        "never_predicted": [classes[i] for i in labels if cm[:, i].sum() == 0],  # precision undefined
     }
     if scores is not None:
         out.update(auroc(y_true, scores, classes))

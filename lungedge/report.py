@@ -161,11 +161,37 @@ def _f(v, fmt=".2f") -> str:
 
 LAT_COLUMNS = ("machine", "model", "backend", "device", "precision", "threads", "balanced acc", "accuracy",
                "macro-F1", "sensitivity per class", "specificity per class", "≠ FP32", "p50 b1 ms", "p99 b1 ms", "+prep p50 b1 ms", "img/s (largest batch)",
-               "× source (b1)", "run")
+               "× source (b1)", "test set", "intervals", "run")
+
+
+def interval_label(ev: dict | None) -> str:
+    """How the row's intervals were made, in a few words: level, bootstrap over groups or images, and whether
+    an estimate of 0 or 1 got the exact interval instead."""
+    ci = (ev or {}).get("intervals") or {}
+    if not ci:
+        return "none"
+    method = ci.get("method", "")
+    what = "image bootstrap (no groups)" if "over images" in method else "group bootstrap"
+    exact = ci.get("exact_fallback")
+    return (f"{ci.get('confidence', 0.95):.0%} {what}, {ci.get('groups', '?')} "
+            f"{'images' if 'over images' in method else 'groups'}"
+            + (f"; Clopper-Pearson exact for {', '.join(exact)} (estimate 0 or 1)" if exact else ""))
+
+
+def test_set_label(ev: dict | None) -> str:
+    """Which images the row's figures are on (count and split), and a leak, if any, beside them."""
+    if not ev:
+        return "–"
+    text = f"{ev.get('test_set', '?')} ({ev['metrics'].get('n', '?')} images)"
+    leak = ev.get("leakage") or {}
+    if leak.get("in_training") or leak.get("in_validation"):
+        text += (f"; WARNING: {leak['in_training']} in training, {leak['in_validation']} in validation "
+                 "(byte-identical)")
+    return text
 
 
 def _pm(m, ev, key) -> str:
-    """'0.812 +0.031/−0.045': the value and its 95% group-bootstrap interval as distances (asymmetric)."""
+    """'0.812 +0.031/−0.045': the value and its interval (``interval_label``) as distances (asymmetric)."""
     v = m.get(key) if m else None
     ci = ((ev or {}).get("intervals") or {}).get(key)
     if v is None:
@@ -182,7 +208,8 @@ def _per_class_pm(m, ev, key) -> str:
     out = []
     for c, v in m[key].items():
         iv = ci.get(c)
-        out.append(f"{c}=–" if v is None else f"{c}={v:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""))
+        why = {"sensitivity": "no test images", "specificity": "no images of other classes"}.get(key, "undefined")
+        out.append(f"{c}=– ({why})" if v is None else f"{c}={v:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""))
     return " ".join(out)
 
 
@@ -192,6 +219,8 @@ def latency_table(lat: list[dict]) -> list[list[str]]:
         m = x["eval"]["metrics"] if x["eval"] else None
         d = x["eval"].get("differs_from_fp32") if x["eval"] else None
         note = f" (eval on {x['eval']['machine']})" if x["eval_elsewhere"] else ""
+        if m and m.get("absent"):  # a class without test images: the average is over the others only
+            note += f" (over {', '.join(m.get('averaged_over') or [])} only; no test images of {', '.join(m['absent'])})"
         out.append([x["machine"], x["model"], x["backend"], x["device"], x["precision"], x["threads"],
                     (_pm(m, x["eval"], "balanced_accuracy") + note) if m else "–", _pm(m, x["eval"], "accuracy"),
                     _pm(m, x["eval"], "macro_f1"), _per_class_pm(m, x["eval"], "sensitivity"),
@@ -199,7 +228,8 @@ def latency_table(lat: list[dict]) -> list[list[str]]:
                     f"{d:.1%}" if d is not None else "–",
                     _f(x["p50_b1"]), _f(x["p99_b1"]), _f(x["prep_p50_b1"]),
                     f"{x['ips']:.1f} (b{x['big']})" if x["ips"] else "–",
-                    f"{x['vs_source']:.2f}×" if x["vs_source"] else "–", x["file"]])
+                    f"{x['vs_source']:.2f}×" if x["vs_source"] else "–", test_set_label(x["eval"]),
+                    interval_label(x["eval"]) if x["eval"] else "–", x["file"]])
     return out
 
 
@@ -256,7 +286,7 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
         ax.set_ylim(mid - 0.03, mid + 0.03)
     ax.set_xscale("log")
     ax.set_xlabel("latency p50 at batch 1, model only (ms, log scale)")
-    ax.set_ylabel("balanced accuracy (test set; bars: 95% group bootstrap)")
+    ax.set_ylabel("balanced accuracy (test set; bars: 95% interval, see table)")
     ax.set_title("Accuracy vs latency per model, backend and precision")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -267,14 +297,15 @@ def scatter_png(lat: list[dict], path: Path) -> Path | None:
 
 
 CAL_COLUMNS = ("machine", "model", "backend", "precision", "temperature", "images", "top-1 accuracy",
-               "mean confidence", "confidence − accuracy", "ECE [95% CI]", "Brier [95% CI]", "results file")
+               "mean confidence", "confidence − accuracy", "ECE [95% CI]", "Brier [95% CI]", "test set",
+               "results file")
 CAL_NOTE = ("Whether a probability means what it says: of the images a well-calibrated model calls at 90 %, "
             "90 % are right. ECE: top-label expected calibration error over 10 equal-width confidence bins "
             "(0 is perfect; on a small test set it is biased upward, so its interval can sit above it). "
             "Brier: mean over images of the sum over classes of (p − y)² (0 perfect, 2 worst). "
             "Confidence above accuracy is over-confidence. Temperature: what export fitted on the validation "
             "images to divide the logits by (1: none; a checkpoint has none). "
-            "Intervals: bootstrap over near-duplicate groups. "
+            "Intervals: 95% bootstrap over near-duplicate groups (over images where the test set had none). "
             "In the diagram each point is one confidence bin (its size: the number of images); on the "
             "diagonal, confidence equals accuracy.")
 
@@ -294,7 +325,7 @@ def calibration_table(rows) -> list[list[str]]:
                     _s(r["metrics"].get("n")),
                     f"{cal['top1_accuracy']:.3f}", f"{cal['mean_confidence']:.3f}",
                     f"{cal['mean_confidence'] - cal['top1_accuracy']:+.3f}", pm(cal["ece"], ci.get("ece")),
-                    pm(cal["brier"], ci.get("brier")), r["_file"]])
+                    pm(cal["brier"], ci.get("brier")), test_set_label(r), r["_file"]])
     return out
 
 
@@ -398,10 +429,16 @@ def place_labels(ax, xy: list[tuple[float, float]], labels: list[str], fontsize:
 
 # -- rendering --------------------------------------------------------------------------------------
 
-def _md_table(header, rows) -> str:
-    def cell(v):
-        return str(v).replace("|", "\\|").replace("\n", " ")
+def _md_text(v) -> str:
+    """Text for one line of Markdown: no line breaks (they would end a table row or a heading), and no
+    raw HTML (a class or model named <script> stays text; Markdown renderers pass HTML through), no link
+    or image (``[x](javascript:...)``) and no code span."""
+    text = " ".join(html.escape(str(v), quote=False).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("](", "]\\(").replace("`", "\\`")
 
+
+def _md_table(header, rows) -> str:
+    cell = _md_text
     lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
     return "\n".join(lines)
@@ -462,7 +499,16 @@ img{max-width:100%;border:1px solid #ddd}.wrap{overflow-x:auto;max-width:100%}p.
 
 
 GATE_COLUMNS = ("machine", "model", "backend", "precision", "vs", "Δ balanced acc [95% CI]",
-                "Δ sensitivity per class [95% CI]", "flips", "McNemar p", "gate")
+                "Δ sensitivity per class [95% CI]", "flips", "McNemar p", "judged on", "gate")
+
+
+def _evidence(gate: dict) -> str:
+    """How much the gate rests on: images, groups, and the exact bound a bootstrap of few changes hides."""
+    ev = gate.get("evidence")
+    if not ev:
+        return "–"
+    return (f"{ev['images']} images, {ev['groups']} groups; up to {ev['worse_share_upper']:.1%} of groups could "
+            f"lose a right answer (exact 95%, {ev['groups_worse']} observed)")
 
 
 def gate_table(rows: list[dict]) -> list[list[str]]:
@@ -477,7 +523,7 @@ def gate_table(rows: list[dict]) -> list[list[str]]:
                         for c, v in g["paired"]["sensitivity"].items() if v)
         out.append([r["machine"], r["model"], r["backend"], r["variant"], _s(r.get("fp32_reference")),
                     f"{b['delta']:+.3f} [{b['ci'][0]:+.3f}, {b['ci'][1]:+.3f}]", sens, g["mcnemar"]["flips"],
-                    f"{g['mcnemar']['p_value']:.3g}", "pass" if g["pass"] else "FAIL"])
+                    f"{g['mcnemar']['p_value']:.3g}", _evidence(g), "pass" if g["pass"] else "FAIL"])
     return out
 
 
@@ -555,17 +601,17 @@ def report_sections(rows, machines, lat, png, grid, reliability=None) -> list[tu
 
 
 def _markdown(title: str, intro: str, sections) -> str:
-    md = [f"# {title}", "", intro, ""]
+    md = [f"# {_md_text(title)}", "", _md_text(intro), ""]
     for level, heading, note, body in sections:
-        md += [f"{'#' * level} {heading}", ""] + ([note, ""] if note else [])
+        md += [f"{'#' * level} {_md_text(heading)}", ""] + ([note, ""] if note else [])
         if body is None:
             continue
         if body[0] == "table":
             md.append(_md_table(body[1], body[2]))
         elif body[0] == "image":
-            md.append(f"![{body[1]}]({body[2].name})")
+            md.append(f"![{_md_text(body[1])}]({body[2].name})")
         else:
-            md.append(f"_{body[1]}_")
+            md.append(f"_{_md_text(body[1])}_")
         md.append("")
     return "\n".join(md)
 
@@ -584,7 +630,7 @@ def _html(title: str, intro: str, sections) -> str:
             parts.append(_html_table(body[1], body[2]))
         elif body[0] == "image":
             b64 = base64.b64encode(read_written(body[2])).decode("ascii")
-            parts.append(f"<img alt='{body[1]}' src='data:image/png;base64,{b64}'>")
+            parts.append(f"<img alt='{html.escape(body[1], quote=True)}' src='data:image/png;base64,{b64}'>")
         else:
             parts.append(f"<p>{html.escape(body[1])}</p>")
     parts.append("</body></html>")

@@ -41,8 +41,8 @@ def metrics_from_confusion(cm: np.ndarray) -> dict:
     """Metrics of one or many confusion matrices (..., K, K; rows true, columns predicted).
 
     Returns arrays with the leading shape: accuracy, balanced_accuracy, macro_f1 and per class
-    (last axis K) sensitivity, specificity, precision, f1. Classes absent from the truth get NaN
-    sensitivity and are left out of balanced accuracy and macro-F1, as in
+    (last axis K) sensitivity, specificity, precision, f1. Classes never predicted get NaN precision;
+    classes absent from the truth get NaN sensitivity and are left out of balanced accuracy and macro-F1, as in
     :func:`lungedge.metrics.classification_metrics`.
     """
     cm = np.asarray(cm, dtype=np.float64)
@@ -54,8 +54,8 @@ def metrics_from_confusion(cm: np.ndarray) -> dict:
     tn = n[..., None] - tp - fp - fn
     sens = _div(tp, support)
     spec = _div(tn, tn + fp)
-    prec = np.where(predicted > 0, _div(tp, predicted), 0.0)
-    f1 = np.where(2 * tp + fp + fn > 0, _div(2 * tp, 2 * tp + fp + fn), 0.0)
+    prec = _div(tp, predicted)  # NaN (undefined) for a class never predicted, as classification_metrics' None
+    f1 = _div(2 * tp, 2 * tp + fp + fn)  # NaN for a class neither present nor predicted (0/0)
     present = support > 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -121,7 +121,8 @@ def bootstrap_metrics(y_true, y_pred, groups, classes, n_boot: int = N_BOOT, con
     same replicates. ``groups=None`` treats every image as its own group (the classic image bootstrap)."""
     y_true = np.asarray(y_true, int).ravel()
     _check(y_true, groups)
-    groups = np.arange(len(y_true)) if groups is None else np.asarray(groups)
+    by_image = groups is None
+    groups = np.arange(len(y_true)) if by_image else np.asarray(groups)
     k = len(classes)
     ids, cms = group_confusions(y_true, y_pred, groups, k)
     draws = group_draws(len(ids), n_boot, seed)
@@ -129,14 +130,66 @@ def bootstrap_metrics(y_true, y_pred, groups, classes, n_boot: int = N_BOOT, con
     point = metrics_from_confusion(cms.sum(0))
     lo, hi = _interval_dict(reps, confidence)
     out = _pack(point, lo, hi, classes)
+    out["exact_fallback"] = _exact_fallback(out, point, cms, classes, confidence)
     if scores is not None:
         out.update(_auroc_intervals(y_true, np.asarray(scores, float), groups, ids, draws, classes, confidence))
+        out["auroc_n_boot"] = int(min(n_boot, AUROC_MAX_REPS))  # AUROC is costlier: fewer replicates, said
     if probs is not None:
         reps = calibration_replicates(y_true, probs, np.searchsorted(ids, groups), draws)
         out.update({key: [_num(v) for v in _interval(reps[key], confidence)] for key in reps})
     out.update({"n_boot": int(n_boot), "groups": int(len(ids)), "confidence": confidence,
-                "method": "percentile bootstrap over groups"})
+                "method": ("percentile bootstrap over images (no near-duplicate groups known: pass --split)"
+                           + (EXACT_NOTE.replace("each group", "each image") if out["exact_fallback"] else ""))
+                if by_image else "percentile bootstrap over groups" + (EXACT_NOTE if out["exact_fallback"] else "")})
     return out
+
+
+EXACT_NOTE = ("; an estimate of exactly 0 or 1 (where every replicate agrees and the bootstrap interval "
+              "collapses to a point) gets the Clopper-Pearson exact interval counting each group once")
+
+
+def clopper_pearson(x: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The exact binomial interval of x successes in n trials (0 <= x <= n, n >= 1)."""
+    from scipy.stats import beta
+
+    a = (1 - confidence) / 2
+    lo = 0.0 if x == 0 else float(beta.ppf(a, x, n - x + 1))
+    hi = 1.0 if x == n else float(beta.ppf(1 - a, x + 1, n - x))
+    return lo, hi
+
+
+def _exact_fallback(out: dict, point: dict, cms: np.ndarray, classes, confidence: float) -> list[str]:
+    """A proportion estimated at exactly 0 or 1 (84 of 84 Malignant found, 0 of 63 Normal) has a percentile
+    bootstrap interval of zero width: no replicate can differ. That is not certainty, so such a proportion
+    (accuracy, a class's sensitivity, specificity or precision) gets the Clopper-Pearson interval of
+    0 or n successes in n = the groups that hold its denominator's images (a conservative count: a group
+    of near-duplicates is one observation); balanced accuracy at 0 or 1 the mean of its classes' bounds.
+    Changes ``out`` in place; returns what it changed ("sensitivity Malignant", ...)."""
+    support, predicted = cms.sum(-1) > 0, cms.sum(-2) > 0  # G x K: the group has images of / predictions for
+    n_all = cms.shape[0]
+    other = cms.sum((-2, -1))[:, None] - cms.sum(-1) > 0  # G x K: the group has images of another class
+    denominators = {"sensitivity": support.sum(0), "specificity": other.sum(0), "precision": predicted.sum(0)}
+    changed = []
+
+    def exact(p: float, n: int):
+        return list(clopper_pearson(int(round(p * n)), int(n), confidence))
+
+    if float(point["accuracy"]) in (0.0, 1.0):
+        out["accuracy"] = exact(float(point["accuracy"]), n_all)
+        changed.append("accuracy")
+    for key, n_groups in denominators.items():
+        for i, c in enumerate(classes):
+            p = float(point[key][i])
+            if p in (0.0, 1.0) and n_groups[i] > 0:
+                out[key][c] = exact(p, n_groups[i])
+                changed.append(f"{key} {c}")
+    b = float(point["balanced_accuracy"])
+    if b in (0.0, 1.0):
+        present = [c for i, c in enumerate(classes) if support[:, i].any()]
+        if present:
+            out["balanced_accuracy"] = [float(np.mean([out["sensitivity"][c][j] for c in present])) for j in (0, 1)]
+            changed.append("balanced_accuracy")
+    return changed
 
 
 def calibration_replicates(y_true, probs, group_index, draws: np.ndarray) -> dict:
@@ -165,7 +218,10 @@ def _interval_dict(reps: dict, confidence: float):
     return lo, hi
 
 
-def _auroc_intervals(y, scores, groups, ids, draws, classes, confidence, max_reps: int = 300) -> dict:
+AUROC_MAX_REPS = 300
+
+
+def _auroc_intervals(y, scores, groups, ids, draws, classes, confidence, max_reps: int = AUROC_MAX_REPS) -> dict:
     """One-vs-rest AUROC intervals: each replicate weights every image by its group's draw count
     (scikit-learn's ``sample_weight``). Capped at ``max_reps`` replicates (AUROC is costlier)."""
     from sklearn.metrics import roc_auc_score
@@ -251,24 +307,40 @@ def release_gate(y_true, pred_ref, pred_new, groups, classes, max_bacc_drop: flo
     b = paired["balanced_accuracy"]
     checks.append({"metric": "balanced_accuracy", "delta": b["delta"], "lower": b["ci"][0], "limit": -max_bacc_drop,
                    "pass": b["ci"][0] is not None and b["ci"][0] >= -max_bacc_drop - 1e-12})
+    not_checked = [c for c, s in paired["sensitivity"].items() if s is None]  # no test images of c
     for c, s in paired["sensitivity"].items():
         if s is None:
             continue
         checks.append({"metric": f"sensitivity {c}", "delta": s["delta"], "lower": s["ci"][0], "limit": -max_sens_drop,
                        "pass": s["ci"][0] is not None and s["ci"][0] >= -max_sens_drop - 1e-12})
-    return {"pass": all(ch["pass"] for ch in checks), "checks": checks, "paired": paired,
-            "mcnemar": mcnemar_exact(y_true, pred_ref, pred_new),
+    # what the bootstrap cannot say: with no (or few) changes its interval is [0, 0] on 2 images as on 2,000;
+    # the exact bound says how large a share of groups could still lose a right answer
+    y = np.asarray(y_true, int).ravel()
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)
+    worse = (np.asarray(pred_ref).ravel() == y) & (np.asarray(pred_new).ravel() != y)
+    n_groups, x = len(np.unique(g)), len(np.unique(g[worse]))
+    evidence = {"images": int(len(y)), "groups": int(n_groups), "groups_worse": int(x),
+                "worse_share_upper": clopper_pearson(x, n_groups, confidence)[1],
+                "what": f"exact (Clopper-Pearson) {confidence:.0%} upper bound of the share of groups holding an "
+                        "image FP32 gets right and the reduced precision wrong"}
+    return {"pass": all(ch["pass"] for ch in checks), "checks": checks, "not_checked": not_checked, "paired": paired,
+            "evidence": evidence, "mcnemar": mcnemar_exact(y_true, pred_ref, pred_new),
             "limits": {"max_balanced_accuracy_drop": max_bacc_drop, "max_sensitivity_drop": max_sens_drop,
                        "judged_on": f"lower bound of the {confidence:.0%} paired group-bootstrap interval"}}
 
 
 def gate_line(gate: dict) -> str:
     """One line: PASS/FAIL and the worst check."""
-    worst = min(gate["checks"], key=lambda ch: (ch["pass"], (ch["lower"] or -1) - ch["limit"]))
-    m = gate["mcnemar"]
+    # the check closest to failing (smallest margin of its lower bound over its limit); a lower bound of exactly
+    # 0 is a margin like any other, not a missing one
+    worst = min(gate["checks"], key=lambda ch: (ch["pass"], (ch["lower"] if ch["lower"] is not None else -1)
+                                                - ch["limit"]))
+    m, ev = gate["mcnemar"], gate.get("evidence")
     return (f"{'PASS' if gate['pass'] else 'FAIL'}: {worst['metric']} change {worst['delta']:+.3f} "
             f"(lower bound {worst['lower']:+.3f}, limit {worst['limit']:+.3f}); {m['flips']} flips, "
-            f"McNemar p={m['p_value']:.3g}")
+            f"McNemar p={m['p_value']:.3g}"
+            + (f"; on {ev['images']} images in {ev['groups']} groups, up to {ev['worse_share_upper']:.1%} of groups "
+               f"could lose a right answer (exact 95% bound; {ev['groups_worse']} observed)" if ev else ""))
 
 
 # -- across folds --------------------------------------------------------------------------------------

@@ -117,13 +117,15 @@ def _from_manifest(manifest_path: str | Path, data: str | Path | None, limit: in
 def _from_folder(data: str | Path, limit: int | None) -> TestImages:
     from .data.layout import detect_layout
 
-    layout = detect_layout(data)
+    layout = detect_layout(data, min_classes=1)  # a test folder may hold one class (sensitivity alone)
     files = layout.files
     if limit:
         files = files[:: max(1, len(files) // limit)][:limit]
         where = f"{len(files)} images of {layout.root}"
     else:
         where = f"all {len(files)} images of {layout.root}"
+    if len(layout.classes) == 1:
+        where += f" (one class: {layout.classes[0]})"
     return TestImages([layout.root / f.path for f in files], [f.label for f in files], where)
 
 

@@ -77,6 +77,23 @@ def test_calibration_by_hand():
     assert calibration([], np.zeros((0, 3)))["ece"] is None
 
 
+def test_undefined_figures_are_none_and_say_over_which_classes():
+    """A class the model never predicts has no precision (0/0), not 0; a class without test images has no
+    sensitivity and the averages name the classes they are over (checked against scikit-learn)."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score
+
+    y_true = [0, 0, 0, 1, 1, 1, 1]  # no c in the truth
+    y_pred = [0, 1, 0, 1, 1, 0, 1]  # c never predicted, d never predicted either
+    m = classification_metrics(y_true, y_pred, ["a", "b", "c", "d"])
+    ppv = precision_score(y_true, y_pred, labels=[0, 1, 2, 3], average=None, zero_division=np.nan)
+    assert [m["precision"][c] for c in "ab"] == pytest.approx(list(ppv[:2]))
+    assert np.isnan(ppv[2:]).all() and m["precision"]["c"] is None and m["precision"]["d"] is None
+    assert m["f1"]["c"] is None and m["sensitivity"]["c"] is None  # neither in the truth nor predicted
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=[0, 1], average="macro"))
+    assert m["averaged_over"] == ["a", "b"] and m["absent"] == ["c", "d"] and m["never_predicted"] == ["c", "d"]
+
+
 def test_training_summary_keeps_its_shape():
     from lungedge.train.metrics import summarize
 
@@ -154,3 +171,52 @@ def test_eval_artifact_with_explicit_split(exported, trained_run, capsys):
     (row,) = json.loads(stdout)
     assert row["variant"] == "int8-cpu" and str(split) in row["test_set"]
     assert row["fp32_reference"].endswith("googlenet.fp32.onnx") and 0.0 <= row["differs_from_fp32"] <= 1.0
+
+
+def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(exported, trained_run, capsys):
+    """--data with the training folder: every image the model learnt from is counted and said; the row keeps
+    each image's probabilities, from which scikit-learn gives the same AUROC, Brier score and precision."""
+    from sklearn.metrics import brier_score_loss, precision_score, roc_auc_score
+
+    code, stdout, err = run_cli(["eval", "googlenet", "--backend", "onnxruntime", "--precision", "fp32", "--data",
+                                 trained_run.data, "--runs", exported["runs"], "--engines", exported["engines"],
+                                 "--out", exported["tmp"] / "r3", "--json"], capsys)
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    split = json.loads((trained_run("googlenet") / "split.json").read_text())["items"]
+    seen = {p: sum(it["split"] == p for it in split) for p in ("train", "val")}
+    assert row["leakage"]["in_training"] == seen["train"] > 0 and row["leakage"]["in_validation"] == seen["val"]
+    assert f"WARNING googlenet: {seen['train']} of the {row['metrics']['n']} test images" in err
+    assert "over images (no near-duplicate groups known" in row["intervals"]["method"]
+    y, probs, k = np.array(row["labels"]), np.array(row["probabilities"]), len(row["classes"])
+    assert (probs.argmax(1) == row["predictions"]).all()
+    m = row["metrics"]
+    assert m["calibration"]["brier"] == pytest.approx(brier_score_loss(y, probs, labels=list(range(k))))
+    for i, c in enumerate(row["classes"]):
+        if 0 < (y == i).sum() < len(y):
+            assert m["auroc"][c] == pytest.approx(roc_auc_score(y == i, probs[:, i]))
+    ppv = precision_score(y, row["predictions"], labels=list(range(k)), average=None, zero_division=np.nan)
+    assert [m["precision"][c] for c in row["classes"]] == [None if np.isnan(v) else pytest.approx(v) for v in ppv]
+
+
+def test_eval_of_one_image_of_one_class(exported, trained_run, tmp_path, capsys):
+    """A folder holding one class (here one image of it) is a test set: the other classes are said to be
+    absent, the averages are over that class, and the interval of one image is as wide as SciPy's exact one."""
+    import shutil
+
+    from scipy.stats import binomtest
+
+    (tmp_path / "one" / "malignant").mkdir(parents=True)
+    image = sorted((trained_run.data / "malignant").iterdir())[0]
+    shutil.copy(image, tmp_path / "one" / "malignant" / image.name)
+    code, stdout, err = run_cli(["eval", "googlenet", "--backend", "onnxruntime", "--precision", "fp32", "--data",
+                                 tmp_path / "one", "--runs", exported["runs"], "--engines", exported["engines"],
+                                 "--out", tmp_path / "r", "--json"], capsys)
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    m = row["metrics"]
+    assert m["n"] == 1 and m["averaged_over"] == ["malignant"] and m["absent"] == ["benign", "normal"]
+    assert "(one class: malignant)" in row["test_set"] and "no test images of benign, normal" in err
+    right = int(m["accuracy"])
+    ci = binomtest(right, 1).proportion_ci(method="exact")
+    assert row["intervals"]["accuracy"] == pytest.approx([ci.low, ci.high])

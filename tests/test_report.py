@@ -213,3 +213,40 @@ def test_a_killed_reports_temporaries_go_and_a_second_report_at_once_is_refused(
     assert not [n for n in names if n.startswith(".")], names
     assert "notes.tmp.txt" in names and "report.html" in names
     assert not os.path.exists(two_machines / ".reports.lock")
+
+
+def test_names_with_markup_stay_text_and_every_figure_says_its_test_set(tmp_path, capsys):
+    """A model or class called <script>, with a | or a newline, neither injects HTML nor breaks a Markdown
+    table row or heading; each accuracy row names its test set, image count and interval method."""
+    from lungedge.stats import bootstrap_metrics
+
+    evil_model, evil_class = "m<script>alert(1)</script>|x\n## fake", "B|<img src=x onerror=alert(1)>\n[c](javascript:x)"
+    row = _eval(evil_model, "onnxruntime", "int8-cpu", 0.75, _prov("laptop", "Intel Xeon"))
+    row["classes"] = ["=cmd|' /C calc'!A0", evil_class]
+    row["metrics"]["sensitivity"] = {c: 0.5 for c in row["classes"]}
+    row["intervals"] = bootstrap_metrics([0, 0, 1, 1], [0, 1, 1, 0], None, row["classes"], n_boot=100)
+    row["test_set"] = "4 test images of split.json"
+    _write(tmp_path / "r" / "eval.jsonl", [row])
+    out = tmp_path / "reports"
+    code, _, err = run_cli(["report", "--results", tmp_path / "r", "--out", out, ], capsys)
+    assert code == 0, err
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for text in (md, page):
+        assert "<script" not in text and "<img src=x" not in text
+    assert "](javascript" not in md  # a Markdown link; in the HTML it is plain text
+    assert "\n## fake" not in md and "\n[c]" not in md
+    for line in md.splitlines():  # every table row has as many unescaped | as its table's header
+        if line.startswith("|"):
+            assert len(re.findall(r"(?<!\\)\|", line)) in {len(h) + 1 for h in
+                                                          (report_columns().values())}, line
+    lat = md.split("## Accuracy and latency")[1].split("\n## ")[0]
+    (line,) = [ln for ln in lat.splitlines() if ln.startswith("| M1")]
+    assert "4 test images of split.json (4 images)" in line and "95% image bootstrap (no groups), 4 images" in line
+
+
+def report_columns():
+    from lungedge import report
+
+    return {"lat": report.LAT_COLUMNS, "machines": report.MACHINE_COLUMNS, "prov": report.PROV_COLUMNS,
+            "group": report.GROUP_COLUMNS, "gate": report.GATE_COLUMNS, "cal": report.CAL_COLUMNS,
+            "confusion": ["true \\ predicted", "c1", "c2"]}

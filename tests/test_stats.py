@@ -24,13 +24,15 @@ def test_confusion_formulas_match_scikit_learn():
 
     for seed in range(3):
         y, pred = _random_preds(seed=seed)
-        pred[pred == 2] = 1  # a class never predicted: precision 0, F1 0
+        pred[pred == 2] = 1  # a class never predicted: precision undefined (NaN here, None there), F1 0
         ref = classification_metrics(y, pred, CLASSES)
         got = metrics_from_confusion(confusion_matrix(y, pred, labels=[0, 1, 2]))
         for key in ("accuracy", "balanced_accuracy", "macro_f1"):
             assert got[key] == pytest.approx(ref[key], abs=1e-12)
         for key in ("sensitivity", "specificity", "precision", "f1"):
-            assert got[key] == pytest.approx([ref[key][c] for c in CLASSES], abs=1e-12)
+            want = [np.nan if ref[key][c] is None else ref[key][c] for c in CLASSES]
+            assert got[key] == pytest.approx(want, abs=1e-12, nan_ok=True)
+        assert np.isnan(got["precision"][2]) and ref["precision"][CLASSES[2]] is None
 
 
 def test_bootstrap_of_a_proportion_matches_the_binomial_interval():
@@ -295,3 +297,63 @@ def test_calibration_replicate_equals_the_resampled_data_set():
     ci = bootstrap_metrics(y, probs.argmax(1), groups, CLASSES, n_boot=200, probs=probs)
     point = calibration(y, probs)
     assert ci["brier"][0] < point["brier"] < ci["brier"][1] and ci["ece"][0] < ci["ece"][1]
+
+
+def test_an_estimate_of_0_or_1_gets_the_exact_interval_not_a_point():
+    """84 of 84 found is not certainty: where every bootstrap replicate agrees (estimate 0 or 1), the interval
+    is Clopper-Pearson's (SciPy's exact binomial interval) on the number of groups, never [1, 1]."""
+    from scipy.stats import binomtest
+
+    from lungedge.stats import bootstrap_metrics
+
+    def exact(x, n):
+        ci = binomtest(x, n).proportion_ci(confidence_level=0.95, method="exact")
+        return [ci.low, ci.high]
+
+    # Benign: 40 images in 20 groups, all found; Normal: 24 images in 12 groups, none found (called Malignant);
+    # Malignant: 30 images, one group in three missed (a proportion strictly inside (0, 1): bootstrap kept)
+    y = np.array([0] * 40 + [2] * 24 + [1] * 30)
+    pred = np.array([0] * 40 + [1] * 24 + [1, 1, 0] * 10)
+    groups = np.concatenate([np.repeat(np.arange(20), 2), 100 + np.repeat(np.arange(12), 2), 200 + np.arange(30)])
+    b = bootstrap_metrics(y, pred, groups, CLASSES, n_boot=300)
+    assert b["sensitivity"]["Benign"] == pytest.approx(exact(20, 20))
+    assert b["sensitivity"]["Normal"] == pytest.approx(exact(0, 12))
+    assert b["sensitivity"]["Malignant"][0] < 2 / 3 < b["sensitivity"]["Malignant"][1] < 1
+    assert b["precision"]["Normal"] is None  # never predicted: PPV undefined, no interval
+    assert b["specificity"]["Normal"] == pytest.approx(exact(50, 50))  # 20 + 30 groups without Normal images
+    assert "Clopper-Pearson" in b["method"] and "sensitivity Benign" in b["exact_fallback"]
+    # one image, right: accuracy 1 with the interval of 1 success in 1 trial, not [1, 1]
+    one = bootstrap_metrics([1], [1], None, CLASSES, n_boot=100)
+    assert one["accuracy"] == pytest.approx(exact(1, 1)) and one["accuracy"][0] < 0.05
+    assert one["sensitivity"]["Benign"] is None and one["balanced_accuracy"] == pytest.approx(exact(1, 1))
+
+
+def test_the_gate_says_how_much_it_rests_on():
+    """No change on 2 images passes the bootstrap gate ([0, 0] is all a bootstrap of no change can say); the gate
+    states the exact bound that shows how little that means (SciPy's Clopper-Pearson), in its line as well."""
+    from scipy.stats import binomtest
+
+    from lungedge.stats import gate_line, release_gate
+
+    gate = release_gate([0, 1], [0, 1], [0, 1], None, CLASSES[:2], n_boot=100)
+    ev = gate["evidence"]
+    assert (ev["images"], ev["groups"], ev["groups_worse"]) == (2, 2, 0)
+    assert ev["worse_share_upper"] == pytest.approx(binomtest(0, 2).proportion_ci(method="exact").high)
+    assert "on 2 images in 2 groups, up to 84.2% of groups could lose a right answer" in gate_line(gate)
+
+
+def test_the_gate_line_names_the_check_closest_to_failing():
+    """Balanced accuracy's lower bound -0.005 against -0.01 is closer to failing than a class's 0.000 against
+    -0.02: the line must name balanced accuracy (a lower bound of exactly 0 once counted as -1)."""
+    from lungedge.stats import gate_line, release_gate
+
+    # 200 Benign images right in both; Malignant: the new model loses 1 of 200 images (own groups)
+    y = np.array([0] * 200 + [1] * 200)
+    ref = y.copy()
+    new = y.copy()
+    new[200] = 0
+    gate = release_gate(y, ref, new, None, CLASSES[:2], max_bacc_drop=0.01, max_sens_drop=0.02, n_boot=400)
+    margins = {ch["metric"]: ch["lower"] - ch["limit"] for ch in gate["checks"]}
+    closest = min(margins, key=margins.get)
+    assert gate_line(gate).split(": ")[1].startswith(f"{closest} change")
+    assert closest == "balanced_accuracy" and gate["checks"][1]["lower"] == 0.0  # Benign: no change at all

@@ -143,8 +143,10 @@ def _has_images(folder: Path) -> bool:
     return any(is_image_name(f) for f in _walk_files(folder))
 
 
-def detect_layout(root: str | os.PathLike) -> DatasetLayout:
-    """Find the data set under ``root``; raise :class:`LungedgeError` if there is none."""
+def detect_layout(root: str | os.PathLike, min_classes: int = 2) -> DatasetLayout:
+    """Find the data set under ``root``; raise :class:`LungedgeError` if there is none. ``min_classes=1``
+    (a test folder: ``eval --data``) also takes a single class folder, e.g. only ``Malignant cases``, which
+    is named as the data set names it; a named folder beside unnamed image folders is not taken alone."""
     root = Path(root).expanduser()
     if not root.exists():
         raise LungedgeError(f"data folder not found: {root}")
@@ -152,20 +154,26 @@ def detect_layout(root: str | os.PathLike) -> DatasetLayout:
         raise LungedgeError(f"not a folder: {root}")
     root = root.resolve()
 
+    def enough(folder: Path, found: dict) -> bool:
+        if len(found) >= 2:
+            return True
+        named = {d for ds in found.values() for d in ds}
+        return min_classes == 1 and len(found) == 1 and all(s in named for s in _subdirs(folder) if _has_images(s))
+
     for folder in _candidates(root):
         found = _match_named(folder, IQ_OTH_FOLDERS)
-        if len(found) >= 2:
-            return _checked(_from_class_dirs(root, "iq-oth-nccd", found, []))
+        if enough(folder, found):
+            return _checked(_from_class_dirs(root, "iq-oth-nccd", found, []), min_classes)
 
     for folder in _candidates(root):
         found = _match_named(folder, LC25000_FOLDERS)
-        if len(found) >= 2:
+        if enough(folder, found):
             notes = []
             colon = [d for d in _candidates(root) if d.name.lower() in LC25000_COLON]
             if colon:
                 rel = colon[0].relative_to(root).as_posix()
                 notes.append(f"the colon part ({rel}) is a separate task and is not included")
-            return _checked(_from_class_dirs(root, "lc25000-lung", found, notes))
+            return _checked(_from_class_dirs(root, "lc25000-lung", found, notes), min_classes)
 
     folder = root
     for _ in range(MAX_WRAPPING + 1):
@@ -179,13 +187,13 @@ def detect_layout(root: str | os.PathLike) -> DatasetLayout:
             continue
         break
     class_dirs = {s.name: [s] for s in _subdirs(folder) if _has_images(s)}
-    return _checked(_from_class_dirs(root, "generic", class_dirs, []))
+    return _checked(_from_class_dirs(root, "generic", class_dirs, []), min_classes)
 
 
-def _checked(layout: DatasetLayout) -> DatasetLayout:
+def _checked(layout: DatasetLayout, min_classes: int = 2) -> DatasetLayout:
     if not layout.files:
         raise LungedgeError(f"no images found in {layout.root} (expected one folder per class)")
-    if len(layout.classes) < 2:
+    if len(layout.classes) < min_classes:
         only = layout.classes[0] if layout.classes else "?"
         raise LungedgeError(
             f"only one class ({only}) found in {layout.root}; a classifier needs at least 2 class folders"
