@@ -622,3 +622,39 @@ def test_group_keras_resnet50_sequential_softmax_h5(tmp_path, capsys):
     own = np.asarray(model(m["preprocessing"].load_batch([img]), training=False))[0]
     np.testing.assert_allclose([probs[c] for c in ff.GROUP_CLASSES.split(",")], own, atol=1e-5)
     assert (fp32.parent / "resnet50.int8-cpu.onnx").is_file()
+
+
+# -- files made by other framework versions ---------------------------------------------------------------------
+
+KERAS2 = __import__("pathlib").Path(__file__).parent / "fixtures" / "keras2"
+
+
+def test_keras2_h5_with_a_nested_model_exports_to_keras2s_own_numbers(tmp_path, capsys):
+    """A small CNN saved by tf_keras 2.21 (tests/fixtures/keras2/make_fixture.py): a Sequential holding a nested
+    functional block with a BatchNormalization, as Keras 2 code wraps keras.applications bases. Keras 3 alone
+    cannot load it (nested list axis and outputs); the export's outputs are Keras 2's, stored with the file."""
+    import shutil
+
+    import h5py
+    from PIL import Image
+
+    with h5py.File(KERAS2 / "tiny_keras2.h5", "r") as fh:
+        assert str(fh.attrs["keras_version"]).startswith("2.")  # really written by Keras 2
+    ref = np.load(KERAS2 / "tiny_keras2.npz")
+    assert str(ref["keras_version"]).startswith("2.")
+    shutil.copy(KERAS2 / "tiny_keras2.h5", tmp_path / "theirs.h5")
+    before = (tmp_path / "theirs.h5").read_bytes()
+    out, fp32 = _export(tmp_path, capsys, "k2cnn", tmp_path / "theirs.h5", "--custom", "--classes", "a,b,c",
+                        "--scale", "1/255", "--mean", "none", "--std", "none")
+    assert (tmp_path / "theirs.h5").read_bytes() == before
+    m = onnx_meta.read(fp32)
+    assert m["output"] == "probabilities" and m["input_layout"] == "NHWC" and m["preprocessing"].size == 24
+    np.testing.assert_allclose(_ort(fp32, ref["pixels"] / np.float32(255)), ref["probabilities"], atol=1e-5)
+    imgs = []
+    for i, px in enumerate(ref["pixels"].astype(np.uint8)):
+        imgs.append(tmp_path / f"scan{i}.png")
+        Image.fromarray(px).save(imgs[-1])
+    code, out, err = run_cli(["predict", fp32, *imgs, "--json"], capsys)
+    assert code == 0, err
+    got = [[p["probabilities"][c] for c in "abc"] for p in json.loads(out)["predictions"]]
+    np.testing.assert_allclose(got, ref["probabilities"], atol=1e-5)  # Keras 2's numbers, softmaxed once
