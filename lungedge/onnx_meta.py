@@ -113,6 +113,7 @@ def load_checked(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise LungedgeError(f"ONNX file not found: {path}")
+    _check_external_data(path)
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -120,6 +121,32 @@ def load_checked(path: str | Path):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise LungedgeError(f"{path} is not a valid ONNX model (truncated or corrupt?): {first}") from None
     return model
+
+
+def _check_external_data(path: Path) -> None:
+    """One line naming the external data file (``torch.onnx.export``'s ``model.onnx.data``) the graph keeps its
+    weights in, where it is not beside ``path`` or is shorter than the graph says."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a corrupt file is said by load_checked's own message
+        return
+    needed: dict[str, int] = {}
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            info = ExternalDataInfo(tensor)
+            end = (info.offset or 0) + (info.length or 0)
+            needed[info.location] = max(needed.get(info.location, 0), end)
+    for location, end in needed.items():
+        data = path.parent / location
+        if not data.is_file():
+            raise LungedgeError(f"{path} keeps its weights in the external data file {location!r}, which is missing: "
+                                f"it must sit beside the .onnx, as {data}")
+        if data.stat().st_size < end:
+            raise LungedgeError(f"{path}: its external data file {data} is {data.stat().st_size:,} bytes, shorter "
+                                f"than the {end:,} the graph needs (an interrupted copy? copy it again)")
 
 
 def read(path: str | Path) -> dict:

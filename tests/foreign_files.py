@@ -124,12 +124,24 @@ def torch_export_file(path: Path, model, size: int = 16, channels: int = 3, dyna
     return path
 
 
-def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y"), dtype=None):
-    """A plain ONNX (any input/output names, no lungedge metadata; input of ``dtype``, float32 by default)."""
+def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y"), dtype=None, opset=None):
+    """A plain ONNX (any input/output names, no lungedge metadata; input of ``dtype``, float32 by default;
+    ``opset``: an old one, e.g. 9 or 11, as older scripts pass ``opset_version``)."""
     import torch
 
     torch.onnx.export(model, torch.zeros(1, channels, size, size, dtype=dtype), str(path), input_names=[names[0]],
-                      output_names=[names[1]], dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}}, dynamo=False)
+                      output_names=[names[1]], dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}}, dynamo=False,
+                      **({"opset_version": opset} if opset else {}))
+    return path
+
+
+def onnx_dynamo_file(path: Path, model, size: int = 16, channels: int = 3):
+    """``torch.onnx.export`` as torch 2.9+ does by default (the dynamo exporter): the graph in ``path`` and its
+    weights in the external data file ``path.data`` beside it; a dynamic batch."""
+    import torch
+
+    torch.onnx.export(model, (torch.zeros(2, channels, size, size),), str(path), external_data=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
     return path
 
 

@@ -658,3 +658,48 @@ def test_keras2_h5_with_a_nested_model_exports_to_keras2s_own_numbers(tmp_path, 
     assert code == 0, err
     got = [[p["probabilities"][c] for c in "abc"] for p in json.loads(out)["predictions"]]
     np.testing.assert_allclose(got, ref["probabilities"], atol=1e-5)  # Keras 2's numbers, softmaxed once
+
+
+def test_plain_onnx_from_the_dynamo_exporter_needs_its_external_data_file(tmp_path, capsys):
+    import shutil
+
+    model = ff.tiny_torch(outputs=3)
+    ff.onnx_dynamo_file(tmp_path / "model.onnx", model, size=16)
+    assert (tmp_path / "model.onnx.data").is_file()  # the weights are beside the graph, not in it
+    _, fp32 = _export(tmp_path, capsys, "dyn", tmp_path / "model.onnx", "--custom", "--classes", "a,b,c",
+                      "--scale", "1", "--mean", "none", "--std", "none")
+    x = np.random.default_rng(4).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in fp32.parent.glob("dyn.fp32.onnx*")) == ["dyn.fp32.onnx"]  # one file
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(tmp_path / "model.onnx", moved)  # the .onnx copied without its .data
+    args = ["export", "dyn2", "--checkpoint", moved / "model.onnx", "--custom", "--classes", "a,b,c",
+            "--out", tmp_path / "e2", "--no-engine"]
+    line = one_error(*run_cli(args, capsys)[::2])
+    assert "external data file 'model.onnx.data'" in line and "missing" in line and "beside the .onnx" in line
+    (moved / "model.onnx.data").write_bytes((tmp_path / "model.onnx.data").read_bytes()[:100])  # cut short
+    line = one_error(*run_cli(args, capsys)[::2])
+    assert "model.onnx.data is 100 bytes, shorter than" in line
+    assert not (tmp_path / "e2").exists()
+
+
+def test_old_opset_onnx_is_converted_so_int8_works(tmp_path, capsys):
+    model = ff.tiny_torch(outputs=4)
+    ff.onnx_file(tmp_path / "op9.onnx", model, size=16, names=("data", "prob"), opset=9)
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=16)
+    out, fp32 = _export(tmp_path, capsys, "op9", tmp_path / "op9.onnx", "--custom", "--classes", "a,b,c",
+                        "--scale", "1/255", "--mean", "none", "--std", "none", "--int8", "--calib-data", data,
+                        "--calib-size", 6)
+    assert "the graph is opset 9; converted to opset 13" in out and "4 outputs; exporting the first 3" in out
+    import onnx
+
+    for variant in ("fp32", "int8", "int8-cpu"):
+        model_file = onnx.load(str(fp32.parent / f"op9.{variant}.onnx"))
+        assert next(o.version for o in model_file.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    x = np.random.default_rng(5).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x))[:, :3].numpy(), rtol=1e-4, atol=1e-5)
+    code, out, err = run_cli(["predict", fp32.parent / "op9.int8-cpu.onnx", sorted(data.rglob("*.png"))[0]], capsys)
+    assert code == 0, err
