@@ -703,3 +703,51 @@ def test_old_opset_onnx_is_converted_so_int8_works(tmp_path, capsys):
         np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x))[:, :3].numpy(), rtol=1e-4, atol=1e-5)
     code, out, err = run_cli(["predict", fp32.parent / "op9.int8-cpu.onnx", sorted(data.rglob("*.png"))[0]], capsys)
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_pickled_model_with_a_softmax_head_is_not_softmaxed_twice(tmp_path, capsys):
+    torch.manual_seed(2)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=3,
+                                       transform_input=False)
+    net.fc = torch.nn.Sequential(torch.nn.Linear(1024, 3), torch.nn.Softmax(dim=1))  # as many notebooks write it
+    net.eval()
+    torch.save(net, tmp_path / "soft.pth")
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=32)
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "soft.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--trust-pickle")
+    assert onnx_meta.read(fp32)["output"] == "probabilities" and "not softmaxed again" in out
+    imgs = sorted(data.rglob("*.png"))[:3]
+    code, out, err = run_cli(["predict", fp32, *imgs, "--json"], capsys)
+    assert code == 0, err
+    got = [[p["probabilities"][c] for c in "abc"] for p in json.loads(out)["predictions"]]
+    with torch.no_grad():
+        own = net(torch.from_numpy(onnx_meta.read(fp32)["preprocessing"].load_batch(imgs))).numpy()
+    np.testing.assert_allclose(got, own, atol=1e-5)  # the model's own probabilities, softmaxed once
+
+
+@pytest.mark.slow
+def test_state_dict_declared_sigmoid_gets_the_activation_it_cannot_hold(tmp_path, capsys):
+    torch.manual_seed(3)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=1,
+                                       transform_input=False).eval()  # one logit, trained with BCEWithLogitsLoss
+    torch.save(net.state_dict(), tmp_path / "binary.pth")
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "binary.pth", "--classes", "normal,tumour",
+                        "--input-size", 32, "--no-transform-input", "--output", "sigmoid")
+    assert onnx_meta.read(fp32)["output"] == "sigmoid"
+    x = np.random.default_rng(7).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():  # P(tumour), not the raw logit read as one
+        np.testing.assert_allclose(_ort(fp32, x), torch.sigmoid(net(torch.from_numpy(x))).numpy(), atol=1e-5)
+    assert "a Sigmoid is appended" in out
+
+
+def test_pth_holding_only_the_head_says_so(tmp_path, capsys):
+    head = torch.nn.Linear(1024, 3)
+    torch.save(head.state_dict(), tmp_path / "fc.pth")  # model.fc.state_dict() saved instead of the model's
+    torch.save({"fc": head.state_dict()}, tmp_path / "heads.pth")
+    for name, where in (("fc.pth", ""), ("heads.pth", " (under 'fc')")):
+        code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / name, "--classes", "a,b,c",
+                                "--out", tmp_path / "e"], capsys)
+        line = one_error(code, err)
+        assert f"holds only a classifier head's weights{where}, a Linear 1024 -> 3, not a whole googlenet" in line
+        assert "model.state_dict()" in line
