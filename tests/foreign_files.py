@@ -286,3 +286,19 @@ def keras_channels_first(path: Path, size: int = 16, seed: int = 0):
     model = keras.Model(inputs, keras.layers.Dense(3)(x))
     model.save(path)
     return model
+
+
+def as_saved_on_cuda(src: Path, dst: Path) -> Path:
+    """``src`` (a torch.save zip file of CPU tensors) as a GPU machine writes it: every storage's location
+    ``cpu`` -> ``cuda:0`` in its pickle, so ``torch.load`` without ``map_location`` fails on a CPU-only machine."""
+    import zipfile
+
+    cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"  # BINUNICODE, 4-byte length
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                assert cpu in data, "no CPU storage location in the pickle"
+                data = data.replace(cpu, cuda)
+            zout.writestr(info, data)
+    return dst

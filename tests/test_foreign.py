@@ -751,3 +751,22 @@ def test_pth_holding_only_the_head_says_so(tmp_path, capsys):
         line = one_error(code, err)
         assert f"holds only a classifier head's weights{where}, a Linear 1024 -> 3, not a whole googlenet" in line
         assert "model.state_dict()" in line
+
+
+@pytest.mark.slow
+def test_files_saved_on_a_gpu_machine_load_on_the_cpu(tmp_path, capsys):
+    torch.manual_seed(4)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=3,
+                                       transform_input=False).eval()
+    torch.save(net.state_dict(), tmp_path / "sd.pth")
+    torch.save({"model": net, "epoch": 2}, tmp_path / "whole.pth")
+    x = np.random.default_rng(8).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        own = net(torch.from_numpy(x)).numpy()
+    for name, extra in (("sd.pth", ["--no-transform-input"]), ("whole.pth", ["--trust-pickle"])):
+        cuda = ff.as_saved_on_cuda(tmp_path / name, tmp_path / f"cuda_{name}")
+        if not torch.cuda.is_available():  # what a load without map_location="cpu" meets on this machine
+            with pytest.raises(RuntimeError, match="CUDA"):
+                torch.load(cuda, weights_only=name == "sd.pth")
+        _, fp32 = _export(tmp_path, capsys, "googlenet", cuda, "--classes", "a,b,c", "--input-size", 32, *extra)
+        np.testing.assert_allclose(_ort(fp32, x), own, rtol=1e-4, atol=1e-5)
