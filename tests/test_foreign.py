@@ -770,3 +770,26 @@ def test_files_saved_on_a_gpu_machine_load_on_the_cpu(tmp_path, capsys):
                 torch.load(cuda, weights_only=name == "sd.pth")
         _, fp32 = _export(tmp_path, capsys, "googlenet", cuda, "--classes", "a,b,c", "--input-size", 32, *extra)
         np.testing.assert_allclose(_ort(fp32, x), own, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_int8_ranges_are_not_reused_for_another_graph_of_the_same_file(tmp_path, capsys):
+    """One state dict gives two networks (with and without GoogLeNet's transform_input); the ranges calibrated
+    on the first must not quantize the second."""
+    ff.googlenet_state_dict(tmp_path / "g.pth", aux=False)
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=32)
+
+    def int8(calibration, *extra):
+        code, out, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "g.pth", "--classes", "a,b,c",
+                                  "--input-size", 32, "--int8", "--calib-data", data, "--calib-size", 3,
+                                  "--calibration", tmp_path / calibration, "--out", tmp_path / "e", "--no-engine",
+                                  *extra], capsys)
+        assert code == 0, err
+        return out, (tmp_path / "e" / "googlenet" / "googlenet.int8-cpu.onnx").read_bytes()
+
+    int8("c1")  # transform_input=True (the default for a state dict)
+    out, shared = int8("c1", "--no-transform-input")
+    _, fresh = int8("c2", "--no-transform-input")
+    assert shared == fresh  # the same as a calibration of its own
+    assert "ranges computed and saved" in out and "ranges reused" in out  # computed for the trt file, reused once
+    assert len(list((tmp_path / "c1").rglob("ranges.googlenet-*.json"))) == 2
