@@ -342,6 +342,7 @@ def test_plain_onnx_input_types_and_fixed_batch(tmp_path, capsys):
                         ("b1.onnx", "fixes batch 1 inside its graph (its Reshape node")):
         code, out, err = run_cli(["export", "m", "--custom", "--checkpoint", tmp_path / name, *decl], capsys)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and not out.strip(), err
+        assert name == "u8.onnx" or ("dynamic_shapes=" in err and "dynamic_axes with dynamo=False" in err), err
     half = ff.tiny_torch(outputs=3).half()
     ff.onnx_file(tmp_path / "f16.onnx", half, size=16, dtype=torch.float16)
     out, fp32 = _export(tmp_path, capsys, "f16", tmp_path / "f16.onnx", "--custom", *decl[:-2])

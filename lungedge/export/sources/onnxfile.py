@@ -92,7 +92,9 @@ def _check_batch(source: Source, path: Path) -> None:
         return
     if attempt(1) is None:
         raise LungedgeError(f"{path} fixes batch 1 inside its graph ({problem} on a batch of 2); "
-                            "lungedge runs batches: export it again with a dynamic batch axis")
+                            "lungedge runs batches: export it again with a dynamic batch axis (torch.onnx.export: "
+                            "dynamic_shapes=({0: torch.export.Dim('batch')},) with the default dynamo exporter, "
+                            "dynamic_axes with dynamo=False)")
     raise LungedgeError(f"{path} does not run on a {tuple(source.preprocessing.input_shape)} input ({problem}); "
                         "check --input-size, --layout and --channels")
 
