@@ -117,9 +117,37 @@ def load_checked(path: str | Path):
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # DecodeError, ValidationError, ...  # noqa: BLE001
+        _check_external_data(path)  # a missing or short model.onnx.data beside it, named
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise LungedgeError(f"{path} is not a valid ONNX model (truncated or corrupt?): {first}") from None
     return model
+
+
+def _check_external_data(path: Path) -> None:
+    """One line naming the external data file (``torch.onnx.export``'s ``model.onnx.data``) the graph keeps its
+    weights in, where it is not beside ``path`` or is shorter than the graph says."""
+    import onnx
+    from onnx import external_data_helper as ext
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a corrupt file is said by load_checked's own message
+        return
+    tensors = getattr(ext, "_get_all_tensors", lambda m: m.graph.initializer)(model)  # every subgraph's too
+    needed: dict[str, int] = {}
+    for tensor in tensors:
+        if ext.uses_external_data(tensor):
+            info = ext.ExternalDataInfo(tensor)
+            end = (info.offset or 0) + (info.length or 0)
+            needed[info.location] = max(needed.get(info.location, 0), end)
+    for location, end in needed.items():
+        data = path.parent / location
+        if not data.is_file():
+            raise LungedgeError(f"{path} keeps its weights in the external data file {location!r}, which is missing: "
+                                f"it must sit beside the .onnx, as {data}")
+        if data.stat().st_size < end:
+            raise LungedgeError(f"{path}: its external data file {data} is {data.stat().st_size:,} bytes, shorter "
+                                f"than the {end:,} the graph needs (an interrupted copy? copy it again)")
 
 
 def read(path: str | Path) -> dict:

@@ -124,12 +124,24 @@ def torch_export_file(path: Path, model, size: int = 16, channels: int = 3, dyna
     return path
 
 
-def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y"), dtype=None):
-    """A plain ONNX (any input/output names, no lungedge metadata; input of ``dtype``, float32 by default)."""
+def onnx_file(path: Path, model, size: int = 16, channels: int = 3, names=("x", "y"), dtype=None, opset=None):
+    """A plain ONNX (any input/output names, no lungedge metadata; input of ``dtype``, float32 by default;
+    ``opset``: an old one, e.g. 9 or 11, as older scripts pass ``opset_version``)."""
     import torch
 
     torch.onnx.export(model, torch.zeros(1, channels, size, size, dtype=dtype), str(path), input_names=[names[0]],
-                      output_names=[names[1]], dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}}, dynamo=False)
+                      output_names=[names[1]], dynamic_axes={names[0]: {0: "n"}, names[1]: {0: "n"}}, dynamo=False,
+                      **({"opset_version": opset} if opset else {}))
+    return path
+
+
+def onnx_dynamo_file(path: Path, model, size: int = 16, channels: int = 3):
+    """``torch.onnx.export`` as torch 2.9+ does by default (the dynamo exporter): the graph in ``path`` and its
+    weights in the external data file ``path.data`` beside it; a dynamic batch."""
+    import torch
+
+    torch.onnx.export(model, (torch.zeros(2, channels, size, size),), str(path), external_data=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
     return path
 
 
@@ -274,3 +286,19 @@ def keras_channels_first(path: Path, size: int = 16, seed: int = 0):
     model = keras.Model(inputs, keras.layers.Dense(3)(x))
     model.save(path)
     return model
+
+
+def as_saved_on_cuda(src: Path, dst: Path) -> Path:
+    """``src`` (a torch.save zip file of CPU tensors) as a GPU machine writes it: every storage's location
+    ``cpu`` -> ``cuda:0`` in its pickle, so ``torch.load`` without ``map_location`` fails on a CPU-only machine."""
+    import zipfile
+
+    cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"  # BINUNICODE, 4-byte length
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                assert cpu in data, "no CPU storage location in the pickle"
+                data = data.replace(cpu, cuda)
+            zout.writestr(info, data)
+    return dst

@@ -342,6 +342,7 @@ def test_plain_onnx_input_types_and_fixed_batch(tmp_path, capsys):
                         ("b1.onnx", "fixes batch 1 inside its graph (its Reshape node")):
         code, out, err = run_cli(["export", "m", "--custom", "--checkpoint", tmp_path / name, *decl], capsys)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and not out.strip(), err
+        assert name == "u8.onnx" or ("dynamic_shapes=" in err and "dynamic_axes with dynamo=False" in err), err
     half = ff.tiny_torch(outputs=3).half()
     ff.onnx_file(tmp_path / "f16.onnx", half, size=16, dtype=torch.float16)
     out, fp32 = _export(tmp_path, capsys, "f16", tmp_path / "f16.onnx", "--custom", *decl[:-2])
@@ -622,3 +623,174 @@ def test_group_keras_resnet50_sequential_softmax_h5(tmp_path, capsys):
     own = np.asarray(model(m["preprocessing"].load_batch([img]), training=False))[0]
     np.testing.assert_allclose([probs[c] for c in ff.GROUP_CLASSES.split(",")], own, atol=1e-5)
     assert (fp32.parent / "resnet50.int8-cpu.onnx").is_file()
+
+
+# -- files made by other framework versions ---------------------------------------------------------------------
+
+KERAS2 = __import__("pathlib").Path(__file__).parent / "fixtures" / "keras2"
+
+
+def test_keras2_h5_with_a_nested_model_exports_to_keras2s_own_numbers(tmp_path, capsys):
+    """A small CNN saved by tf_keras 2.21 (tests/fixtures/keras2/make_fixture.py): a Sequential holding a nested
+    functional block with a BatchNormalization, as Keras 2 code wraps keras.applications bases. Keras 3 alone
+    cannot load it (nested list axis and outputs); the export's outputs are Keras 2's, stored with the file."""
+    import shutil
+
+    import h5py
+    from PIL import Image
+
+    with h5py.File(KERAS2 / "tiny_keras2.h5", "r") as fh:
+        assert str(fh.attrs["keras_version"]).startswith("2.")  # really written by Keras 2
+    ref = np.load(KERAS2 / "tiny_keras2.npz")
+    assert str(ref["keras_version"]).startswith("2.")
+    shutil.copy(KERAS2 / "tiny_keras2.h5", tmp_path / "theirs.h5")
+    before = (tmp_path / "theirs.h5").read_bytes()
+    out, fp32 = _export(tmp_path, capsys, "k2cnn", tmp_path / "theirs.h5", "--custom", "--classes", "a,b,c",
+                        "--scale", "1/255", "--mean", "none", "--std", "none")
+    assert (tmp_path / "theirs.h5").read_bytes() == before
+    m = onnx_meta.read(fp32)
+    assert m["output"] == "probabilities" and m["input_layout"] == "NHWC" and m["preprocessing"].size == 24
+    np.testing.assert_allclose(_ort(fp32, ref["pixels"] / np.float32(255)), ref["probabilities"], atol=1e-5)
+    imgs = []
+    for i, px in enumerate(ref["pixels"].astype(np.uint8)):
+        imgs.append(tmp_path / f"scan{i}.png")
+        Image.fromarray(px).save(imgs[-1])
+    code, out, err = run_cli(["predict", fp32, *imgs, "--json"], capsys)
+    assert code == 0, err
+    got = [[p["probabilities"][c] for c in "abc"] for p in json.loads(out)["predictions"]]
+    np.testing.assert_allclose(got, ref["probabilities"], atol=1e-5)  # Keras 2's numbers, softmaxed once
+
+
+def test_plain_onnx_from_the_dynamo_exporter_needs_its_external_data_file(tmp_path, capsys):
+    import shutil
+
+    model = ff.tiny_torch(outputs=3)
+    ff.onnx_dynamo_file(tmp_path / "model.onnx", model, size=16)
+    assert (tmp_path / "model.onnx.data").is_file()  # the weights are beside the graph, not in it
+    _, fp32 = _export(tmp_path, capsys, "dyn", tmp_path / "model.onnx", "--custom", "--classes", "a,b,c",
+                      "--scale", "1", "--mean", "none", "--std", "none")
+    x = np.random.default_rng(4).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in fp32.parent.glob("dyn.fp32.onnx*")) == ["dyn.fp32.onnx"]  # one file
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(tmp_path / "model.onnx", moved)  # the .onnx copied without its .data
+    args = ["export", "dyn2", "--checkpoint", moved / "model.onnx", "--custom", "--classes", "a,b,c",
+            "--out", tmp_path / "e2", "--no-engine"]
+    line = one_error(*run_cli(args, capsys)[::2])
+    assert "external data file 'model.onnx.data'" in line and "missing" in line and "beside the .onnx" in line
+    (moved / "model.onnx.data").write_bytes((tmp_path / "model.onnx.data").read_bytes()[:100])  # cut short
+    line = one_error(*run_cli(args, capsys)[::2])
+    assert "model.onnx.data is 100 bytes, shorter than" in line
+    assert not (tmp_path / "e2").exists()
+
+
+def test_old_opset_onnx_is_converted_so_int8_works(tmp_path, capsys):
+    model = ff.tiny_torch(outputs=4)
+    ff.onnx_file(tmp_path / "op9.onnx", model, size=16, names=("data", "prob"), opset=9)
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=16)
+    out, fp32 = _export(tmp_path, capsys, "op9", tmp_path / "op9.onnx", "--custom", "--classes", "a,b,c",
+                        "--scale", "1/255", "--mean", "none", "--std", "none", "--int8", "--calib-data", data,
+                        "--calib-size", 6)
+    assert "the graph is opset 9; converted to opset 13" in out and "4 outputs; exporting the first 3" in out
+    import onnx
+
+    for variant in ("fp32", "int8", "int8-cpu"):
+        model_file = onnx.load(str(fp32.parent / f"op9.{variant}.onnx"))
+        assert next(o.version for o in model_file.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    x = np.random.default_rng(5).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(fp32, x), model(torch.from_numpy(x))[:, :3].numpy(), rtol=1e-4, atol=1e-5)
+    code, out, err = run_cli(["predict", fp32.parent / "op9.int8-cpu.onnx", sorted(data.rglob("*.png"))[0]], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_pickled_model_with_a_softmax_head_is_not_softmaxed_twice(tmp_path, capsys):
+    torch.manual_seed(2)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=3,
+                                       transform_input=False)
+    net.fc = torch.nn.Sequential(torch.nn.Linear(1024, 3), torch.nn.Softmax(dim=1))  # as many notebooks write it
+    net.eval()
+    torch.save(net, tmp_path / "soft.pth")
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=32)
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "soft.pth", "--classes", "a,b,c", "--input-size",
+                        32, "--trust-pickle")
+    assert onnx_meta.read(fp32)["output"] == "probabilities" and "not softmaxed again" in out
+    imgs = sorted(data.rglob("*.png"))[:3]
+    code, out, err = run_cli(["predict", fp32, *imgs, "--json"], capsys)
+    assert code == 0, err
+    got = [[p["probabilities"][c] for c in "abc"] for p in json.loads(out)["predictions"]]
+    with torch.no_grad():
+        own = net(torch.from_numpy(onnx_meta.read(fp32)["preprocessing"].load_batch(imgs))).numpy()
+    np.testing.assert_allclose(got, own, atol=1e-5)  # the model's own probabilities, softmaxed once
+
+
+@pytest.mark.slow
+def test_state_dict_declared_sigmoid_gets_the_activation_it_cannot_hold(tmp_path, capsys):
+    torch.manual_seed(3)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=1,
+                                       transform_input=False).eval()  # one logit, trained with BCEWithLogitsLoss
+    torch.save(net.state_dict(), tmp_path / "binary.pth")
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "binary.pth", "--classes", "normal,tumour",
+                        "--input-size", 32, "--no-transform-input", "--output", "sigmoid")
+    assert onnx_meta.read(fp32)["output"] == "sigmoid"
+    x = np.random.default_rng(7).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():  # P(tumour), not the raw logit read as one
+        np.testing.assert_allclose(_ort(fp32, x), torch.sigmoid(net(torch.from_numpy(x))).numpy(), atol=1e-5)
+    assert "a Sigmoid is appended" in out
+
+
+def test_pth_holding_only_the_head_says_so(tmp_path, capsys):
+    head = torch.nn.Linear(1024, 3)
+    torch.save(head.state_dict(), tmp_path / "fc.pth")  # model.fc.state_dict() saved instead of the model's
+    torch.save({"fc": head.state_dict()}, tmp_path / "heads.pth")
+    for name, where in (("fc.pth", ""), ("heads.pth", " (under 'fc')")):
+        code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / name, "--classes", "a,b,c",
+                                "--out", tmp_path / "e"], capsys)
+        line = one_error(code, err)
+        assert f"holds only a classifier head's weights{where}, a Linear 1024 -> 3, not a whole googlenet" in line
+        assert "model.state_dict()" in line
+
+
+@pytest.mark.slow
+def test_files_saved_on_a_gpu_machine_load_on_the_cpu(tmp_path, capsys):
+    torch.manual_seed(4)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=3,
+                                       transform_input=False).eval()
+    torch.save(net.state_dict(), tmp_path / "sd.pth")
+    torch.save({"model": net, "epoch": 2}, tmp_path / "whole.pth")
+    x = np.random.default_rng(8).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        own = net(torch.from_numpy(x)).numpy()
+    for name, extra in (("sd.pth", ["--no-transform-input"]), ("whole.pth", ["--trust-pickle"])):
+        cuda = ff.as_saved_on_cuda(tmp_path / name, tmp_path / f"cuda_{name}")
+        if not torch.cuda.is_available():  # what a load without map_location="cpu" meets on this machine
+            with pytest.raises(RuntimeError, match="CUDA"):
+                torch.load(cuda, weights_only=name == "sd.pth")
+        _, fp32 = _export(tmp_path, capsys, "googlenet", cuda, "--classes", "a,b,c", "--input-size", 32, *extra)
+        np.testing.assert_allclose(_ort(fp32, x), own, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_int8_ranges_are_not_reused_for_another_graph_of_the_same_file(tmp_path, capsys):
+    """One state dict gives two networks (with and without GoogLeNet's transform_input); the ranges calibrated
+    on the first must not quantize the second."""
+    ff.googlenet_state_dict(tmp_path / "g.pth", aux=False)
+    data = _image_folder(tmp_path, ["a", "b", "c"], size=32)
+
+    def int8(calibration, *extra):
+        code, out, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "g.pth", "--classes", "a,b,c",
+                                  "--input-size", 32, "--int8", "--calib-data", data, "--calib-size", 3,
+                                  "--calibration", tmp_path / calibration, "--out", tmp_path / "e", "--no-engine",
+                                  *extra], capsys)
+        assert code == 0, err
+        return out, (tmp_path / "e" / "googlenet" / "googlenet.int8-cpu.onnx").read_bytes()
+
+    int8("c1")  # transform_input=True (the default for a state dict)
+    out, shared = int8("c1", "--no-transform-input")
+    _, fresh = int8("c2", "--no-transform-input")
+    assert shared == fresh  # the same as a calibration of its own
+    assert "ranges computed and saved" in out and "ranges reused" in out  # computed for the trt file, reused once
+    assert len(list((tmp_path / "c1").rglob("ranges.googlenet-*.json"))) == 2

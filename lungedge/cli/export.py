@@ -56,7 +56,8 @@ def export_cmd(
     layout: Optional[str] = typer.Option(None, help="Input layout: NCHW or NHWC (default: read from the model)."),
     resize: Optional[str] = typer.Option(None, help="crop (centre square, then resize) or stretch (whole image)."),
     output: Optional[str] = typer.Option(None, help="What the model outputs: logits, probabilities or sigmoid "
-                                         "(default: detected from its last layer)."),
+                                         "(default: detected from its last layer; a state dict holds none: the Softmax/Sigmoid "
+                                         "it ended in is appended)."),
     transform_input: Optional[bool] = typer.Option(None, "--transform-input/--no-transform-input",
                                                    help="GoogLeNet/Inception v3 state dicts from outside: torchvision's "
                                                    "input transform (default on, as for ImageNet weights)."),

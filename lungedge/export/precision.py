@@ -30,6 +30,15 @@ def write_fp16(fp32: Path, base: Path, source: Source) -> tuple[str, Path]:
     return "fp16", out
 
 
+def graph_digest(path: Path) -> str:
+    """SHA-256 of an ONNX file's graph (nodes, weights, inputs/outputs), its metadata left out."""
+    import hashlib
+
+    import onnx
+
+    return hashlib.sha256(onnx.load(str(path)).graph.SerializeToString()).hexdigest()
+
+
 @dataclass
 class Calibration:
     manifest: dict  # quantize.calibration_manifest(...)
@@ -37,8 +46,11 @@ class Calibration:
     method: str
     batches: Callable[[], Iterator[np.ndarray]]  # a fresh pass over the calibration images
 
-    def ranges(self, source: Source) -> Path:
-        return self.folder / f"ranges.{source.architecture}-{source.sha256[:12]}.json"
+    def ranges(self, source: Source, fp32: Path) -> Path:
+        """The ranges cache of this FP32 graph: keyed by the graph itself (weights included), not the source
+        file, since one file gives other graphs under other options (--no-transform-input, --classes,
+        --input-size, --output): ranges of one are wrong for another."""
+        return self.folder / f"ranges.{source.architecture}-{graph_digest(fp32)[:12]}.json"
 
     def summary(self) -> dict:
         return {"folder": str(self.folder), "key": self.manifest["key"], "size": self.manifest["size"],
@@ -82,7 +94,7 @@ def calibration(source: Source, calib_data, size: int, calib_root: Path, method:
 
 def write_int8(fp32: Path, base: Path, source: Source, cal: Calibration, log=print) -> list[tuple[str, Path]]:
     """Both INT8 files; ranges are computed once and cached beside the calibration manifest."""
-    ranges = cal.ranges(source)
+    ranges = cal.ranges(source, fp32)
     problem = quantize.ranges_problem(ranges) if ranges.is_file() else None
     if problem:  # a cache damaged on disk or by hand: derived data, computed again from the same images
         try:

@@ -209,6 +209,9 @@ def load_keras_file(path, trust_code: bool | None = None):
         trust_code = os.environ.get(TRUST_CODE_ENV) == "1"
     kwargs = {"safe_mode": False} if trust_code else {}
     try:
+        legacy = _keras2_nested_config(path)
+        if legacy is not None:
+            return _load_keras2_h5(path, legacy, safe_mode=not trust_code)
         try:
             return keras.models.load_model(str(path), compile=False, **kwargs)
         except TypeError as exc:  # a Keras without safe_mode
@@ -221,6 +224,74 @@ def load_keras_file(path, trust_code: bool | None = None):
             raise LungedgeError(f"{path} holds a Lambda layer with Python code, which runs when loaded; refusing "
                                 "it. If you trust its origin, pass --trust-pickle") from None
         raise LungedgeError(f"{path}: cannot load the Keras model ({text.splitlines()[0][:160]})") from None
+
+
+def _fix_nested(config) -> int:
+    """Keras 2's configs of the layers inside a model, made what Keras 3's legacy h5 loader reads, in place;
+    returns how many were changed. Keras 3 fixes these two only for the outermost model's own config, so a
+    Keras 2 ``Sequential`` holding ``ResNet50`` does not load without this:
+
+    * a built layer's ``axis`` written as a list (``BatchNormalization``'s ``[3]``) -> its one int;
+    * a nested functional model's ``input_layers``/``output_layers`` written as a list of one
+      ``[name, node, index]`` -> that entry (else the nested model returns a list, which the next layer refuses)."""
+    n = 0
+    if isinstance(config, dict):
+        inner = config.get("config")
+        if "class_name" in config and isinstance(inner, dict):
+            axis = inner.get("axis")
+            if isinstance(axis, list) and len(axis) == 1 and isinstance(axis[0], int):
+                inner["axis"] = axis[0]
+                n += 1
+            for key in ("input_layers", "output_layers"):
+                ends = inner.get(key)
+                if isinstance(ends, list) and len(ends) == 1 and isinstance(ends[0], list) \
+                        and len(ends[0]) == 3 and isinstance(ends[0][0], str):
+                    inner[key] = ends[0]
+                    n += 1
+        n += sum(_fix_nested(v) for v in config.values())
+    elif isinstance(config, list):
+        n += sum(_fix_nested(v) for v in config)
+    return n
+
+
+def _keras2_nested_config(path):
+    """The model config of an HDF5 Keras file whose nested layers need :func:`_fix_nested`, fixed; else None."""
+    import h5py
+
+    if Path(path).suffix.lower() not in KERAS_SUFFIXES:
+        return None
+    try:
+        with h5py.File(path, "r") as fh:
+            raw = fh.attrs.get("model_config")
+    except OSError:
+        return None
+    if raw is None:
+        return None
+    config = json.loads(raw if isinstance(raw, str) else raw.decode("utf-8"))
+    layers = config.get("config", {}).get("layers") if isinstance(config.get("config"), dict) else None
+    return config if layers is not None and _fix_nested(layers) else None
+
+
+def _load_keras2_h5(path, config: dict, safe_mode: bool):
+    """Keras 3's own HDF5 loader on ``path`` with ``config`` as its model config: an in-memory HDF5 file
+    (nothing written to disk; the user's file is only read) holding the fixed config and a copy of the weights
+    (Keras refuses an HDF5 external link)."""
+    import uuid
+
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    mem = h5py.File(f"lungedge-{uuid.uuid4().hex}.h5", "w", driver="core", backing_store=False)
+    try:
+        with h5py.File(path, "r") as src:
+            for key, value in src.attrs.items():
+                if key != "model_config":
+                    mem.attrs[key] = value
+            src.copy(src["model_weights"], mem, "model_weights")
+        mem.attrs["model_config"] = json.dumps(config)
+        return legacy_h5_format.load_model_from_hdf5(mem, compile=False, safe_mode=safe_mode)
+    finally:
+        mem.close()
 
 
 # -- any checkpoint -------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def _sequential_head(state: dict, head: str, name: str, notes: list[str]) -> dic
     n = layers[0]
     w = inner[f"{n}.weight"]
     notes.append(f"the head {head} is an nn.Sequential whose only weights are {head}.{n} (Linear {w.shape[1]} -> "
-                 f"{w.shape[0]}); exported as that Linear, its other layers taken as Dropout (no effect at inference)")
+                 f"{w.shape[0]}); exported as that Linear: layers without weights are not in a state dict (a Dropout does "
+                 "nothing at inference; a Softmax after it changes no prediction, the logits are softmaxed by lungedge)")
     rest = {k: v for k, v in state.items() if not k.startswith(head + ".")}
     rest[f"{head}.weight"], rest[f"{head}.bias"] = w, inner[f"{n}.bias"]
     return rest

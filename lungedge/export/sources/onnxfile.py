@@ -92,9 +92,38 @@ def _check_batch(source: Source, path: Path) -> None:
         return
     if attempt(1) is None:
         raise LungedgeError(f"{path} fixes batch 1 inside its graph ({problem} on a batch of 2); "
-                            "lungedge runs batches: export it again with a dynamic batch axis")
+                            "lungedge runs batches: export it again with a dynamic batch axis (torch.onnx.export: "
+                            "dynamic_shapes=({0: torch.export.Dim('batch')},) with the default dynamo exporter, "
+                            "dynamic_axes with dynamo=False)")
     raise LungedgeError(f"{path} does not run on a {tuple(source.preprocessing.input_shape)} input ({problem}); "
                         "check --input-size, --layout and --channels")
+
+
+MIN_OPSET = 13  # per-channel Q/DQ (--int8) and TensorRT's parser; older graphs are converted (export.OPSETS[0])
+
+
+def _opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _upgraded(model, path: Path):
+    """The graph converted to :data:`MIN_OPSET` where it is older (``torch.onnx.export(opset_version=9/11)``), by
+    ONNX's version converter; (model, notes). The source side of the parity check keeps running the original
+    graph, so the converted one is checked against it like any export."""
+    old = _opset(model)
+    if old >= MIN_OPSET:
+        return model, []
+    from onnx import checker, version_converter
+
+    try:
+        new = version_converter.convert_version(model, MIN_OPSET)
+        checker.check_model(new)
+    except Exception as exc:  # noqa: BLE001 - whatever the converter raises on this graph
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise LungedgeError(f"{path} is ONNX opset {old} and ONNX's version converter cannot bring it to opset "
+                            f"{MIN_OPSET} ({first}); export it again with opset_version={MIN_OPSET} or later") from None
+    return new, [f"the graph is opset {old}; converted to opset {MIN_OPSET} (INT8 Q/DQ and TensorRT need it), "
+                 "checked against the original below"]
 
 
 def load(path: Path, request: Request) -> Source:
@@ -115,9 +144,16 @@ def load(path: Path, request: Request) -> Source:
     names = src.class_names(request, path)
     kind, keep, more = declared.output_kind(declared.onnx_output_kind(model), opts.get("output"), _outputs(model),
                                             names, path)
-    declared.onnx_keep_first(model, keep)
+    upgraded, more2 = _upgraded(model, path)
+    if upgraded is model:
+        declared.onnx_keep_first(model, keep)
+        keep = None
+    # else the original graph (its opset's Slice may be the old one) runs whole and its outputs are cut, and
+    # the converted one gets the Slice (sources.run_source / source_to_onnx, by Source.keep)
     source = Source(model, KIND.name, "onnx", request.model, names, prep, path, sha256_file(path),
-                    build={"source_kind": "onnx", "file": path.name}, notes=notes + more, output=kind)
+                    build={"source_kind": "onnx", "file": path.name}, notes=notes + more + more2, output=kind,
+                    keep=keep)
+    source.upgraded = None if upgraded is model else upgraded
     _check_batch(source, path)
     return source
 
@@ -144,7 +180,7 @@ def to_onnx(source: Source, opset: int):
     import onnx
 
     model = onnx.ModelProto()
-    model.CopyFrom(source.model)
+    model.CopyFrom(getattr(source, "upgraded", None) or source.model)
     return model
 
 

@@ -73,6 +73,9 @@ def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: lis
 
     state = normalise_keys(state, spec.head, path.name, notes, wrapper_prefixes=holds is None)
     head_key = f"{spec.head}.weight"
+    only = _head_only(state, spec.head)
+    if only:
+        raise _head_only_error(path, spec, only)
     if head_key not in state:
         what = f"holds {holds}, which is not a {spec.name}" if holds else f"is not a {spec.name} state dict"
         raise LungedgeError(f"{path.name} {what} (no {head_key}); {_accepted(spec)}")
@@ -112,6 +115,24 @@ def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: lis
     return model.eval(), build, out_features
 
 
+def _head_only(state: dict, head: str) -> str | None:
+    """'a Linear I -> O' where ``state`` holds one Linear layer's weights and nothing else (``model.fc.state_dict()``
+    saved instead of ``model.state_dict()``: ``weight``/``bias``, or ``fc.weight``/``fc.bias``); else None."""
+    for prefix in ("", f"{head}."):
+        if set(state) in ({f"{prefix}weight", f"{prefix}bias"}, {f"{prefix}weight"}) \
+                and state[f"{prefix}weight"].dim() == 2:
+            out_f, in_f = state[f"{prefix}weight"].shape
+            return f"a Linear {in_f} -> {out_f}"
+    return None
+
+
+def _head_only_error(path: Path, spec, what: str, key: str | None = None) -> LungedgeError:
+    where = f" (under {key!r})" if key else ""
+    return LungedgeError(f"{path.name} holds only a classifier head's weights{where}, {what}, not a whole {spec.name}: "
+                         f"the network's other layers are not in it; save the whole model's weights "
+                         f"(torch.save(model.state_dict(), ...), not model.{spec.head}.state_dict()) and export that")
+
+
 def _pickled_model(path: Path, spec, model, request: Request, notes: list[str]):
     """A whole pickled model, unwrapped from (Distributed)DataParallel and in FP32, checked against the
     registry architecture as its state dict would be; (model, head outputs)."""
@@ -143,11 +164,19 @@ def _foreign(path: Path, spec, request: Request) -> Source:
         if module is not None:
             notes += unwrapped
             payload = module
-    if isinstance(payload, torch.nn.Module):
+    pickled = isinstance(payload, torch.nn.Module)
+    if pickled:
         model, out_features = _pickled_model(path, spec, payload, request, notes)
         build = {}  # a pickled model records no build
     else:
         state, unwrapped = unwrap(payload, path.name)
+        if state is None and isinstance(payload, dict):  # {"fc": <the head's state dict>}
+            from ...models.statedict import is_tensor_dict
+
+            for key, inner in payload.items():
+                only = _head_only(inner, spec.head) if is_tensor_dict(inner) else None
+                if only:
+                    raise _head_only_error(path, spec, only, key)
         if state is None:
             raise LungedgeError(f"{path.name} holds {describe_payload(payload)}; {_accepted(spec)}")
         notes += unwrapped
@@ -155,9 +184,49 @@ def _foreign(path: Path, spec, request: Request) -> Source:
     names = src.class_names(request, path)
     base = spec.preprocessing_for(request.options.get("input_size") or (build or {}).get("input_size"))
     prep, more = declared.preprocessing(request.options, path, base=base)
-    kind, keep, more2 = declared.output_kind("logits", request.options.get("output"), out_features, names, path)
-    return Source(model, KIND.name, "torch", spec.name, names, prep, path, sha256_file(path),
-                  build=dict(build), notes=notes + more + more2, output=kind, keep=keep)
+    said = request.options.get("output")
+    graph = None
+    if pickled and not said:  # what the pickled model's forward ends in (a Softmax head), read from its graph
+        graph = (DETECT_OPSET, _export(model, prep.input_shape, DETECT_OPSET))
+        detected = declared.onnx_output_kind(graph[1])
+    elif not pickled and said in ("probabilities", "sigmoid"):  # weights hold no activation: the user's appended
+        model = _Activated(model, said)
+        build["activation"] = said
+        notes.append(f"--output {said}: a state dict holds no activation, so a {model.final} is appended to the "
+                     f"rebuilt {spec.name}'s head")
+        detected = said
+    else:
+        detected = "logits"
+    kind, keep, more2 = declared.output_kind(detected, said, out_features, names, path)
+    source = Source(model, KIND.name, "torch", spec.name, names, prep, path, sha256_file(path),
+                    build=dict(build), notes=notes + more + more2, output=kind, keep=keep)
+    source.graph = graph  # reused by to_onnx at the same opset
+    return source
+
+
+DETECT_OPSET = 17  # export's default --opset: the graph read at load is the one written
+
+
+def _activated_class():
+    import torch
+
+    class Activated(torch.nn.Module):
+        """A rebuilt registry model with the final activation a state dict cannot hold (``--output``)."""
+
+        def __init__(self, inner, output: str):
+            super().__init__()
+            self.inner = inner
+            self.final = "Softmax" if output == "probabilities" else "Sigmoid"
+
+        def forward(self, x):
+            y = self.inner(x)
+            return torch.softmax(y, dim=1) if self.final == "Softmax" else torch.sigmoid(y)
+
+    return Activated
+
+
+def _Activated(model, output: str):  # noqa: N802 - a class made on first use (torch imported lazily)
+    return _activated_class()(model, output).eval()
 
 
 def run(source: Source, x: np.ndarray) -> np.ndarray:
@@ -170,12 +239,23 @@ def run(source: Source, x: np.ndarray) -> np.ndarray:
 def to_onnx(source: Source, opset: int):
     """The model as FP32 ONNX: input "input", output "logits", dynamic batch (TorchScript exporter)."""
     import onnx
+
+    cached = getattr(source, "graph", None)
+    if cached is not None and cached[0] == opset:
+        model = onnx.ModelProto()
+        model.CopyFrom(cached[1])
+        return model
+    return _export(source.model, source.preprocessing.input_shape, opset)
+
+
+def _export(model, input_shape, opset: int):
+    import onnx
     import torch
 
     from ... import onnx_meta
 
     buf = io.BytesIO()
-    torch.onnx.export(source.model, torch.zeros(1, *source.preprocessing.input_shape), buf,
+    torch.onnx.export(model, torch.zeros(1, *input_shape), buf,
                       input_names=[onnx_meta.INPUT_NAME], output_names=[onnx_meta.OUTPUT_NAME],
                       opset_version=opset, dynamo=False,
                       dynamic_axes={onnx_meta.INPUT_NAME: {0: "batch"}, onnx_meta.OUTPUT_NAME: {0: "batch"}})
