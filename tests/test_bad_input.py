@@ -438,10 +438,15 @@ def test_predict_lists_a_decompression_bomb_as_unreadable(exported, tmp_path, ca
     good = next((exported["data"] / "benign").glob("*.png"))
     bomb = bomb_png(tmp_path / "bomb.png")
     code, out, err = run_cli(["predict", exported["onnx"], good, bomb, "--json"], capsys)
-    assert code == 0 and "Traceback" not in err, err
+    assert code == 1 and "Traceback" not in err, err  # a partial answer is not exit 0; the JSON still comes whole
+    assert "1 of 2 images could not be read" in err and not [ln for ln in err.splitlines() if ln.startswith("error:")]
     res = json.loads(out)
     assert [p["image"] for p in res["predictions"]] == [str(good)]
     assert res["unreadable"][0]["image"] == str(bomb) and "image too large" in res["unreadable"][0]["reason"]
+    code, out, err = run_cli(["predict", exported["onnx"], good, bomb], capsys)
+    assert code == 1 and f"{bomb}: unreadable" in out and "1 of 2 images could not be read" in err
+    code, out, _ = run_cli(["predict", exported["onnx"], good], capsys)
+    assert code == 0 and str(good) in out
     code, _, err = run_cli(["predict", exported["onnx"], bomb], capsys)
     one_error(code, err, match="none of the 1 images could be read .*image too large")
 

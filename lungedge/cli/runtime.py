@@ -193,6 +193,7 @@ def predict_cmd(
         print_json(result)
         for p in result["predictions"]:  # beside the JSON, on stderr
             _unlike_warning(p, lambda line: typer.echo(line, err=True))
+        _some_unreadable(result)
         return
     t = result.get("temperature", 1.0)
     typer.echo(f"{result['model']} via {result['backend']} {result['device']} {result['precision']} "
@@ -204,6 +205,17 @@ def predict_cmd(
         _unlike_warning(p, typer.echo)
     for u in result.get("unreadable", []):
         typer.echo(f"{display_name(u['image'])}: unreadable ({u['reason']})")
+    _some_unreadable(result)
+
+
+def _some_unreadable(result: dict) -> None:
+    """Exit 1 when some images could not be read (the others are classified and printed): a script that checks
+    only the exit status must not take a partial answer for a whole one. None readable is exit 2, raised earlier."""
+    bad = result.get("unreadable") or []
+    if bad:
+        typer.echo(f"{len(bad)} of {len(bad) + len(result['predictions'])} images could not be read and have no "
+                   "prediction (listed); exit status 1", err=True)
+        raise typer.Exit(1)
 
 
 def _unlike_warning(pred: dict, echo, shown: int = 2) -> None:
