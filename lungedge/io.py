@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -169,10 +170,13 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 @contextmanager
 def written_together() -> Iterator[None]:
-    """A set of files that is never half old, half new (a report's page and its PNGs): inside the block
-    each :func:`atomic_write_bytes` leaves its complete file under a temporary name; when the block ends
-    they all take their names (a rename each: no space needed), and on an error none does and the
-    temporaries go. :func:`read_written` reads a file written in the block."""
+    """A set of files that is never half old, half new (a report's page and its PNGs), also across a kill:
+    inside the block each :func:`atomic_write_bytes` leaves its complete file under a temporary name; when the
+    block ends they all take their names (a rename each: no space needed), and on an error none does and the
+    temporaries go. Before the first rename a journal (:data:`JOURNAL`, in the files' folder) lists the
+    renames; a process killed between them leaves it, and the next :class:`FolderLock` of the folder (or a
+    reader's :func:`settle`) completes them (:func:`roll_forward`). :func:`read_written` reads a file
+    written in the block."""
     if getattr(_TOGETHER, "pending", None) is not None:  # nested: the outer block publishes
         yield
         return
@@ -186,13 +190,168 @@ def written_together() -> Iterator[None]:
         raise
     finally:
         _TOGETHER.pending = None
+    if pending:
+        _commit(pending)
+
+
+# the journal of a set being renamed into place (see written_together); one per folder
+JOURNAL = ".lungedge-publish.json"
+_JOURNAL_KIND = "lungedge publish journal"
+
+
+def _renaming(index: int, tmp: str, path: Path) -> None:
+    """Called before each rename of a set's commit (``index`` from 0); nothing. Tests replace it in a child
+    process to kill that process between two renames."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a file system without directory fsync is left as it is)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _ours(tmp: str, name: str) -> bool:
+    """``tmp`` is a temporary lungedge writes for ``name`` in the same folder: ``.NAME.XXXXXXXX.tmp``
+    (:func:`atomic_write_bytes`) or ``.STEM.XXXXXXXX.SUFFIX`` (:func:`publish_file`, a Keras ``.h5``), the
+    middle exactly mkstemp's random part; both plain file names."""
+    if not all(isinstance(n, str) and n and "/" not in n and "\\" not in n and "\x00" not in n
+               and n not in (".", "..") for n in (tmp, name)):
+        return False
+    if tmp.startswith(f".{name}.") and tmp.endswith(".tmp"):
+        return bool(_MKSTEMP_PART.fullmatch(tmp[len(name) + 2:-4]))
+    stem, suffix = Path(name).stem, Path(name).suffix
+    return (bool(suffix) and tmp.startswith(f".{stem}.") and tmp.endswith(suffix)
+            and bool(_MKSTEMP_PART.fullmatch(tmp[len(stem) + 2:len(tmp) - len(suffix)])))
+
+
+def _write_journal(folder: Path, pairs: list[tuple[str, str]]) -> Path:
+    """The journal of ``pairs`` (temporary, final name) in ``folder``, complete and durable before it is named."""
+    data = dumps_json({"kind": _JOURNAL_KIND, "format": 1, "pid": os.getpid(), "renames": [list(p) for p in pairs]})
+    journal = folder / JOURNAL
+    fd, tmp = tempfile.mkstemp(prefix=f"{JOURNAL}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, journal)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(folder)
+    return journal
+
+
+def _commit(pending: dict[Path, str]) -> None:
+    """Rename a finished set's temporaries into place: journal first (one per folder), renames, then no journal.
+    A set spanning folders is all old or all new per folder across a kill (every set lungedge writes today
+    is in one folder)."""
+    folders: dict[Path, list[tuple[str, str]]] = {}
     for path, tmp in pending.items():
+        if os.path.dirname(os.path.abspath(tmp)) == os.path.abspath(path.parent) and _ours(Path(tmp).name, path.name):
+            folders.setdefault(path.parent, []).append((Path(tmp).name, path.name))
+    journals: list[Path] = []
+    try:
+        for folder, pairs in folders.items():
+            journals.append(_write_journal(folder, pairs))
+    except OSError as exc:
+        for j in journals:
+            j.unlink(missing_ok=True)
+        for tmp in pending.values():
+            Path(tmp).unlink(missing_ok=True)
+        folder = next(iter(folders))
+        raise write_error(folder / JOURNAL, exc) from None
+    except BaseException:
+        for j in journals:
+            j.unlink(missing_ok=True)
+        for tmp in pending.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for index, (path, tmp) in enumerate(pending.items()):
+        _renaming(index, tmp, path)
         try:
             os.replace(tmp, path)
         except OSError as exc:
             for rest in pending.values():
                 Path(rest).unlink(missing_ok=True)
+            for j in journals:
+                j.unlink(missing_ok=True)
             raise write_error(path, exc) from None
+    for j in journals:
+        _fsync_dir(j.parent)
+        j.unlink(missing_ok=True)
+
+
+def roll_forward(folder: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[str]:
+    """Complete a set a killed :func:`written_together` was renaming into ``folder``: the renames its journal
+    lists whose temporaries are still there (a rename already done left none), then the journal goes. Call it
+    holding the folder's lock (:class:`FolderLock` does). A journal that is damaged, or lists temporaries that
+    are neither there nor renamed, renames nothing of the user's: only the journal (ours) goes, and ``log``
+    gets one line. Returns the names renamed."""
+    folder = Path(folder)
+    say = log or (lambda line: print(line, file=sys.stderr))
+    for half in folder.glob(f"{glob_escape(JOURNAL)}.*.tmp"):  # a journal killed while it was written
+        if _MKSTEMP_PART.fullmatch(half.name[len(JOURNAL) + 1:-4]):
+            half.unlink(missing_ok=True)
+    journal = folder / JOURNAL
+    try:
+        text = journal.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):  # none, or ``folder`` is no folder (its writer says so)
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LungedgeError(f"cannot read {journal}, the list of a set of files being written there: "
+                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        data = json.loads(text)
+        pairs = data["renames"] if isinstance(data, dict) and data.get("kind") == _JOURNAL_KIND else None
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and _ours(*p) for p in pairs):
+            raise ValueError
+    except (ValueError, TypeError):
+        journal.unlink(missing_ok=True)
+        say(f"note: {journal} is damaged (not the list of renames lungedge writes); removed it and left every "
+            f"other file in {folder} as it was")
+        return []
+    done, lost = [], []
+    for tmp, name in pairs:
+        try:
+            os.replace(folder / tmp, folder / name)
+            done.append(name)
+        except FileNotFoundError:
+            if not (folder / name).exists():
+                lost.append(name)
+        except OSError as exc:
+            raise write_error(folder / name, exc, "cannot complete the interrupted write of") from None
+    _fsync_dir(folder)
+    journal.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    if lost:
+        say(f"note: {journal} listed files whose new version is gone ({', '.join(lost)}); completed the others "
+            f"({', '.join(done) or 'none'}) and removed the journal")
+    return done
+
+
+def settle(folder: str | os.PathLike) -> None:
+    """Before reading files of ``folder`` (a run's checkpoints, an engine): complete a set a killed writer left
+    half renamed there (:func:`roll_forward`, under the folder's lock). A folder being written right now
+    is left to its writer, which completes its own set."""
+    folder = Path(folder)
+    if not (folder / JOURNAL).exists():
+        return
+    try:
+        FolderLock(folder, f"{COMMAND} (completing an interrupted write)").acquire().release()
+    except LockedError:
+        pass
+    except WriteError as exc:
+        raise LungedgeError(f"{folder} holds a set of files whose writing was stopped half way ({JOURNAL}), "
+                            f"and it cannot be completed here: {exc}") from None
 
 
 def read_written(path: str | os.PathLike) -> bytes:
@@ -391,6 +550,11 @@ class FolderLock:
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
             self.fd = fd
+            try:  # a set a killed writer left half renamed here is completed before anyone uses the folder
+                roll_forward(self.folder)
+            except BaseException:
+                self.release()
+                raise
             return self
 
     def release(self) -> None:

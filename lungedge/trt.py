@@ -29,7 +29,8 @@ import numpy as np
 
 from . import __version__
 from .errors import LungedgeError, check_choice
-from .io import FolderLock, atomic_write_bytes, sha256_bytes, sha256_file, write_json, written_together
+from .io import (FolderLock, atomic_write_bytes, clean_temp_files, settle, sha256_bytes, sha256_file, write_json,
+                 written_together)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SIDECAR_FORMAT = "lungedge-engine/1"
@@ -209,6 +210,7 @@ def make_sidecar(onnx_path: str | Path, model: str, precision: str, max_batch: i
 
 def read_sidecar(engine: str | Path) -> dict:
     path = sidecar_path(engine)
+    settle(path.parent)  # an engine and sidecar a killed build left half renamed are completed first
     if not path.is_file():
         raise LungedgeError(f"{engine}: its sidecar {path.name} is missing; rebuild the engine on this machine")
     try:
@@ -315,13 +317,16 @@ def build_engine(onnx_path: str | Path, model: str, precision: str, max_batch: i
 def publish_engine(out: Path, engine: bytes, sidecar: dict) -> Path:
     """Write an engine and its sidecar as one set: both new, or (a failed write) both as they were. The
     model's folder is locked meanwhile, so another build or an export replacing that folder is refused in
-    one line instead of leaving one build's engine beside the other's sidecar. The sidecar records the
-    engine's SHA-256: a pair that still does not belong together (killed between the two renames) is named
+    one line instead of leaving one build's engine beside the other's sidecar. A build killed between the two
+    renames is completed (its journal rolled forward) by the next lock or read of the folder. The sidecar
+    records the engine's SHA-256: a pair that still does not belong together (files copied by hand) is named
     by :func:`check_engine_bytes` when the engine is loaded."""
     sidecar = {**sidecar, "engine_sha256": sha256_bytes(engine)}
-    with FolderLock(out.parent, "lungedge engine build"), written_together():
-        atomic_write_bytes(out, engine)
-        write_json(sidecar_path(out), sidecar)
+    with FolderLock(out.parent, "lungedge engine build"):
+        clean_temp_files(out.parent, [out.name, sidecar_path(out).name])  # what a build killed mid-write left
+        with written_together():
+            atomic_write_bytes(out, engine)
+            write_json(sidecar_path(out), sidecar)
     return out
 
 

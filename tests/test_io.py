@@ -247,3 +247,170 @@ def test_temp_files_of_killed_writes_are_cleaned(tmp_path):
     (tmp_path / "last.pth").write_text("whole")
     assert clean_temp_files(tmp_path) == [".last.pth.abc123.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+# -- a set killed between its renames: the journal rolls forward --------------------------------------------
+
+def _write_set_killed(folder: Path, names, new: str, stop_before: int | None) -> subprocess.CompletedProcess:
+    """In a child process, write ``names`` (text ``new``) as one written_together set; ``stop_before``: the
+    child is SIGKILLed right before that rename (the hook the renaming loop calls), the rest never renamed."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import lungedge.io as io
+
+        def stop(index, tmp, path):
+            if index == {stop_before!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        io._renaming = stop
+        with io.written_together():
+            for name in {list(names)!r}:
+                io.atomic_write_text(Path({str(folder)!r}) / name, {new!r})
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_set_killed_between_its_renames_is_completed_by_the_next_lock_of_the_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["best.pth", "last.pth", "metrics.json"]
+    for name in names:
+        (run / name).write_text("old")
+    (run / "notes.txt").write_text("mine")
+    proc = _write_set_killed(run, names, "new", stop_before=1)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # killed between the first and the second rename
+    assert [(run / n).read_text() for n in names] == ["new", "old", "old"]  # half new, half old, as left
+    assert (run / ".lungedge-publish.json").is_file()
+    with FolderLock(run, "lungedge train"):  # what train, report, predict --explain and engine builds take
+        assert [(run / n).read_text() for n in names] == ["new", "new", "new"]
+    assert _names(run) == sorted(names + ["notes.txt"])  # no temporaries, no journal
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_reader_leaves_a_set_being_renamed_to_its_writer(tmp_path):
+    """A journal in a folder whose writer holds the lock is that writer's commit in progress: not touched."""
+    from lungedge.io import settle
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "a.txt").write_text("old")
+    with FolderLock(run, "lungedge train"):
+        (run / ".a.txt.abcd1234.tmp").write_text("new")
+        (run / ".lungedge-publish.json").write_text(json.dumps(
+            {"kind": "lungedge publish journal", "format": 1, "renames": [[".a.txt.abcd1234.tmp", "a.txt"]]}))
+        settle(run)
+        assert (run / "a.txt").read_text() == "old" and (run / ".lungedge-publish.json").is_file()
+    settle(run)  # the writer gone (killed): the reader completes its set
+    assert (run / "a.txt").read_text() == "new" and _names(run) == ["a.txt"]
+
+
+def test_a_reader_alone_completes_the_set(tmp_path):
+    from lungedge.io import settle
+
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["a.txt", "b.txt"]
+    for name in names:
+        (run / name).write_text("old")
+    assert _write_set_killed(run, names, "new", stop_before=1).returncode == -signal.SIGKILL
+    settle(run)
+    assert [(run / n).read_text() for n in names] == ["new", "new"]
+    assert _names(run) == names
+    assert not lock_path(run).exists()
+
+
+def test_a_set_killed_before_its_journal_stays_old_and_its_temporaries_go(tmp_path):
+    """Killed while the set's files were still being written (no journal yet): the old set stays whole; the
+    writer's next lock of the folder leaves the temporaries for its own clean-up, which removes only those."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (run / name).write_text("old")
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import lungedge.io as io
+        with io.written_together():
+            io.atomic_write_text(Path({str(run)!r}) / "a.txt", "new")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [(run / n).read_text() for n in ("a.txt", "b.txt")] == ["old", "old"]
+    assert len(list(run.glob(".a.txt.*.tmp"))) == 1 and not (run / ".lungedge-publish.json").exists()
+    with FolderLock(run):
+        assert clean_temp_files(run, ["a.txt", "b.txt"])
+    assert _names(run) == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize("journal", [
+    "{not json",
+    json.dumps({"kind": "lungedge publish journal", "format": 1, "renames": [["notes.txt", "best.pth"]]}),
+    json.dumps({"kind": "lungedge publish journal", "format": 1,
+                "renames": [["../outside/.best.pth.abcd1234.tmp", "best.pth"]]}),
+    json.dumps({"kind": "lungedge publish journal", "format": 1, "renames": [[".x.abcd1234.tmp", "best.pth"]]}),
+    json.dumps(["something", "else"]),
+])
+def test_a_damaged_journal_renames_nothing_of_the_users_and_says_one_line(tmp_path, capsys, journal):
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    mine = {"best.pth": "mine", "notes.txt": "notes", ".x.abcd1234.tmp": "looks like a temporary"}
+    for name, text in mine.items():
+        (run / name).write_text(text)
+    (outside / ".best.pth.abcd1234.tmp").write_text("elsewhere")
+    (run / ".lungedge-publish.json").write_text(journal)
+    with FolderLock(run, "lungedge report"):
+        pass
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is damaged" in err and "Traceback" not in err, err
+    assert {n: (run / n).read_text() for n in mine} == mine
+    assert (outside / ".best.pth.abcd1234.tmp").read_text() == "elsewhere"
+    assert _names(run) == sorted(mine)  # only the journal went
+    with FolderLock(run):
+        pass
+    assert capsys.readouterr().err == ""  # said once
+
+
+def test_a_journal_whose_new_files_are_gone_keeps_the_users_files_and_says_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_text("old")
+    (run / ".best.pth.abcd1234.tmp").write_text("new")
+    (run / ".lungedge-publish.json").write_text(json.dumps(
+        {"kind": "lungedge publish journal", "format": 1,
+         "renames": [[".best.pth.abcd1234.tmp", "best.pth"], [".last.pth.zz_9x8y7.tmp", "last.pth"],
+                     [".metrics.json.k3j_x9a2.tmp", "metrics.json"]]}))
+    with FolderLock(run):
+        pass
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "metrics.json" in err and "Traceback" not in err, err
+    assert (run / "best.pth").read_text() == "new" and (run / "last.pth").read_text() == "old"
+    assert _names(run) == ["best.pth", "last.pth"]
+
+
+def test_a_half_written_journal_is_removed_and_the_old_set_stays(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "a.txt").write_text("old")
+    (run / ".lungedge-publish.json.ab_c1234.tmp").write_text("{\"kind\": \"lung")
+    (run / ".a.txt.abcd1234.tmp").write_text("new")
+    with FolderLock(run):
+        clean_temp_files(run, ["a.txt"])
+    assert _names(run) == ["a.txt"] and (run / "a.txt").read_text() == "old"
+
+
+def test_a_set_written_in_full_leaves_no_journal(tmp_path):
+    from lungedge.io import written_together
+
+    with written_together():
+        atomic_write_text(tmp_path / "a.txt", "1")
+        atomic_write_text(tmp_path / "b.txt", "2")
+        assert not (tmp_path / "a.txt").exists()
+    assert _names(tmp_path) == ["a.txt", "b.txt"]

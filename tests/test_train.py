@@ -221,6 +221,57 @@ def test_a_failed_write_at_an_epoch_end_keeps_the_previous_epoch_whole(tiny, tmp
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_killed_between_its_epoch_files_renames_resumes_from_the_new_epoch(tiny, tmp_path):
+    """SIGKILL while epoch 2's best.pth/last.pth/metrics.json take their names (after the first rename): the
+    folder is half epoch 2, half epoch 1. --resume completes epoch 2's set from its journal first: it does not
+    train epoch 2 again, best.pth is the model metrics.json names, and no temporary or journal is left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from lungedge.train import train
+    from lungedge.train.common import TrainConfig
+
+    run = tmp_path / "smallcnn" / "killed"
+    cfg = dict(model="smallcnn", data=str(tiny), epochs=2, batch_size=8, image_size=32, weights="none", seed=3,
+               threads=1, out=str(tmp_path), run_name="killed")
+    code = textwrap.dedent(f"""
+        import os, signal
+        import torch
+        import lungedge.io as io
+        from lungedge.train import train
+        from lungedge.train.common import TrainConfig
+
+        commits = []
+        def stop(index, tmp, path):  # the renaming loop's hook: the kill lands between two renames
+            if index == 0:
+                commits.append(path)
+            if len(commits) == 2 and index == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        io._renaming = stop
+        train(TrainConfig(**{cfg!r}), show_progress=False)
+    """)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (run / ".lungedge-publish.json").is_file() and list(run.glob(".*.tmp"))  # half renamed, as a kill leaves it
+    assert json.loads((run / "metrics.json").read_text())["history"][-1]["epoch"] == 1  # still epoch 1's
+
+    retrained = []
+    summary = train(TrainConfig(**{**cfg, "data": None}), resume=True, show_progress=False,
+                    on_epoch=retrained.append)
+    assert retrained == []  # epoch 2's set was completed, not trained again
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert summary["status"] == metrics["status"] == "finished" and len(metrics["history"]) == 2
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert last["train_state"]["epoch"] == 2 and last["train_state"]["best"] == metrics["best"]
+    assert read_meta(run / "best.pth")["epoch"] == metrics["best"]["epoch"]
+    assert not list(run.glob(".*.tmp")) and not (run / ".lungedge-publish.json").exists()
+
+
 def test_resume_with_nothing_to_resume(tmp_path, capsys):
     code, _, err = run_cli(["train", "smallcnn", "--resume", "--out", tmp_path], capsys)
     assert code == 2 and "no interrupted run of smallcnn" in err

@@ -259,6 +259,47 @@ def test_engine_and_sidecar_are_published_as_one_set(tmp_path):
     assert sorted(p.name for p in engine.parent.iterdir()) == sorted([engine.name, side.name])
 
 
+def test_a_build_killed_between_the_engine_and_its_sidecar_is_completed_when_read(tmp_path):
+    """SIGKILL after the engine took its name, before the sidecar did: reading the engine (what bench, predict
+    and a runner do) first completes the pair from the build's journal: the new engine with its new sidecar."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    engine, meta = _sidecar(tmp_path)
+    trt.publish_engine(engine, b"old engine", meta)
+    code = textwrap.dedent(f"""
+        import os, signal, json
+        from pathlib import Path
+        import lungedge.io as io
+        from lungedge import trt
+        io._renaming = lambda index, tmp, path: os.kill(os.getpid(), signal.SIGKILL) if index == 1 else None
+        trt.publish_engine(Path({str(engine)!r}), b"new engine", json.loads({json.dumps(meta)!r}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert engine.read_bytes() == b"new engine"  # renamed; its sidecar not yet
+    assert json.loads(trt.sidecar_path(engine).read_text())["engine_sha256"] == trt.sha256_bytes(b"old engine")
+    side = trt.read_sidecar(engine)
+    trt.check_engine_bytes(side, engine.read_bytes(), engine)
+    assert side["engine_sha256"] == trt.sha256_bytes(b"new engine")
+    assert sorted(p.name for p in engine.parent.iterdir()) == sorted([engine.name, trt.sidecar_path(engine).name])
+
+
+def test_an_engine_build_removes_what_a_build_killed_mid_write_left(tmp_path):
+    engine, meta = _sidecar(tmp_path)
+    litter = [f".{engine.name}.abcd1234.tmp", f".{trt.sidecar_path(engine).name}.k3j_x9a2.tmp"]
+    folder = engine.parent
+    for name in litter + ["notes.tmp", ".other.abcd1234.tmp"]:
+        (folder / name).write_text("x")
+    trt.publish_engine(engine, b"engine", meta)
+    assert not any((folder / n).exists() for n in litter)
+    assert (folder / "notes.tmp").exists() and (folder / ".other.abcd1234.tmp").exists()
+
+
 def test_engine_build_is_refused_while_its_folder_is_written(tmp_path):
     engine, meta = _sidecar(tmp_path)
     with trt.FolderLock(engine.parent, "lungedge export"):

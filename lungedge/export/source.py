@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LungedgeError
+from ..io import JOURNAL, settle
 from ..preprocess import Preprocessing
 
 
@@ -72,6 +73,8 @@ def resolve_checkpoint(model_name: str, checkpoint: str | Path | None, runs: str
         return path
     spec = get_spec(model_name)
     suffix = ".h5" if spec.framework == "keras" else ".pth"
+    for journal in Path(runs, model_name).glob(f"*/{JOURNAL}"):  # epochs a killed training left half renamed
+        settle(journal.parent)
     found = sorted(Path(runs, model_name).glob(f"*/best{suffix}"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise LungedgeError(f"no trained {model_name} under {Path(runs, model_name)}; train one with "

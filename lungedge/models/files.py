@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import LungedgeError
-from ..io import WriteError, atomic_write_bytes, publish_file, sha256_file, write_error
+from ..io import WriteError, atomic_write_bytes, publish_file, settle, sha256_file, write_error
 
 FORMAT = "lungedge-checkpoint/1"
 TORCH_SUFFIXES = (".pth", ".pt")
@@ -83,6 +83,7 @@ def is_lungedge_payload(obj) -> bool:
 def read_torch_checkpoint(path) -> dict:
     """The payload of a lungedge ``.pth`` (format, meta, state_dict, optional train_state)."""
     path = Path(path)
+    settle(path.parent)  # a set a killed training left half renamed there is completed first
     payload = read_pth(path)
     if not (is_lungedge_payload(payload) and isinstance(payload.get("meta"), dict)
             and is_tensor_dict(payload.get("state_dict"))):
@@ -157,6 +158,7 @@ def read_keras_meta(path) -> dict:
     import h5py
 
     path = Path(path)
+    settle(path.parent)  # a set a killed training left half renamed there is completed first
     if not path.is_file():
         raise LungedgeError(f"checkpoint not found: {path}")
     try:
@@ -202,6 +204,7 @@ def load_keras_file(path, trust_code: bool | None = None):
     :data:`TRUST_CODE_ENV`, set for the conversion children of a ``--trust-pickle`` export)."""
     from .frameworks import import_keras
 
+    settle(Path(path).parent)  # a set a killed training left half renamed there is completed first
     if Path(path).suffix.lower() in KERAS_SUFFIXES and keras_weights_only(path):
         raise weights_only_error(path)
     keras = import_keras()

@@ -174,6 +174,7 @@ class TorchRun(EpochLoop):
         self._build_optimizer()
         self.history, self.best, self.start, self.bad_epochs = [], None, 0, 0
         if resume_dir is not None:
+            self.dist.barrier()  # rank 0 has locked the run folder, completing a set a kill left half renamed
             self._restore(ckpt.read_torch_checkpoint(run_dir / "last.pth"))
 
     def _open_data(self, run_dir: Path, resuming: bool) -> common.RunData:
