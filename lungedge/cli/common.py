@@ -170,7 +170,24 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = real
 
 
+def _usage_error_class():
+    try:
+        from typer._click.exceptions import UsageError  # typer >= 0.20 carries its own click
+    except ImportError:
+        from click.exceptions import UsageError
+    return UsageError
+
+
+def _show_usage_error(self, file=None) -> None:
+    """A usage error (an option's value that does not parse, a missing or unknown option) as one ``error:``
+    line naming the command and its --help, instead of click's usage, hint and ``Error:`` lines."""
+    command = self.ctx.command_path if self.ctx is not None else "lungedge"
+    typer.echo(f"error: {one_line(self.format_message())} (see '{command} --help')", err=True)
+
+
 def _main(argv: list[str], stdout) -> int:
+    usage_error = _usage_error_class()
+    click_show, usage_error.show = usage_error.show, _show_usage_error  # subclasses with their own show keep it
     try:
         try:
             app(args=argv, prog_name="lungedge")
@@ -201,6 +218,8 @@ def _main(argv: list[str], stdout) -> int:
             typer.echo(f"error: {known}", err=True)
             return EXIT_BAD_INPUT
         return _internal_error(exc, argv)
+    finally:
+        usage_error.show = click_show
     return 0
 
 
