@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -87,6 +88,19 @@ def write_error(path, exc: OSError, what: str = "cannot write") -> WriteError:
     return WriteError(f"{what} {path}: {_reason(exc)}")
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Refuse an output path that names a device, a pipe or a socket (``/dev/null``, ``/dev/full``): a file
+    renamed over it would replace the device itself (as root, for every program on the machine)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there (or unreachable: the write says why)
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise WriteError(f"cannot write {path}: it is {kind}, not a file; give a file path")
+
+
 def _publish_new(tmp: str, path: Path) -> None:
     """Give the complete file ``tmp`` the name ``path`` only if nothing has it: FileExistsError else.
     A hard link takes the name atomically; where the file system has none, the name is taken with
@@ -113,6 +127,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = F
     path = Path(path)
     if path.is_dir():
         raise WriteError(f"cannot write {path}: it is an existing folder; give a file path")
+    check_replaceable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -160,6 +175,11 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     the set when a :func:`written_together` block ends. A failure removes ``tmp`` (:class:`WriteError`)."""
     path = Path(path)
     try:
+        check_replaceable(path)
+    except WriteError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
         _name(str(tmp), path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -186,6 +206,13 @@ def written_together() -> Iterator[None]:
         raise
     finally:
         _TOGETHER.pending = None
+    try:
+        for path in pending:
+            check_replaceable(path)
+    except WriteError:
+        for rest in pending.values():
+            Path(rest).unlink(missing_ok=True)
+        raise
     for path, tmp in pending.items():
         try:
             os.replace(tmp, path)
