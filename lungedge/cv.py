@@ -229,9 +229,12 @@ def run_cv(model: str, data, folds: int = 5, repeats: int = 1, group_by: str = "
     """Run (or resume) the whole cross-validation; write and return ``<out>/cv-<group_by>.json``."""
     from .data.defaults import DEFAULT_THRESHOLD, GROUP_BY
     from .errors import check_choice
+    from .limits import check_seed, check_threads
     from .models.registry import get_spec
 
     check_choice(group_by, GROUP_BY, "--group-by")
+    check_seed(seed)
+    check_threads(threads)
     if repeats < 1:
         raise LungedgeError(f"--repeats must be at least 1, got {repeats}")
     spec = get_spec(model)

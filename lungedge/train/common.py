@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import LungedgeError
 from ..io import FolderLock, clean_temp_files, read_json, safe_name, write_error, write_json
-from ..limits import check_input_size, check_positive
+from ..limits import check_input_size, check_positive, check_seed, check_threads
 from ..preprocess import Preprocessing, read_image
 from ..ui import progress
 
@@ -95,6 +95,8 @@ class TrainConfig:
             raise LungedgeError(f"--lr must be positive, got {c.lr}")
         if c.device not in ("cpu", "cuda"):
             raise LungedgeError(f"unknown device {c.device!r} (cpu or cuda)")
+        check_seed(c.seed)
+        check_threads(c.threads)
         return c
 
 
@@ -305,11 +307,24 @@ def epoch_line(rec: dict) -> str:
             + ("  *best" if rec.get("best") else ""))
 
 
-def env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
+def ddp_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) as torchrun sets them (1, 0, 0 without it), checked: ``RANK=abc`` was an
+    internal error, ``WORLD_SIZE=0`` a division by zero, ``RANK=1`` alone a crash on a run folder never made."""
+    values = {}
+    for name, default in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
+        raw = os.environ.get(name, "").strip()
+        try:
+            values[name] = int(raw) if raw else default
+        except ValueError:
+            values[name] = None
+        if values[name] is None or values[name] < (1 if name == "WORLD_SIZE" else 0):
+            least = "1" if name == "WORLD_SIZE" else "0"
+            raise LungedgeError(f"{name} (set by torchrun) must be a whole number of at least {least}, got {raw!r}")
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    if rank >= world:
+        raise LungedgeError(f"RANK (set by torchrun) must be less than WORLD_SIZE ({world}), got {rank}; "
+                            "start distributed training with torchrun")
+    return world, rank, local
 
 
 def initial_model(cfg: TrainConfig, spec, classes: list[str]):
