@@ -319,8 +319,9 @@ def clean_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = No
 def safe_name(name: str, what: str) -> str:
     """``name`` if it is one plain path component (no ``/``, ``..``, absolute or empty name)."""
     if (not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name
-            or "\x00" in name or name.startswith("~")):
-        raise LungedgeError(f"{what} must be a plain folder name (no '/', '..' or absolute path), got {name!r}")
+            or not name.isprintable() or name.startswith("~")):  # a newline or a bidi override in a folder name
+        raise LungedgeError(f"{what} must be a plain folder name (printable, no '/', '..' or absolute path), "
+                            f"got {name!r}")
     return name
 
 

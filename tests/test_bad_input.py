@@ -1066,3 +1066,60 @@ def test_torchrun_variables_are_checked(small, tmp_path, capsys, monkeypatch, en
                             "--image-size", SIZE, "--out", tmp_path / "runs"], capsys)
     one_error(code, err, match=pattern)
     assert not (tmp_path / "runs").exists()
+
+
+def test_world_size_without_torchrun_is_one_line(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torch.distributed's ValueError (no RANK, MASTER_ADDR) was exit 3
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run_cli(["train", "smallcnn", "--split", small["split"], "--epochs", "1", "--weights", "none",
+                            "--out", tmp_path / "runs"], capsys)
+    one_error(code, err, match=r"WORLD_SIZE=2 without RANK, MASTER_ADDR, MASTER_PORT: start distributed training "
+                               r"with torchrun")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--mode", "finetune", "--unfreeze", "abc"], r"--unfreeze must be a number of blocks or 'all', got 'abc'"),  # 3
+    (["--unfreeze", "1.5"], r"--unfreeze must be a number of blocks or 'all', got '1\.5'"),  # was ignored
+    (["--epochs", str(10 ** 12)], r"--epochs must be at most 10,000"),  # trained until killed
+    (["--batch-size", str(10 ** 12)], r"--batch-size must be at most 4,096"),
+    (["--run-name", "a\nb"], r"--run-name must be a plain folder name \(printable"),
+    (["--run-name", "x\u202egnp.exe"], r"--run-name must be a plain folder name \(printable"),
+    (["--patience", "-1"], r"--patience must be 0 \(off\) or more epochs, got -1"),  # was taken
+    (["--group-by", "nearest"], r"unknown --group-by 'nearest' \(choose from"),  # was ignored with --split
+])
+def test_more_train_options_are_checked(small, tmp_path, capsys, args, pattern):
+    code, _, err = run_cli(["train", "smallcnn", "--split", small["split"], "--epochs", "1", "--weights", "none",
+                            "--out", tmp_path / "runs", *args], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--lr", "nan"], r"--lr must be a finite number greater than 0, got nan"),  # was exit 3 writing the settings
+    (["--lr", "inf"], r"--lr must be a finite number greater than 0, got inf"),
+    (["--repeats", str(10 ** 12)], r"--repeats must be from 1 to 100, got 1000000000000"),  # ran until killed
+    (["--epochs", "0"], r"--epochs must be a whole number greater than 0"),
+])
+def test_cv_options_are_checked_before_any_fold(small, tmp_path, capsys, args, pattern):
+    code, _, err = run_cli(["cv", "smallcnn", "--data", small["data"], "--folds", "2", "--weights", "none",
+                            "--out", tmp_path / "cv", *args], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.parametrize("args, name", [
+    (["report", "--results", "", "--out", "rep"], "--results"),  # read every result under the current folder
+    (["demo", "--data", "", "--out", "d"], "--data"),  # trained on the current folder
+    (["bench", "m.onnx", "--out="], "--out"),
+    (["train", "smallcnn", "--split", ""], "--split"),
+    (["data", "inspect", ""], "FOLDER"),
+    (["predict", "m.onnx", "a.png", ""], "IMAGES"),
+    (["engine", "build", ""], "FILE.onnx"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, args, name):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(args, capsys)
+    one_error(code, err, match=rf"^error: {re.escape(name)} is an empty path \(an unset variable\?\)")
+    assert list(tmp_path.iterdir()) == []

@@ -39,7 +39,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
         from ..data.split import read_manifest
 
         read_manifest(cfg.split)  # a bad manifest is refused before any run folder is made
-    main_rank = ddp_env()[1] == 0
+    main_rank = ddp_env(launched=True)[1] == 0
     runs = Path(cfg.out) / cfg.model
     new_parents = [p for p in (runs.parent, runs) if not p.exists()]  # runs/, runs/MODEL
     claimed = resume_dir is None and not cfg.run_name and main_rank
