@@ -32,6 +32,8 @@ from .runners.discover import Job
 from .timing import latency_stats, time_in_turns
 
 SYNTHETIC_SIZE = 512
+MAX_ITERS = 1_000_000  # timed calls per measurement
+MAX_WARMUP = 10_000
 
 
 def synthetic_images(folder: Path, n: int = 8, size: int = SYNTHETIC_SIZE, seed: int = 0) -> list[Path]:
@@ -116,6 +118,14 @@ def add_ratios(rows: list[dict]) -> None:
         r["vs_source"] = (base / r["latency_ms"]["p50"]) if base and r["latency_ms"]["p50"] > 0 else None
 
 
+def check_counts(warmup: int, iters: int | None) -> None:
+    """--warmup and --iters within bounds (10**12 calls would run for weeks)."""
+    if iters is not None and not 1 <= iters <= MAX_ITERS:
+        raise LungedgeError(f"--iters must be from 1 to {MAX_ITERS:,}, got {iters}")
+    if not 0 <= warmup <= MAX_WARMUP:
+        raise LungedgeError(f"--warmup must be from 0 to {MAX_WARMUP:,}, got {warmup}")
+
+
 def run_bench(jobs: list[Job], batch_sizes=(1, 8), warmup: int = 3, iters: int | None = None,
               seconds: float | None = 1.0, threads: int | None = None, data=None, out="results",
               preprocessing: bool = True, log=lambda s: None) -> tuple[list[dict], Path | None]:
@@ -124,10 +134,7 @@ def run_bench(jobs: list[Job], batch_sizes=(1, 8), warmup: int = 3, iters: int |
         raise LungedgeError("nothing to benchmark")
     if any(b < 1 for b in batch_sizes):
         raise LungedgeError(f"batch sizes must be at least 1, got {list(batch_sizes)}")
-    if iters is not None and iters < 1:
-        raise LungedgeError(f"--iters must be at least 1, got {iters}")
-    if warmup < 0:
-        raise LungedgeError(f"--warmup must be 0 or more, got {warmup}")
+    check_counts(warmup, iters)
     if seconds is not None and not (math.isfinite(seconds) and 0 <= seconds <= 3600):
         raise LungedgeError(f"--seconds must be a finite number of seconds from 0 to 3600, got {seconds}")
     if any(j.device == "cuda" for j in jobs):

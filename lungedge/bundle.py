@@ -34,7 +34,7 @@ from pathlib import Path, PurePosixPath
 
 from . import __version__, onnx_meta
 from .errors import LungedgeError, check_choice
-from .io import FolderLock, clean_stale, dumps_json, sha256_file, write_error
+from .io import FolderLock, check_replaceable, clean_stale, dumps_json, sha256_file, write_error
 
 FORMAT = "lungedge-bundle/1"
 # what --precision names: the ONNX variants (onnx_meta.VARIANTS), int8 = S8S8 for TensorRT, int8-cpu = U8S8
@@ -282,6 +282,7 @@ def _checksums(members: dict, facts: dict) -> tuple[bytes, bytes]:
 def _write_archive(out: Path, name: str, members: dict) -> None:
     """A deterministic .tar.gz (fixed mtimes, owners, modes, order), written atomically."""
     mtime = max(int(p.stat().st_mtime) for p in members.values() if isinstance(p, Path))
+    check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -222,6 +222,9 @@ def summarize(results: list[dict], classes: list[str], n_boot: int = 1000) -> di
     return {"across_folds": across, "pooled": pooled}
 
 
+MAX_REPEATS = 100
+
+
 def run_cv(model: str, data, folds: int = 5, repeats: int = 1, group_by: str = "near-duplicate",
            image_size: int | None = None, epochs: int | None = None, batch_size: int | None = None,
            lr: float | None = None, weights: str | None = None, threads: int | None = None, seed: int = 0,
@@ -229,11 +232,20 @@ def run_cv(model: str, data, folds: int = 5, repeats: int = 1, group_by: str = "
     """Run (or resume) the whole cross-validation; write and return ``<out>/cv-<group_by>.json``."""
     from .data.defaults import DEFAULT_THRESHOLD, GROUP_BY
     from .errors import check_choice
+    from .limits import check_input_size, check_positive, check_seed, check_threads
     from .models.registry import get_spec
 
     check_choice(group_by, GROUP_BY, "--group-by")
-    if repeats < 1:
-        raise LungedgeError(f"--repeats must be at least 1, got {repeats}")
+    check_seed(seed)
+    check_threads(threads)
+    if not 1 <= repeats <= MAX_REPEATS:  # 10**12 trained until killed
+        raise LungedgeError(f"--repeats must be from 1 to {MAX_REPEATS}, got {repeats}")
+    # the training options, checked before the folds' settings are written (--lr nan failed there: exit 3)
+    check_positive(lr, "--lr", upper=1.0)
+    check_positive(epochs, "--epochs", integer=True)
+    check_positive(batch_size, "--batch-size", integer=True)
+    if image_size is not None:
+        check_input_size(image_size, "--image-size")
     spec = get_spec(model)
     root = Path(data) if data else None
     if root is None or not root.is_dir():

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -88,6 +89,19 @@ def write_error(path, exc: OSError, what: str = "cannot write") -> WriteError:
     return WriteError(f"{what} {path}: {_reason(exc)}")
 
 
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Refuse an output path that names a device, a pipe or a socket (``/dev/null``, ``/dev/full``): a file
+    renamed over it would replace the device itself (as root, for every program on the machine)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there (or unreachable: the write says why)
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise WriteError(f"cannot write {path}: it is {kind}, not a file; give a file path")
+
+
 def _publish_new(tmp: str, path: Path) -> None:
     """Give the complete file ``tmp`` the name ``path`` only if nothing has it: FileExistsError else.
     A hard link takes the name atomically; where the file system has none, the name is taken with
@@ -114,6 +128,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, exclusive: bool = F
     path = Path(path)
     if path.is_dir():
         raise WriteError(f"cannot write {path}: it is an existing folder; give a file path")
+    check_replaceable(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -161,6 +176,11 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     the set when a :func:`written_together` block ends. A failure removes ``tmp`` (:class:`WriteError`)."""
     path = Path(path)
     try:
+        check_replaceable(path)
+    except WriteError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
         _name(str(tmp), path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -190,6 +210,13 @@ def written_together() -> Iterator[None]:
         raise
     finally:
         _TOGETHER.pending = None
+    try:
+        for path in pending:
+            check_replaceable(path)
+    except WriteError:
+        for rest in pending.values():
+            Path(rest).unlink(missing_ok=True)
+        raise
     if pending:
         _commit(pending)
 
@@ -451,8 +478,9 @@ def clean_temp_files(folder: str | os.PathLike, names: Iterable[str] | None = No
 def safe_name(name: str, what: str) -> str:
     """``name`` if it is one plain path component (no ``/``, ``..``, absolute or empty name)."""
     if (not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name
-            or "\x00" in name or name.startswith("~")):
-        raise LungedgeError(f"{what} must be a plain folder name (no '/', '..' or absolute path), got {name!r}")
+            or not name.isprintable() or name.startswith("~")):  # a newline or a bidi override in a folder name
+        raise LungedgeError(f"{what} must be a plain folder name (printable, no '/', '..' or absolute path), "
+                            f"got {name!r}")
     return name
 
 

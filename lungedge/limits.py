@@ -67,6 +67,38 @@ def check_positive(value, what: str, integer: bool = False, upper: float | None 
     return value
 
 
+MAX_SEED = 2**32 - 1  # what numpy, torch and tensorflow all take
+
+
+def check_seed(seed, what: str = "--seed"):
+    """``seed`` if it is a whole number from 0 to 2**32 - 1 (numpy's default_rng refuses a negative one)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise LungedgeError(f"{what} must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return seed
+
+
+MAX_THREADS = 1024
+MAX_BATCH = 4096  # a batch is loaded (or a TensorRT profile allocated) whole: 10**6 images fill the memory
+
+
+def check_batch(value: int, what: str) -> int:
+    """A batch size from 1 to :data:`MAX_BATCH` (--max-batch, --opt-batch, --batch-sizes)."""
+    if value < 1:
+        raise LungedgeError(f"{what} must be at least 1, got {value}")
+    if value > MAX_BATCH:
+        raise LungedgeError(f"{what} must be at most {MAX_BATCH:,}, got {value}")
+    return value
+
+
+def check_threads(threads, what: str = "--threads"):
+    """``threads`` if None (the library's default) or a whole number from 1 to 1024: 0 and -1 were taken
+    silently (each library reads them its own way) and 10**12 was an internal error."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= MAX_THREADS):
+        raise LungedgeError(f"{what} must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
+    return threads
+
+
 def too_large(width: int | None = None, height: int | None = None) -> str:
     size = f"{width}x{height} pixels is" if width else "it is"
     return f"image too large: {size} over the limit of {max_pixels():,} (LUNGEDGE_MAX_PIXELS); not decoded"

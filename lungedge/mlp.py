@@ -40,6 +40,7 @@ YS = np.array([1.0, -1.0, -1.0, 1.0])
 # other four stall where ReLUs are dead: seed 5 at L ≈ 1.333, seeds 8, 37 and 40 at
 # L = 2 (no second-layer unit is ever active, so only b3 learns and ŷ → 0).
 DEFAULT_STEPS = 300
+MAX_STEPS = 1_000_000  # a loss per step is kept: 10**12 steps would run for days and fill the memory
 DEFAULT_LR = 0.1
 
 WEIGHTS_FORMAT = "lungedge.mlp"
@@ -203,6 +204,8 @@ def sgd_step(p: Params, g: Params, lr: float) -> Params:
 def check_training(steps: int, lr: float) -> None:
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps <= 0:
         raise LungedgeError(f"steps must be a positive integer, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise LungedgeError(f"steps must be at most {MAX_STEPS:,}, got {steps:,}")
     if not (isinstance(lr, (int, float, np.floating)) and math.isfinite(lr) and lr > 0):
         raise LungedgeError(f"learning rate must be a positive finite number, got {lr!r}")
 

@@ -31,6 +31,7 @@ from . import __version__
 from .errors import LungedgeError, check_choice
 from .io import (FolderLock, atomic_write_bytes, clean_temp_files, settle, sha256_bytes, sha256_file, write_json,
                  written_together)
+from .limits import check_batch as check_batch_size, check_positive
 
 PRECISIONS = ("fp32", "fp16", "int8")
 SIDECAR_FORMAT = "lungedge-engine/1"
@@ -74,8 +75,7 @@ def build_mode(trt_version: str, precision: str) -> str:
 def engine_path(out_dir: str | Path, model: str, precision: str, max_batch: int, target: EngineTarget) -> Path:
     """engines/<model>/<model>.<precision>.b<max>.<gpu>.trt<version>.engine"""
     check_choice(precision, PRECISIONS, "precision")
-    if max_batch < 1:
-        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
+    check_batch_size(max_batch, "--max-batch")
     version = ".".join(str(v) for v in version_tuple(target.trt_version)[:3])
     name = f"{model}.{precision}.b{max_batch}.{slug(target.gpu)}.trt{version}.engine"
     return Path(out_dir) / model / name
@@ -114,8 +114,7 @@ def non_qdq_layers(mode: str, precision: str) -> str:
 def profile_shapes(dims, max_batch: int, opt_batch: int | None = None) -> tuple[list, list, list]:
     """(min, opt, max) shapes of a batch profile for an input whose other dims are ``dims``; the opt
     batch is the batch that will be measured (default: max_batch)."""
-    if max_batch < 1:
-        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
+    check_batch_size(max_batch, "--max-batch")
     opt = max_batch if opt_batch is None else opt_batch
     if not 1 <= opt <= max_batch:
         raise LungedgeError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt}")
@@ -361,8 +360,8 @@ def build_from_onnx(onnx_path: str | Path, max_batch: int = 8, opt_batch: int | 
     from . import onnx_meta
     from .jetson import jetson_info
 
-    if max_batch < 1:
-        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
+    check_batch_size(max_batch, "--max-batch")
+    check_positive(workspace_gib, "--workspace-gib", upper=1024)  # nan, inf or -1 GiB: TensorRT's own error
     if opt_batch is not None and not 1 <= opt_batch <= max_batch:
         raise LungedgeError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt_batch}")
     meta = onnx_meta.read(onnx_path)

@@ -875,3 +875,251 @@ def test_a_second_explain_into_the_same_folder_is_refused(exported, same_names, 
     code, _, err = run_cli(["predict", exported["onnx"], *same_names, "--explain", maps], capsys)
     assert code == 0, err
     assert len(list(maps.iterdir())) == 3 and not [p for p in maps.iterdir() if p.name.startswith(".")]
+
+
+# -- option sweep: hostile values, option by option -----------------------------------------------------------
+
+@pytest.mark.parametrize("args, pattern", [
+    (["mlp", "train", "--steps", "abc"], r"Invalid value for '--steps'.*\(see 'lungedge mlp train --help'\)"),
+    (["train", "smallcnn", "--epochs", "1.5"], r"Invalid value for '--epochs'.*\(see 'lungedge train --help'\)"),
+    (["bench", "--warmup", ""], r"Invalid value for '--warmup'"),
+    (["data", "split", "nowhere"], r"Missing option '--out'.*\(see 'lungedge data split --help'\)"),
+    (["bench", "--bogus"], r"No such option: --bogus"),
+    (["engine", "build"], r"Missing argument 'FILE\.onnx'"),
+])
+def test_a_value_that_does_not_parse_is_one_error_line(capsys, args, pattern):
+    """A usage error was click's three lines (usage, hint, ``Error: ...``) with no ``error:`` line."""
+    code, out, err = run_cli(args, capsys)
+    one_error(code, err, match=pattern)
+    assert "Usage:" not in err + out and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_command_group_without_a_command_still_shows_its_help(capsys):
+    code, out, err = run_cli(["mlp"], capsys)
+    assert "Usage:" in out + err and "train" in out + err
+
+
+@pytest.mark.parametrize("command", [["mlp", "export", "--out"], ["mlp", "train", "--steps", "2", "--save-weights"],
+                                     ["mlp", "demo", "--save-weights"]])
+def test_an_output_that_is_a_pipe_or_device_is_refused_not_replaced(tmp_path, capsys, command):
+    """The write through a temporary file renamed over ``--out /dev/null`` replaced the device itself with a
+    regular file (as root: /dev/null gone for every program). A FIFO here stands for the device."""
+    import stat
+
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.json"
+    link.symlink_to(fifo)
+    for target in (fifo, link):
+        code, _, err = run_cli([*command, target], capsys)
+        one_error(code, err, match=rf"cannot write {re.escape(str(target))}: it is a pipe, not a file")
+        assert stat.S_ISFIFO(os.stat(target).st_mode) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "out.json"]  # no temporary left
+
+
+def test_atomic_writes_refuse_a_device_and_leave_no_temporary(tmp_path):
+    from lungedge.io import WriteError, atomic_write_bytes, publish_file, written_together
+
+    fifo = tmp_path / "report.md"
+    os.mkfifo(fifo)
+    with pytest.raises(WriteError, match="it is a pipe, not a file"):
+        atomic_write_bytes(fifo, b"x")
+    tmp = tmp_path / ".report.md.1.tmp"
+    tmp.write_bytes(b"x")
+    with pytest.raises(WriteError, match="it is a pipe"):
+        publish_file(tmp, fifo)
+    with pytest.raises(WriteError, match="it is a pipe"):
+        with written_together():
+            atomic_write_bytes(tmp_path / "a.png", b"png")
+            atomic_write_bytes(fifo, b"md")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+@pytest.mark.parametrize("command", [["mlp", "demo"], ["mlp", "train", "--steps", "2"],
+                                     ["mlp", "export", "--out", "x.onnx"]])
+def test_mlp_negative_seed_is_refused(tmp_path, capsys, command):
+    code, _, err = run_cli([*command, "--seed", "-1"], capsys)  # was numpy's ValueError: exit 3
+    one_error(code, err, match=r"--seed must be a whole number from 0 to 4294967295, got -1")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_mlp_steps_are_bounded(capsys):
+    code, _, err = run_cli(["mlp", "train", "--steps", str(10 ** 12)], capsys)  # ran for days, a loss per step
+    one_error(code, err, match=r"steps must be at most 1,000,000, got 1,000,000,000,000")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--iters", str(10 ** 12)], r"--iters must be from 1 to 1,000,000, got 1000000000000"),
+    (["--iters", "0"], r"--iters must be from 1 to 1,000,000, got 0"),
+    (["--warmup", str(10 ** 12)], r"--warmup must be from 0 to 10,000, got 1000000000000"),
+    (["--warmup", "-1"], r"--warmup must be from 0 to 10,000, got -1"),
+    (["--batch-sizes", "1000000"], r"--batch-sizes must be at most 4,096, got '1000000'"),
+])
+def test_bench_counts_are_bounded(tmp_path, capsys, args, pattern):
+    """Each of these ran until killed (10**12 calls; a batch of 10**6 images loaded at once)."""
+    code, _, err = run_cli(["bench", tmp_path / "m.onnx", *args, "--out", tmp_path / "res"], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "res").exists()
+
+
+def test_bench_measures_a_repeated_batch_size_once(exported, tmp_path, capsys):
+    code, _, err = run_cli(["bench", exported["onnx"], "--backend", "onnxruntime", "--batch-sizes", "2,,2",
+                            "--iters", "3", "--warmup", "0", "--no-preprocessing", "--out", tmp_path], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for f in tmp_path.glob("bench-*.jsonl") for line in f.read_text().splitlines()]
+    assert [r["batch_size"] for r in rows] == [2]
+
+
+@pytest.mark.parametrize("args", [
+    ["data", "split", "nowhere", "--out", "s.json", "--seed", "-1"],  # was numpy's ValueError: exit 3
+    ["train", "smallcnn", "--split", "nowhere.json", "--seed", "-1"],
+    ["train", "smallcnn", "--split", "nowhere.json", "--seed", str(2 ** 64)],
+    ["cv", "smallcnn", "--data", "nowhere", "--seed", "-1"],
+])
+def test_seeds_must_be_whole_numbers_numpy_and_torch_take(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli([*args, "--out" if args[0] != "data" else "--json", *(["o"] if args[0] != "data" else [])],
+                           capsys)
+    one_error(code, err, match=r"--seed must be a whole number from 0 to 4294967295, got ")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", str(10 ** 12)])
+@pytest.mark.parametrize("command", [["bench", "m.onnx"], ["eval", "m.onnx"],
+                                     ["train", "smallcnn", "--split", "nowhere.json"],
+                                     ["finetune", "nowhere.pth"], ["cv", "smallcnn", "--data", "nowhere"]])
+def test_threads_must_be_from_1_to_1024(tmp_path, capsys, monkeypatch, command, threads):
+    """0 and -1 were taken silently (each library reads them its own way); 10**12 was an internal error in eval."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli([*command, "--threads", threads], capsys)
+    one_error(code, err, match=rf"--threads must be a whole number from 1 to 1024, got {threads}")
+
+
+def test_eval_bootstrap_is_bounded(tmp_path, capsys):
+    code, _, err = run_cli(["eval", tmp_path / "m.onnx", "--bootstrap", str(10 ** 8)], capsys)  # ran until killed
+    one_error(code, err, match=r"--bootstrap must be from 100 to 100,000, got 100000000")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["engine", "build", "m.onnx", "--max-batch", str(10 ** 12)], r"--max-batch must be at most 4,096"),
+    (["engine", "build", "m.onnx", "--workspace-gib", "nan"], r"--workspace-gib must be a finite number greater"),
+    (["engine", "build", "m.onnx", "--workspace-gib", "-1"], r"--workspace-gib must be a finite number greater"),
+    (["export", "smallcnn", "--max-batch", str(10 ** 12)], r"--max-batch must be at most 4,096"),
+    (["export", "smallcnn", "--calib-size", "-1"], r"--calib-size must be at least 1, got -1"),  # without --int8
+    (["export", "smallcnn", "--classes", "A,A,B"], r"--classes names 'A' more than once, got 'A,A,B'"),
+    (["export", "smallcnn", "--classes", "A,,B"], r"--classes has an empty name"),
+    (["export", "smallcnn", "--input-size", "7"], r"--input-size must be a whole number of pixels from 8 to"),
+])
+def test_export_and_engine_options_are_checked_first(tmp_path, capsys, monkeypatch, args, pattern):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli([*args, "--out", "o"], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["--scale", "nan"], ["--classes", "a,b,c"], ["--output", "logits", "--layout", "NHWC"]])
+def test_export_of_a_lungedge_checkpoint_refuses_options_for_foreign_files(exported, tmp_path, capsys, args):
+    """These were ignored without a word: ``--scale nan`` exported the run's own scale, exit 0."""
+    code, _, err = run_cli(["export", "smallcnn", "--runs", exported["runs"], "--out", tmp_path / "e", "--no-engine",
+                            *args], capsys)
+    one_error(code, err, match=r"runs/smallcnn/r/best\.pth is a lungedge checkpoint and records its own classes")
+    assert not (tmp_path / "e" / "smallcnn").exists()
+
+
+def test_export_of_a_foreign_onnx_refuses_a_nan_mean(exported, tmp_path, capsys):
+    """``--mean nan`` reached the model and the error blamed the model's own output."""
+    import onnx
+
+    plain = tmp_path / "plain.onnx"
+    model = onnx.load(str(exported["onnx"]))
+    del model.metadata_props[:]
+    onnx.save(model, str(plain))
+    code, _, err = run_cli(["export", "mine", "--custom", "--checkpoint", plain, "--classes", ",".join(CLASSES),
+                            "--mean", "nan", "--out", tmp_path / "e", "--no-engine", "--data", exported["data"]], capsys)
+    one_error(code, err, match=r"--mean values must be finite numbers, got 'nan'")
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--backend", "onnxruntime,openvino"], r"predict takes one --backend, got 'onnxruntime,openvino'"),
+    (["--precision", "fp32,int8"], r"predict takes one --precision, got 'fp32,int8'"),
+    (["--method", "bogus"], r"unknown saliency method 'bogus' \(choose from auto, gradcam, occlusion\)"),
+])
+def test_predict_refuses_what_it_used_to_drop(exported, capsys, args, pattern):
+    """A second backend or precision was dropped (the first used, exit 0); --method was read only with --explain."""
+    code, out, err = run_cli(["predict", exported["onnx"], exported["data"] / "benign" / "img000_0.png", *args],
+                             capsys)
+    one_error(code, err, match=pattern)
+    assert out == ""
+
+
+@pytest.mark.parametrize("env, pattern", [
+    ({"RANK": "abc"}, r"RANK \(set by torchrun\) must be a whole number of at least 0, got 'abc'"),  # exit 3
+    ({"RANK": "1"}, r"RANK \(set by torchrun\) must be less than WORLD_SIZE \(1\), got 1"),  # exit 3
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE \(set by torchrun\) must be a whole number of at least 1, got '0'"),  # exit 3
+    ({"WORLD_SIZE": "abc"}, r"WORLD_SIZE .* got 'abc'"),  # was taken as 1
+    ({"LOCAL_RANK": "-1"}, r"LOCAL_RANK .* got '-1'"),
+])
+def test_torchrun_variables_are_checked(small, tmp_path, capsys, monkeypatch, env, pattern):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(["train", "smallcnn", "--split", small["split"], "--epochs", "1", "--weights", "none",
+                            "--image-size", SIZE, "--out", tmp_path / "runs"], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_world_size_without_torchrun_is_one_line(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torch.distributed's ValueError (no RANK, MASTER_ADDR) was exit 3
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    code, _, err = run_cli(["train", "smallcnn", "--split", small["split"], "--epochs", "1", "--weights", "none",
+                            "--out", tmp_path / "runs"], capsys)
+    one_error(code, err, match=r"WORLD_SIZE=2 without RANK, MASTER_ADDR, MASTER_PORT: start distributed training "
+                               r"with torchrun")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--mode", "finetune", "--unfreeze", "abc"], r"--unfreeze must be a number of blocks or 'all', got 'abc'"),  # 3
+    (["--unfreeze", "1.5"], r"--unfreeze must be a number of blocks or 'all', got '1\.5'"),  # was ignored
+    (["--epochs", str(10 ** 12)], r"--epochs must be at most 10,000"),  # trained until killed
+    (["--batch-size", str(10 ** 12)], r"--batch-size must be at most 4,096"),
+    (["--run-name", "a\nb"], r"--run-name must be a plain folder name \(printable"),
+    (["--run-name", "x\u202egnp.exe"], r"--run-name must be a plain folder name \(printable"),
+    (["--patience", "-1"], r"--patience must be 0 \(off\) or more epochs, got -1"),  # was taken
+    (["--group-by", "nearest"], r"unknown --group-by 'nearest' \(choose from"),  # was ignored with --split
+])
+def test_more_train_options_are_checked(small, tmp_path, capsys, args, pattern):
+    code, _, err = run_cli(["train", "smallcnn", "--split", small["split"], "--epochs", "1", "--weights", "none",
+                            "--out", tmp_path / "runs", *args], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--lr", "nan"], r"--lr must be a finite number greater than 0, got nan"),  # was exit 3 writing the settings
+    (["--lr", "inf"], r"--lr must be a finite number greater than 0, got inf"),
+    (["--repeats", str(10 ** 12)], r"--repeats must be from 1 to 100, got 1000000000000"),  # ran until killed
+    (["--epochs", "0"], r"--epochs must be a whole number greater than 0"),
+])
+def test_cv_options_are_checked_before_any_fold(small, tmp_path, capsys, args, pattern):
+    code, _, err = run_cli(["cv", "smallcnn", "--data", small["data"], "--folds", "2", "--weights", "none",
+                            "--out", tmp_path / "cv", *args], capsys)
+    one_error(code, err, match=pattern)
+    assert not (tmp_path / "cv").exists()
+
+
+@pytest.mark.parametrize("args, name", [
+    (["report", "--results", "", "--out", "rep"], "--results"),  # read every result under the current folder
+    (["demo", "--data", "", "--out", "d"], "--data"),  # trained on the current folder
+    (["bench", "m.onnx", "--out="], "--out"),
+    (["train", "smallcnn", "--split", ""], "--split"),
+    (["data", "inspect", ""], "FOLDER"),
+    (["predict", "m.onnx", "a.png", ""], "IMAGES"),
+    (["engine", "build", ""], "FILE.onnx"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, args, name):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(args, capsys)
+    one_error(code, err, match=rf"^error: {re.escape(name)} is an empty path \(an unset variable\?\)")
+    assert list(tmp_path.iterdir()) == []

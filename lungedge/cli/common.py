@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 import re
 import sys
 
@@ -170,9 +171,75 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = real
 
 
+def _usage_error_class():
+    try:
+        from typer._click.exceptions import UsageError  # typer >= 0.20 carries its own click
+    except ImportError:
+        from click.exceptions import UsageError
+    return UsageError
+
+
+def _show_usage_error(self, file=None) -> None:
+    """A usage error (an option's value that does not parse, a missing or unknown option) as one ``error:``
+    line naming the command and its --help, instead of click's usage, hint and ``Error:`` lines."""
+    command = self.ctx.command_path if self.ctx is not None else "lungedge"
+    typer.echo(f"error: {one_line(self.format_message())} (see '{command} --help')", err=True)
+
+
+def _empty_path(argv: list[str]) -> str | None:
+    """The option or argument that takes a path and is given an empty one (``--out "$UNSET"``): typer reads
+    ``""`` as the current folder, so ``report --results ""`` read every result under it and ``demo --data ""``
+    trained on it. None when there is none (or the command line does not parse: typer says why)."""
+    try:
+        return _find_empty_path(typer.main.get_command(app), list(argv))
+    except Exception:  # noqa: BLE001 - only a pre-check: typer parses the command line
+        return None
+
+
+def _find_empty_path(cmd, rest: list[str]) -> str | None:
+    while rest and isinstance(getattr(cmd, "commands", None), dict) and rest[0] in cmd.commands:
+        cmd = cmd.commands[rest.pop(0)]
+    params = getattr(cmd, "params", None) or []
+    def is_path(param) -> bool:  # a pathlib.Path parameter (typer's own parameters keep the annotation)
+        if getattr(getattr(param, "type", None), "name", "") == "path":
+            return True
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        return annotation is not None and ("pathlib.Path" in str(annotation) or annotation is pathlib.Path)
+
+    options = {o: p for p in params if getattr(p, "param_type_name", "") == "option" for o in p.opts}
+    arguments = [p for p in params if getattr(p, "param_type_name", "") == "argument"]
+    positional, i = 0, 0
+    while i < len(rest):
+        tok = rest[i]
+        name, eq, value = tok.partition("=")
+        if tok.startswith("-") and name in options:
+            param = options[name]
+            if param.is_flag:
+                i += 1
+                continue
+            if not eq:
+                value, i = (rest[i + 1] if i + 1 < len(rest) else None), i + 1
+            if value == "" and is_path(param):
+                return name
+        elif not tok.startswith("-") or tok == "-":
+            param = (arguments[min(positional, len(arguments) - 1)] if arguments and (
+                positional < len(arguments) or arguments[-1].nargs == -1) else None)
+            if tok == "" and param is not None and is_path(param):
+                return param.metavar or param.name.upper()  # FOLDER, IMAGES, FILE.onnx
+            positional += 1
+        i += 1
+    return None
+
+
 def _main(argv: list[str], stdout) -> int:
+    usage_error = _usage_error_class()
+    click_show, usage_error.show = usage_error.show, _show_usage_error  # subclasses with their own show keep it
     try:
         try:
+            empty = _empty_path(argv)
+            if empty is not None:
+                raise LungedgeError(f"{empty} is an empty path (an unset variable?); give a file or folder, "
+                                    "or '.' for the current folder")
             app(args=argv, prog_name="lungedge")
         except SystemExit:
             if stdout is not None:
@@ -201,6 +268,8 @@ def _main(argv: list[str], stdout) -> int:
             typer.echo(f"error: {known}", err=True)
             return EXIT_BAD_INPUT
         return _internal_error(exc, argv)
+    finally:
+        usage_error.show = click_show
     return 0
 
 

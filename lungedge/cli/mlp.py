@@ -22,6 +22,10 @@ def _params(seed: Optional[int], weights: Optional[str], dtype: Optional[str]):
 
     if seed is not None and weights is not None:
         raise LungedgeError("give --seed or --weights, not both")
+    if seed is not None:
+        from ..limits import check_seed
+
+        check_seed(seed)
     if weights is not None:
         return mlp.load_params(weights, dtype), f"weights file {weights}"
     seed = 0 if seed is None else seed

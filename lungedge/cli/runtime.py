@@ -8,7 +8,10 @@ from typing import List, Optional
 import typer
 
 from ..errors import LungedgeError
+from ..limits import MAX_BATCH, check_threads
 from .common import max_bacc_drop_option, max_sens_drop_option
+
+MAX_BOOTSTRAP = 100_000  # replicates x groups draws are held at once: 10**8 ran until killed
 
 
 def register(app: typer.Typer) -> None:
@@ -26,14 +29,17 @@ BACKEND_HELP = (f"Comma list of {BACKEND_NAMES} (default: every installed one th
                 "torch-compile on cuda).")
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _ints(text: str, what: str, upper: int) -> list[int]:
+    """``"1,8,8"`` -> [1, 8]: whole numbers from 1 to ``upper``, each once, in the order given."""
     try:
         vals = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise LungedgeError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not vals or any(v < 1 for v in vals):
         raise LungedgeError(f"{what} must be positive integers, got {text!r}")
-    return vals
+    if any(v > upper for v in vals):
+        raise LungedgeError(f"{what} must be at most {upper:,}, got {text!r}")
+    return list(dict.fromkeys(vals))
 
 
 def _jobs(specs, all_models, device, backend, precision, runs, engines, include_trt_int8=False):
@@ -78,11 +84,11 @@ def bench_cmd(
     out: Path = typer.Option(Path("results"), help="Where the JSON-lines results go."),
 ):
     """Benchmark latency (p50/p90/p99, mean, std) and throughput per backend, precision and batch size."""
-    from ..bench import run_bench, table
+    from ..bench import check_counts, run_bench, table
 
-    if iters is not None and iters < 1:
-        raise LungedgeError(f"--iters must be at least 1, got {iters}")
-    sizes = _ints(batch_sizes, "--batch-sizes")
+    check_counts(warmup, iters)
+    check_threads(threads)
+    sizes = _ints(batch_sizes, "--batch-sizes", MAX_BATCH)
     jobs = _jobs(models, all_models, device, backend, precision, runs, engines, trt_int8)
     from ..results import write_rows
 
@@ -123,9 +129,10 @@ def eval_cmd(
     from ..results import write_rows
     from .common import print_json
 
-    if bootstrap < 100:
-        raise LungedgeError(f"--bootstrap must be at least 100, got {bootstrap}")
+    if not 100 <= bootstrap <= MAX_BOOTSTRAP:
+        raise LungedgeError(f"--bootstrap must be from 100 to {MAX_BOOTSTRAP:,}, got {bootstrap}")
     check_gate_limits(max_bacc_drop / 100, max_sens_drop / 100)  # before any work
+    check_threads(threads)
     jobs = _jobs([model], False, device, backend, precision, runs, engines)
     rows = run_eval(jobs, data, split, runs, threads, log=lambda s: typer.echo(s, err=True), n_boot=bootstrap,
                     max_bacc_drop=max_bacc_drop / 100, max_sens_drop=max_sens_drop / 100)
@@ -182,9 +189,14 @@ def predict_cmd(
 ):
     """Classify images with a model, checkpoint, ONNX file or TensorRT engine: class and probabilities."""
     from ..predict import predict
-    from ..errors import display_name
+    from ..errors import check_choice, display_name
+    from ..saliency import METHODS
     from .common import print_json
 
+    for name, value in (("--backend", backend), ("--precision", precision)):  # predict runs one file one way
+        if value is not None and "," in value:
+            raise LungedgeError(f"predict takes one {name}, got {value!r}")
+    check_choice(method, METHODS, "saliency method")  # also without --explain: a typo is not ignored
     jobs = _jobs([model], False, device, backend, precision, runs, engines)
     job = jobs[0]
     result = predict(job.artifact, images, job.backend, job.device, job.precision, explain_dir=explain,

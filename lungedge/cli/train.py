@@ -120,8 +120,10 @@ def finetune_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ):
     """Continue training a checkpoint with more layers unfrozen and a lower learning rate."""
+    from ..limits import check_threads
     from ..train import finetune
 
+    check_threads(threads)  # before the checkpoint is read
     summary = finetune(checkpoint, unfreeze=unfreeze, epochs=epochs, lr=lr, on_epoch=_epoch_printer,
                        data=str(data) if data else None, split=str(split) if split else None,
                        batch_size=batch_size, device=device, out=str(out) if out else None, patience=patience,

@@ -16,6 +16,7 @@ import numpy as np
 from .. import __version__
 from ..errors import LungedgeError, check_choice
 from ..io import read_json, write_json
+from ..limits import check_seed
 from ..ui import progress
 from . import dedup
 from .defaults import GROUP_BY, SPLITS
@@ -150,6 +151,7 @@ def make_split(
 ) -> dict:
     """Scan, group and split a data set; return the manifest (not yet written)."""
     _check_fractions(val, test)
+    check_seed(seed)
     check_choice(group_by, GROUP_BY, "--group-by")
     _check_threshold(threshold)
     layout, records = scan_dataset(root, thumbs=group_by != "none", show_progress=show_progress)

@@ -25,9 +25,10 @@ from .. import onnx_meta, quantize, stats, trt
 from ..batching import nonfinite_rows
 from ..errors import LungedgeError
 from ..io import staged_folder, write_json
+from ..limits import check_batch, check_input_size
 from . import compare, metadata, precision
 from .compare import PARITY_MAX_REL
-from .source import Request, Source, resolve_checkpoint
+from .source import Request, Source, parse_classes, resolve_checkpoint
 from .sources import load_source, run_source, source_to_onnx
 
 PARITY_IMAGES = 32
@@ -82,8 +83,7 @@ def _scores(outputs: np.ndarray, source: Source) -> np.ndarray:
 
 def _check_settings(calib_method: str, max_batch: int) -> None:
     quantize.check_calib_method(calib_method)
-    if max_batch < 1:
-        raise LungedgeError(f"--max-batch must be at least 1, got {max_batch}")
+    check_batch(max_batch, "--max-batch")
 
 
 def _check_fp32(source: Source, fp32: Path, base: Path, check: EvalSet, summary: dict, log) -> None:
@@ -181,6 +181,12 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
     With FP16/INT8 and labelled test images, ``summary["gate"]`` holds each precision's release gate
     against FP32 (limits as fractions; :func:`failed_gates` lists the failed ones)."""
     _check_settings(calib_method, max_batch)  # before any work
+    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
+        raise LungedgeError(f"--calib-size must be at least 1, got {calib_size}")  # also without --int8
+    if classes is not None:
+        parse_classes(classes)
+    if (options or {}).get("input_size") is not None:
+        check_input_size(options["input_size"], "--input-size")
     if engine:  # asked for: said before anything is written or replaced, not after minutes of export
         try:
             trt.detect_target()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LungedgeError, check_choice
+from ..limits import check_input_size
 from ..preprocess import CHANNEL_ORDERS, RESIZES, Preprocessing
 
 OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")
@@ -56,6 +57,8 @@ def parse_triple(text, what: str):
         values *= 3
     if len(values) != 3:
         raise LungedgeError(f"--{what} takes 1 or 3 comma-separated numbers or 'none', got {text!r}")
+    if not all(np.isfinite(values)):  # nan reached the model and was blamed on its output
+        raise LungedgeError(f"--{what} values must be finite numbers, got {text!r}")
     if what == "std" and any(v <= 0 for v in values):
         raise LungedgeError(f"--std values must be greater than 0, got {text!r}")
     return tuple(values)
@@ -100,6 +103,8 @@ def preprocessing(options: dict, path: Path, *, size: int | None = None, layout:
 
 def _declared_size(options: dict, path: Path, size: int | None, base: Preprocessing | None) -> int:
     declared = options.get("input_size")
+    if declared is not None:
+        check_input_size(declared, "--input-size")
     if declared is not None and size is not None and int(declared) != size:
         raise LungedgeError(f"{path} takes {size} x {size} inputs (fixed in the model); --input-size says {declared}")
     size = int(declared or size or (base.size if base else 0))

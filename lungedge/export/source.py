@@ -143,13 +143,24 @@ def declared_base(request: Request):
     return None if request.options.get("custom") else REGISTRY[name].preprocessing
 
 
+def parse_classes(text: str) -> list[str]:
+    """``--classes A,B,C`` -> its names, in output order: at least 2, none empty (``A,,B`` shifts every name after
+    the gap to another output), none repeated (two outputs with one name)."""
+    names = [c.strip() for c in str(text).split(",")]
+    if len([n for n in names if n]) < 2:
+        raise LungedgeError(f"--classes needs at least 2 comma-separated names, got {text!r}")
+    if "" in names:
+        raise LungedgeError(f"--classes has an empty name (names in output order, one per output), got {text!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise LungedgeError(f"--classes names {', '.join(map(repr, repeated))} more than once, got {text!r}")
+    return names
+
+
 def class_names(request: Request, path: Path) -> list[str]:
     """Class names from ``--classes`` (in output order), else from ``--data``'s folders."""
     if request.classes:
-        names = [c.strip() for c in request.classes.split(",") if c.strip()]
-        if len(names) < 2:
-            raise LungedgeError(f"--classes needs at least 2 comma-separated names, got {request.classes!r}")
-        return names
+        return parse_classes(request.classes)
     if request.data:
         from ..data.layout import detect_layout
 
@@ -166,6 +177,21 @@ def lungedge_meta(path: Path) -> dict | None:
     except LungedgeError:
         return None
     return meta if meta.get("format") is not None else None
+
+
+DECLARED = {"input_size": "--input-size", "scale": "--scale", "mean": "--mean", "std": "--std",
+            "channels": "--channels", "layout": "--layout", "resize": "--resize", "output": "--output",
+            "transform_input": "--transform-input"}
+
+
+def refuse_declared(request: Request, path: Path) -> None:
+    """A lungedge checkpoint records its classes and preprocessing: options declaring them for a file from
+    outside were ignored without a word (``--scale nan`` exported the run's scale, exit 0); refused here."""
+    given = (["--classes"] if request.classes else []) + [
+        flag for key, flag in DECLARED.items() if request.options.get(key) is not None]
+    if given:
+        raise LungedgeError(f"{', '.join(given)}: {path} is a lungedge checkpoint and records its own classes "
+                            "and preprocessing; these options are for files from outside lungedge (drop them)")
 
 
 def from_lungedge_checkpoint(path: Path, kind: str, spec, meta: dict, model=None) -> Source:

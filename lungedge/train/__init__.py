@@ -11,15 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LungedgeError
-from .common import TrainConfig, run_checkpoint
+from .common import TrainConfig, ddp_env, run_checkpoint
 
 
 def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: bool | None = None,
           stop_after: int | None = None, strategy=None) -> dict:
     """Train ``cfg.model`` (or, with ``resume``, continue its newest interrupted run); return the
     run summary that is also written to ``<out>/<model>/<run>/metrics.json``."""
-    import os
-
     from ..models.registry import get_spec, import_torch_first
     from .common import claim_run_name, default_run_name, lock_run, planned_run_dir
 
@@ -41,7 +39,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_epoch=None, show_progress: 
         from ..data.split import read_manifest
 
         read_manifest(cfg.split)  # a bad manifest is refused before any run folder is made
-    main_rank = int(os.environ.get("RANK", "0") or 0) == 0
+    main_rank = ddp_env(launched=True)[1] == 0
     runs = Path(cfg.out) / cfg.model
     new_parents = [p for p in (runs.parent, runs) if not p.exists()]  # runs/, runs/MODEL
     claimed = resume_dir is None and not cfg.run_name and main_rank

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LungedgeError
+from ..errors import LungedgeError, check_choice
 from ..io import FolderLock, clean_temp_files, read_json, safe_name, write_error, write_json
-from ..limits import check_input_size, check_positive
+from ..limits import check_batch, check_input_size, check_positive, check_seed, check_threads
 from ..preprocess import Preprocessing, read_image
 from ..ui import progress
 
@@ -95,7 +95,31 @@ class TrainConfig:
             raise LungedgeError(f"--lr must be positive, got {c.lr}")
         if c.device not in ("cpu", "cuda"):
             raise LungedgeError(f"unknown device {c.device!r} (cpu or cuda)")
+        check_seed(c.seed)
+        check_threads(c.threads)
+        check_unfreeze(c.unfreeze)
+        if isinstance(c.patience, bool) or not isinstance(c.patience, int) or c.patience < 0:
+            raise LungedgeError(f"--patience must be 0 (off) or more epochs, got {c.patience!r}")
+        from ..data.defaults import GROUP_BY
+
+        check_choice(c.group_by, GROUP_BY, "--group-by")  # also with --split (where it was ignored)
+        if c.epochs > MAX_EPOCHS:
+            raise LungedgeError(f"--epochs must be at most {MAX_EPOCHS:,}, got {c.epochs}")
+        check_batch(c.batch_size, "--batch-size")
         return c
+
+
+MAX_EPOCHS = 10_000  # 10**12 trained until killed
+
+
+def check_unfreeze(unfreeze) -> None:
+    """--unfreeze: None, 'all' or a whole number of blocks >= 0 (``abc`` was int()'s ValueError, exit 3, in
+    finetune mode, and taken without a word in the others)."""
+    if unfreeze is None or unfreeze == "all":
+        return
+    text = str(unfreeze).strip()
+    if not (text.isascii() and text.isdigit()):
+        raise LungedgeError(f"--unfreeze must be a number of blocks or 'all', got {unfreeze!r}")
 
 
 # -- the split --------------------------------------------------------------------------------------
@@ -305,11 +329,30 @@ def epoch_line(rec: dict) -> str:
             + ("  *best" if rec.get("best") else ""))
 
 
-def env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
+def ddp_env(launched: bool = False) -> tuple[int, int, int]:
+    """(world size, rank, local rank) as torchrun sets them (1, 0, 0 without it), checked: ``RANK=abc`` was an
+    internal error, ``WORLD_SIZE=0`` a division by zero, ``RANK=1`` alone a crash on a run folder never made.
+    ``launched``: also the rest that torch.distributed's env:// start needs (checked before a run starts)."""
+    values = {}
+    for name, default in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
+        raw = os.environ.get(name, "").strip()
+        try:
+            values[name] = int(raw) if raw else default
+        except ValueError:
+            values[name] = None
+        if values[name] is None or values[name] < (1 if name == "WORLD_SIZE" else 0):
+            least = "1" if name == "WORLD_SIZE" else "0"
+            raise LungedgeError(f"{name} (set by torchrun) must be a whole number of at least {least}, got {raw!r}")
+    world, rank, local = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
+    missing = [n for n in ("RANK", "MASTER_ADDR", "MASTER_PORT")
+               if launched and world > 1 and not os.environ.get(n, "").strip()]
+    if missing:  # torch.distributed's own ValueError was an internal error
+        raise LungedgeError(f"WORLD_SIZE={world} without {', '.join(missing)}: start distributed training with "
+                            "torchrun, which sets them all")
+    if rank >= world:
+        raise LungedgeError(f"RANK (set by torchrun) must be less than WORLD_SIZE ({world}), got {rank}; "
+                            "start distributed training with torchrun")
+    return world, rank, local
 
 
 def initial_model(cfg: TrainConfig, spec, classes: list[str]):

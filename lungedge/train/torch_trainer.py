@@ -36,9 +36,7 @@ class Dist:
         import torch
         import torch.distributed as dist
 
-        self.world = common.env_int("WORLD_SIZE", 1)
-        self.rank = common.env_int("RANK", 0)
-        self.local_rank = common.env_int("LOCAL_RANK", 0)
+        self.world, self.rank, self.local_rank = common.ddp_env()
         self.active = self.world > 1
         if device == "cuda":
             torch.cuda.set_device(self.local_rank)

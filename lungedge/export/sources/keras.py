@@ -43,6 +43,7 @@ def load(path: Path, request: Request) -> Source:
         except keras_resnet50.NotResNet50:
             pass
     if meta is not None:
+        src.refuse_declared(request, path)
         return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
     model = load_keras_file(path, trust_code=request.trust_pickle)
     facts = _facts(model, path)
@@ -56,6 +57,7 @@ def _resnet50_read(path: Path, spec, meta, reading, request: Request) -> Source:
     :class:`KerasReference` (Keras itself, in a worker process)."""
     model = KerasReference(path, reading)
     if meta is not None:
+        src.refuse_declared(request, path)
         source = src.from_lungedge_checkpoint(path, KIND.name, spec, meta, model=model)
     else:
         facts = {"input_shape": (None, reading.size, reading.size, 3), "outputs": reading.outputs,

@@ -32,6 +32,7 @@ def load(path: Path, request: Request) -> Source:
     spec = src.registry_spec(request, "torch", path)
     meta = src.lungedge_meta(path)
     if meta is not None:
+        src.refuse_declared(request, path)
         return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
     return _foreign(path, spec, request)
 
