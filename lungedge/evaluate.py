@@ -16,7 +16,7 @@ import numpy as np
 from . import provenance, testset
 from .batching import nonfinite_rows, runner_logits
 from .errors import LungedgeError, display_name
-from .metrics import calibration, classification_metrics, disagreement
+from .metrics import UNDEFINED, calibration, classification_metrics, disagreement
 from .results import job_row
 from .runners import open_runner
 from .runners.base import to_probabilities
@@ -261,10 +261,6 @@ def table(rows: list[dict]):
                   f"{r['differs_from_fp32']:.1%}" if r.get("differs_from_fp32") is not None else "–",
                   ("pass" if gate["pass"] else "FAIL") if gate else "–", per("sensitivity"), per("specificity"))
     return t
-
-
-UNDEFINED = {"sensitivity": "no test images", "specificity": "no images of other classes",
-             "precision": "never predicted"}
 
 
 def table_title(rows: list[dict]) -> str:

@@ -12,6 +12,11 @@ import warnings
 import numpy as np
 
 
+# why a per-class figure is None (undefined), as eval's table and the report say it
+UNDEFINED = {"sensitivity": "no test images", "specificity": "no images of other classes",
+             "precision": "never predicted"}
+
+
 def _none_if_nan(v):
     v = float(v)
     return None if np.isnan(v) else v

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import LungedgeError
 from .io import FolderLock, atomic_write_png, atomic_write_text, clean_temp_files, read_written, written_together
+from .metrics import UNDEFINED
 from .provenance import machine_label
 from .runners.registry import short_name
 
@@ -208,8 +209,7 @@ def _per_class_pm(m, ev, key) -> str:
     out = []
     for c, v in m[key].items():
         iv = ci.get(c)
-        why = {"sensitivity": "no test images", "specificity": "no images of other classes"}.get(key, "undefined")
-        out.append(f"{c}=– ({why})" if v is None else f"{c}={v:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""))
+        out.append(f"{c}=– ({UNDEFINED.get(key, 'undefined')})" if v is None else f"{c}={v:.2f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""))
     return " ".join(out)
 
 
