@@ -210,14 +210,7 @@ def written_together() -> Iterator[None]:
         raise
     finally:
         _TOGETHER.pending = None
-    try:
-        for path in pending:
-            check_replaceable(path)
-    except WriteError:
-        for rest in pending.values():
-            Path(rest).unlink(missing_ok=True)
-        raise
-    if pending:
+    if pending:  # each path passed check_replaceable when its file was written (atomic_write_bytes, publish_file)
         _commit(pending)
 
 
