@@ -49,6 +49,20 @@ class Source:
     converter: str = ""  # which converter wrote the ONNX where a kind has several (ONNX metadata extra.converter)
     temperature: dict | None = None  # fitted at export on the run's validation images (lungedge.temperature)
     input_check: dict | None = None  # fitted at export on the run's training images (lungedge.inputcheck)
+    # an ONNX graph the source kind made while loading (a pickled torch model's, exported to read its output
+    # kind; a foreign ONNX converted to a newer opset): (its opset, or None for any; the ModelProto)
+    onnx: tuple | None = None
+
+
+def prepared_onnx(source: Source, opset: int):
+    """A copy of the ONNX graph ``source`` made while loading (``Source.onnx``) where it serves ``opset``, else None."""
+    if source.onnx is None or source.onnx[0] not in (None, opset):
+        return None
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(source.onnx[1])
+    return model
 
 
 class UnfinishedRun(LungedgeError):

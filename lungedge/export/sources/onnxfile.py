@@ -153,7 +153,7 @@ def load(path: Path, request: Request) -> Source:
     source = Source(model, KIND.name, "onnx", request.model, names, prep, path, sha256_file(path),
                     build={"source_kind": "onnx", "file": path.name}, notes=notes + more + more2, output=kind,
                     keep=keep)
-    source.upgraded = None if upgraded is model else upgraded
+    source.onnx = None if upgraded is model else (None, upgraded)
     _check_batch(source, path)
     return source
 
@@ -179,8 +179,10 @@ def run(source: Source, x: np.ndarray) -> np.ndarray:
 def to_onnx(source: Source, opset: int):
     import onnx
 
-    model = onnx.ModelProto()
-    model.CopyFrom(getattr(source, "upgraded", None) or source.model)
+    model = src.prepared_onnx(source, opset)  # the graph converted to a newer opset, if it was
+    if model is None:
+        model = onnx.ModelProto()
+        model.CopyFrom(source.model)
     return model
 
 

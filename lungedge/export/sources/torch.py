@@ -201,7 +201,7 @@ def _foreign(path: Path, spec, request: Request) -> Source:
     kind, keep, more2 = declared.output_kind(detected, said, out_features, names, path)
     source = Source(model, KIND.name, "torch", spec.name, names, prep, path, sha256_file(path),
                     build=dict(build), notes=notes + more + more2, output=kind, keep=keep)
-    source.graph = graph  # reused by to_onnx at the same opset
+    source.onnx = graph  # reused by to_onnx at the same opset
     return source
 
 
@@ -239,14 +239,8 @@ def run(source: Source, x: np.ndarray) -> np.ndarray:
 
 def to_onnx(source: Source, opset: int):
     """The model as FP32 ONNX: input "input", output "logits", dynamic batch (TorchScript exporter)."""
-    import onnx
-
-    cached = getattr(source, "graph", None)
-    if cached is not None and cached[0] == opset:
-        model = onnx.ModelProto()
-        model.CopyFrom(cached[1])
-        return model
-    return _export(source.model, source.preprocessing.input_shape, opset)
+    model = src.prepared_onnx(source, opset)
+    return model if model is not None else _export(source.model, source.preprocessing.input_shape, opset)
 
 
 def _export(model, input_shape, opset: int):
