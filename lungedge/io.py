@@ -279,32 +279,42 @@ def _commit(pending: dict[Path, str]) -> None:
         if os.path.dirname(os.path.abspath(tmp)) == os.path.abspath(path.parent) and _ours(Path(tmp).name, path.name):
             folders.setdefault(path.parent, []).append((Path(tmp).name, path.name))
     journals: list[Path] = []
+    items = list(pending.items())
     try:
         for folder, pairs in folders.items():
             journals.append(_write_journal(folder, pairs))
+        for index, (path, tmp) in enumerate(items):
+            _renaming(index, tmp, path)
+            os.replace(tmp, path)
     except OSError as exc:
         for j in journals:
             j.unlink(missing_ok=True)
         for tmp in pending.values():
             Path(tmp).unlink(missing_ok=True)
-        folder = next(iter(folders))
-        raise write_error(folder / JOURNAL, exc) from None
-    except BaseException:
-        for j in journals:
-            j.unlink(missing_ok=True)
-        for tmp in pending.values():
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for index, (path, tmp) in enumerate(pending.items()):
-        _renaming(index, tmp, path)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            for rest in pending.values():
-                Path(rest).unlink(missing_ok=True)
+        raise write_error(folder / JOURNAL if len(journals) < len(folders) else path, exc) from None
+    except BaseException:  # Ctrl-C, SystemExit
+        if len(journals) < len(folders):  # before the set was committed: it stays old
             for j in journals:
                 j.unlink(missing_ok=True)
-            raise write_error(path, exc) from None
+            for tmp in pending.values():
+                Path(tmp).unlink(missing_ok=True)
+        else:  # the journals commit the set: finish its renames rather than leave them to the next lock
+            _finish(items, journals)
+        raise
+    for j in journals:
+        _fsync_dir(j.parent)
+        j.unlink(missing_ok=True)
+
+
+def _finish(items: list[tuple[Path, str]], journals: list[Path]) -> None:
+    """The renames of a committed set that an exception (Ctrl-C) stopped: those whose temporaries are still
+    there. One that fails leaves the journals for :func:`roll_forward`, at the folder's next lock."""
+    for path, tmp in items:
+        if os.path.lexists(tmp):
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                return
     for j in journals:
         _fsync_dir(j.parent)
         j.unlink(missing_ok=True)

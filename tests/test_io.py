@@ -414,3 +414,28 @@ def test_a_set_written_in_full_leaves_no_journal(tmp_path):
         atomic_write_text(tmp_path / "b.txt", "2")
         assert not (tmp_path / "a.txt").exists()
     assert _names(tmp_path) == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize("stop_at, expected", [("journal", "old"), ("rename", "new")])
+def test_ctrl_c_during_a_commit_leaves_one_whole_set_and_no_temporaries(tmp_path, monkeypatch, stop_at, expected):
+    """Ctrl-C while a set is being named: before its journal is complete the old set stays; once it is, the set
+    is committed and the renames finish in the same process, so nothing waits for the folder's next lock."""
+    import lungedge.io as io
+
+    names = ["best.pth", "last.pth", "metrics.json"]
+    for name in names:
+        (tmp_path / name).write_text("old")
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    if stop_at == "journal":
+        monkeypatch.setattr(io, "_write_journal", interrupt)
+    else:
+        monkeypatch.setattr(io, "_renaming", lambda index, tmp, path: interrupt() if index == 1 else None)
+    with pytest.raises(KeyboardInterrupt):
+        with io.written_together():
+            for name in names:
+                atomic_write_text(tmp_path / name, "new")
+    assert [(tmp_path / n).read_text() for n in names] == [expected] * 3
+    assert _names(tmp_path) == names  # no temporaries, no journal
