@@ -131,10 +131,11 @@ def test_manifest_that_is_not_a_manifest(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [(["--val", "0.6", "--test", "0.5"], "must leave images"),
                                           (["--test", "1.5"], "--test must be a fraction"),
+                                          (["--val", "0"], "--val must be more than 0: training picks"),
                                           (["--group-by", "patient"], "unknown --group-by")])
 def test_bad_split_parameters(generic_dataset, tmp_path, capsys, args, message):
     code, _, err = run_cli(["data", "split", generic_dataset, "--out", tmp_path / "m.json", *args], capsys)
-    assert code == 2 and message in err
+    assert code == 2 and message in err and not (tmp_path / "m.json").exists()
 
 
 def test_existing_manifest_survives_a_failed_split(generic_dataset, tmp_path, capsys):

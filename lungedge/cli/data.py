@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..data.defaults import DEFAULT_THRESHOLD, LOOSE_THRESHOLD, SPLITS
-from ..errors import display_name
+from ..errors import LungedgeError, display_name
 from .common import print_json
 
 app = typer.Typer(help="Inspect image folders, make leakage-aware splits and audit them.", no_args_is_help=True)
@@ -100,6 +100,9 @@ def split_cmd(
     """Deterministic, class-stratified train/val/test split that keeps near-duplicate groups together."""
     from ..data.split import make_split, write_manifest
 
+    if val == 0:  # make_split allows it (a calibration set is all 'train'); train refuses such a split
+        raise LungedgeError("--val must be more than 0: training picks its best epoch (and early-stops) on the "
+                            "validation part, and refuses a split without one")
     manifest = make_split(folder, val=val, test=test, seed=seed, group_by=group_by, threshold=threshold)
     write_manifest(manifest, out)
     summary = {k: manifest[k] for k in ("params", "dataset", "classes", "counts", "groups", "warnings")}
