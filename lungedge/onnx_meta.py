@@ -15,6 +15,7 @@ precision ``int8``; ``extra.int8_target`` (``trt`` | ``cpu`` | ``ov``) tells the
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from . import __version__
@@ -119,6 +120,10 @@ def load_checked(path: str | Path):
     except Exception as exc:  # DecodeError, ValidationError, ...  # noqa: BLE001
         _check_external_data(path)  # a missing or short model.onnx.data beside it, named
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        newer = re.search(r"ir_version (\d+) is higher than the checker's \((\d+)\)", first)
+        if newer:  # not damaged: saved by a newer onnx
+            raise LungedgeError(f"{path} has ONNX IR version {newer[1]}, newer than onnx {onnx.__version__} here "
+                                f"reads (up to {newer[2]}): save it with an older onnx package") from None
         raise LungedgeError(f"{path} is not a valid ONNX model (truncated or corrupt?): {first}") from None
     return model
 
@@ -155,3 +160,36 @@ def read(path: str | Path) -> dict:
     meta = from_model(load_checked(path), str(path))
     meta["preprocessing"] = Preprocessing.from_dict(meta["preprocessing"])
     return meta
+
+
+def ort_problem(exc: BaseException) -> str:
+    """What ONNX Runtime says when it cannot load or run a graph, in one short line: the version it needs
+    where that is the cause (a file from a newer onnx: IR version, opset), else its own message without
+    its C++ source location and function signature."""
+    import onnxruntime as ort
+
+    text = str(exc)
+    ir = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", text)
+    if ir:
+        return (f"its ONNX IR version is {ir[1]}, newer than onnxruntime {ort.__version__} reads (up to {ir[2]}): "
+                "save it with an older onnx package or use a newer onnxruntime")
+    opset = re.search(r"Opset (\d+) is under development.*?till opset (\d+)", text, re.S)
+    if opset:
+        return (f"its opset {opset[1]} is newer than onnxruntime {ort.__version__} supports (up to {opset[2]}): "
+                f"export it with opset_version={opset[2]} or lower")
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text.strip())
+    text = re.sub(r"^Load model from .*? failed:", "", text)
+    where = re.match(r"\s*/\S+:\d+ ", text)  # "/onnxruntime_src/...cc:256 Type fn(args...) message"
+    if where:
+        rest, depth, start = text[where.end():], 0, None
+        for i, ch in enumerate(rest):  # skip the function signature: up to its outermost closing parenthesis
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth == 0:
+                    start = i + 1
+                    break
+        text = rest[start:] if start is not None else rest
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:240]

@@ -706,6 +706,29 @@ def test_old_opset_onnx_is_converted_so_int8_works(tmp_path, capsys):
     assert code == 0, err
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("ir_version", 14, r"ONNX Runtime cannot load \S+: its ONNX IR version is 14, newer than onnxruntime [\d.]+ reads "
+                       r"\(up to \d+\)"),
+    ("ir_version", 20, r"\S+ has ONNX IR version 20, newer than onnx [\d.]+ here reads \(up to \d+\)"),
+    ("opset", 99, r"ONNX Runtime cannot load \S+: its opset 99 is newer than onnxruntime [\d.]+ supports "
+                  r"\(up to \d+\): export it with opset_version=\d+ or lower")])
+def test_onnx_from_a_newer_onnx_says_which_version_it_needs(tmp_path, capsys, field, value, said):
+    """A graph saved by a newer onnx than this ONNX Runtime reads: the version, not 'check --input-size'."""
+    import onnx
+
+    path = ff.onnx_file(tmp_path / "new.onnx", ff.tiny_torch(), size=16)
+    model = onnx.load(str(path))
+    if field == "ir_version":
+        model.ir_version = value
+    else:
+        next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = value
+    onnx.save(model, str(path))
+    code, _, err = run_cli(["export", "new", "--custom", "--classes", "a,b,c", "--checkpoint", path,
+                            "--out", tmp_path / "e", "--no-engine"], capsys)
+    one_error(code, err, match=said)
+    assert not (tmp_path / "e").exists()
+
+
 @pytest.mark.slow
 def test_pickled_model_with_a_softmax_head_is_not_softmaxed_twice(tmp_path, capsys):
     torch.manual_seed(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import onnx_meta
 from ..errors import LungedgeError
 from .base import Loader, Runner, TensorSpec
 
@@ -43,7 +44,7 @@ class SessionFromOnnx(Loader):
         try:
             session = ort.InferenceSession(str(self.info.path), sess_options=opts, providers=wanted)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-            raise LungedgeError(f"ONNX Runtime cannot load {self.info.path} ({str(exc).splitlines()[0][:160]})") from None
+            raise LungedgeError(f"ONNX Runtime cannot load {self.info.path}: {onnx_meta.ort_problem(exc)}") from None
         used = session.get_providers()
         if first not in used:
             raise LungedgeError(f"ONNX Runtime fell back from {first} to {', '.join(used)} for {self.info.path.name}")

@@ -154,6 +154,12 @@ def load(path: Path, request: Request) -> Source:
                     build={"source_kind": "onnx", "file": path.name}, notes=notes + more + more2, output=kind,
                     keep=keep)
     source.onnx = None if upgraded is model else (None, upgraded)
+    try:
+        _session(source)
+    except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime raises on a graph it cannot load
+        from ... import onnx_meta
+
+        raise LungedgeError(f"ONNX Runtime cannot load {path}: {onnx_meta.ort_problem(exc)}") from None
     _check_batch(source, path)
     return source
 
