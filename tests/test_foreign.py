@@ -401,6 +401,29 @@ def test_keras_weights_only_file_says_so_and_how_to_save_the_model(tmp_path, cap
     assert not (tmp_path / "e").exists()
 
 
+def test_keras_file_from_a_newer_keras_names_the_option_and_the_version(tmp_path, capsys):
+    """A .keras archive whose layer config carries an option this Keras does not know (a newer Keras wrote it):
+    the innermost reason Keras gives and the versions, not the first line of its nested config dump."""
+    import zipfile
+
+    ff.tiny_keras(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    config = json.loads(members["config.json"])
+    layer = next(l for l in config["config"]["layers"] if l["class_name"] == "Dense")
+    layer["config"]["future_option"] = 7
+    members["config.json"] = json.dumps(config).encode()
+    members["metadata.json"] = json.dumps({**json.loads(members["metadata.json"]), "keras_version": "3.99.0"}).encode()
+    with zipfile.ZipFile(tmp_path / "new.keras", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    code, _, err = run_cli(["export", "mine", "--custom", "--checkpoint", tmp_path / "new.keras", "--classes", "A,B,C",
+                            "--out", tmp_path / "e"], capsys)
+    one_error(code, err, match=r"new\.keras: cannot load the Keras model \(Unrecognized keyword arguments passed to "
+                               r"Dense: \{'future_option': 7\}\); saved by Keras 3\.99\.0, newer than Keras [\d.]+ here")
+    assert not (tmp_path / "e").exists()
+
+
 def test_keras_lambda_layer_needs_trust_and_channels_first_is_said(tmp_path, capsys):
     model = ff.keras_lambda(tmp_path / "lam.keras")
     args = ["export", "lam", "--checkpoint", tmp_path / "lam.keras", "--custom", "--classes", "a,b,c",

@@ -226,7 +226,44 @@ def load_keras_file(path, trust_code: bool | None = None):
         if "Lambda" in text and ("safe_mode" in text or "arbitrary code" in text):
             raise LungedgeError(f"{path} holds a Lambda layer with Python code, which runs when loaded; refusing "
                                 "it. If you trust its origin, pass --trust-pickle") from None
-        raise LungedgeError(f"{path}: cannot load the Keras model ({text.splitlines()[0][:160]})") from None
+        raise LungedgeError(f"{path}: cannot load the Keras model ({_keras_cause(text)}){_saved_by_newer(path, keras)}"
+                            ) from None
+
+
+def _keras_cause(text: str) -> str:
+    """The innermost reason in a Keras load error, which nests one 'could not be deserialized ... config={...}'
+    paragraph per enclosing layer before it ('Exception encountered: Unrecognized keyword arguments ...')."""
+    inner = text.rsplit("Exception encountered:", 1)[-1]
+    lines = [line.strip() for line in inner.strip().splitlines() if line.strip()]
+    return (lines[0] if lines else "no reason given")[:200]
+
+
+def _saved_by_newer(path, keras) -> str:
+    """'; saved by Keras X, newer than Keras Y here: ...' where the file records a newer Keras than this one
+    (a ``.keras`` archive's metadata.json, an ``.h5``'s keras_version attribute); else ''."""
+    import zipfile
+
+    saved = None
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                saved = json.loads(zf.read("metadata.json")).get("keras_version")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as fh:
+                saved = fh.attrs.get("keras_version")
+        saved = saved.decode() if isinstance(saved, bytes) else saved
+    except Exception:  # noqa: BLE001 - no record of the version: nothing to add
+        return ""
+
+    def key(version):
+        return tuple(int(p) for p in str(version).split("+")[0].split(".")[:3] if p.isdigit())
+
+    if not isinstance(saved, str) or not key(saved) or key(saved) <= key(keras.__version__):
+        return ""
+    return (f"; saved by Keras {saved}, newer than Keras {keras.__version__} here, which may not know all that "
+            "it writes")
 
 
 def _fix_nested(config) -> int:
