@@ -401,6 +401,24 @@ def test_keras_weights_only_file_says_so_and_how_to_save_the_model(tmp_path, cap
     assert not (tmp_path / "e").exists()
 
 
+def test_pth_from_a_newer_torch_says_so(tmp_path, capsys):
+    """A torch.save zip whose format version is beyond this torch's: the versions, without torch's C++ prefix."""
+    import zipfile
+
+    torch.save(ff.tiny_torch().state_dict(), tmp_path / "now.pth")
+    with zipfile.ZipFile(tmp_path / "now.pth") as src, zipfile.ZipFile(tmp_path / "new.pth", "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, b"99\n" if name.endswith("/version") else src.read(name))
+    said = (r"new\.pth is not a readable [.a-z ]+ \(saved by a newer PyTorch: file format version 99, torch \S+ here "
+            r"reads up to \d+\)$")
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "new.pth", "--classes", "A,B,C",
+                            "--out", tmp_path / "e", "--no-engine"], capsys)
+    one_error(code, err, match=said)
+    code, _, err = run_cli(["predict", tmp_path / "new.pth", tmp_path / "new.pth"], capsys)
+    one_error(code, err, match=said)
+    assert not (tmp_path / "e").exists()
+
+
 def test_keras_file_from_a_newer_keras_names_the_option_and_the_version(tmp_path, capsys):
     """A .keras archive whose layer config carries an option this Keras does not know (a newer Keras wrote it):
     the innermost reason Keras gives and the versions, not the first line of its nested config dump."""

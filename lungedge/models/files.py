@@ -67,7 +67,23 @@ def read_pth(path: Path):
         raise LungedgeError(f"{path} is not a plain state-dict checkpoint; refusing to unpickle it "
                             "(it holds objects that would run code when loaded)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise LungedgeError(f"{path} is not a readable torch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+        raise LungedgeError(f"{path} is not a readable torch checkpoint ({torch_load_problem(exc)})") from None
+
+
+def torch_load_problem(exc: BaseException) -> str:
+    """Why torch.load failed, in one short line: the format versions where a newer PyTorch wrote the file, else
+    torch's first line without its C++ '[enforce fail at FILE:LINE] .' prefix."""
+    import re
+
+    import torch
+
+    text = str(exc)
+    newer = re.search(r"PyTorch file with version (\d+), but the maximum supported version for reading is (\d+)", text)
+    if newer:
+        return (f"saved by a newer PyTorch: file format version {newer[1]}, torch {torch.__version__} here reads "
+                f"up to {newer[2]}")
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text.strip())
+    return ((text.splitlines() or [type(exc).__name__])[0] or type(exc).__name__)[:160]
 
 
 def is_tensor_dict(obj) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ...errors import LungedgeError
 from ...io import sha256_file
+from ...models.files import torch_load_problem
 from .. import declared
 from .. import source as src
 from ..kind import SourceKind
@@ -50,7 +51,7 @@ def _payload(path: Path, trust_pickle: bool, notes: list[str]):
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
         if "weights_only" not in str(exc) and not isinstance(exc, pickle.UnpicklingError):
-            raise LungedgeError(f"{path} is not a readable .pth file ({str(exc).splitlines()[0][:120]})") from None
+            raise LungedgeError(f"{path} is not a readable .pth file ({torch_load_problem(exc)})") from None
         if not trust_pickle:
             raise LungedgeError(f"{path} holds a whole pickled model, which runs code when loaded; refusing it. "
                                 "If you trust its origin, pass --trust-pickle") from None
