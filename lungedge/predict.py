@@ -38,7 +38,7 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
                 if check is not None:
                     preds[-1]["input_check"] = check
         if not preds:
-            raise LungedgeError(f"none of the {len(images)} images could be read (first: {unreadable[0]['reason']})")
+            raise LungedgeError(f"none of the {len(images)} images could be read (first: {unreadable[0]['image']}: {unreadable[0]['reason']})")
         if explain_dir is not None:
             from .io import FolderLock, written_together
             from .saliency import clean_overlay_temps, explain, write_overlays

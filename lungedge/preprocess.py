@@ -38,6 +38,25 @@ class ImageReadError(LungedgeError):
     """An image file that cannot be decoded (not an image, truncated, ...)."""
 
 
+DICOM_ADVICE = ("lungedge reads image files (PNG, JPEG, TIFF, BMP); export the slices as PNG with the window "
+                "(level and width) the training images were made with")
+
+
+def not_an_image(head: bytes) -> str:
+    """What a file Pillow cannot identify holds instead of an image, from its first bytes (at least 132): a
+    DICOM file, a Git LFS pointer (a clone without ``git lfs pull``), an HTML page (a failed download), nothing."""
+    if not head:
+        return "empty file (0 bytes): an interrupted download or copy?"
+    if head[128:132] == b"DICM":
+        return f"a DICOM file; {DICOM_ADVICE}"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the image: run `git lfs pull`"
+    low = head[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if low.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not an image (an error or login page saved under the image's name?)"
+    return "not an image file"
+
+
 def pillow():
     """PIL.Image, with Pillow's own decompression-bomb warning muted: :func:`check_pixels` decides, and
     Pillow's error (at twice its limit) is reported as :func:`lungedge.limits.too_large`."""
@@ -93,7 +112,12 @@ def read_image(path: str | Path, size: int | None = None):
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file") from None
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(512)
+        except OSError:
+            head = b"?"
+        raise ImageReadError(f"{path}: {not_an_image(head)}") from None
     except Image.DecompressionBombError:
         from .limits import too_large
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import augmented_rotation, require_real, run_cli, smooth_image, write_dataset
+from conftest import augmented_rotation, one_error, require_real, run_cli, smooth_image, write_dataset
 from lungedge.data import dedup
 from lungedge.data.layout import detect_layout
 
@@ -86,19 +86,46 @@ def _corrupt_files(root: Path):
     (root / "cat_b" / "fake.png").write_text("this is not a picture")
 
 
+DICOM = bytes(128) + b"DICM" + b"\x02\x00\x00\x00" * 16  # the preamble and marker every DICOM file starts with
+
+
+def _not_images(root: Path):
+    """What sits under an image's name in real folders: a Git LFS pointer, a DICOM slice, a saved login page,
+    an empty file."""
+    (root / "cat_b" / "lfs.png").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    (root / "cat_b" / "slice.png").write_bytes(DICOM)
+    (root / "cat_a" / "page.jpg").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    (root / "cat_a" / "empty.png").write_bytes(b"")
+
+
 def test_inspect_lists_unreadable_files_and_identical_files(generic_dataset, capsys):
     _corrupt_files(generic_dataset)
+    _not_images(generic_dataset)
     (generic_dataset / "cat_c" / "copy.png").write_bytes((generic_dataset / "cat_c" / "img000_0.png").read_bytes())
     code, out, err = run_cli(["data", "inspect", generic_dataset, "--json"], capsys)
     assert code == 0, err
     info = json.loads(out)
-    assert info["counts"] == {"cat_a": 26, "cat_b": 25, "cat_c": 25}
+    assert info["counts"] == {"cat_a": 28, "cat_b": 27, "cat_c": 25}
     reasons = {u["path"]: u["reason"] for u in info["unreadable"]}
-    assert set(reasons) == {"cat_a/truncated.jpg", "cat_b/fake.png"}
+    assert set(reasons) == {"cat_a/truncated.jpg", "cat_b/fake.png", "cat_b/lfs.png", "cat_b/slice.png",
+                            "cat_a/page.jpg", "cat_a/empty.png"}
     assert reasons["cat_b/fake.png"] == "not an image file"
+    assert reasons["cat_b/lfs.png"] == "a Git LFS pointer, not the image: run `git lfs pull`"
+    assert reasons["cat_b/slice.png"].startswith("a DICOM file; lungedge reads image files (PNG, JPEG, TIFF, BMP)")
+    assert reasons["cat_a/page.jpg"].startswith("an HTML page, not an image")
+    assert reasons["cat_a/empty.png"] == "empty file (0 bytes): an interrupted download or copy?"
     assert "truncated" in reasons["cat_a/truncated.jpg"]
     assert info["readable_counts"] == {"cat_a": 25, "cat_b": 24, "cat_c": 25}
     assert sorted(map(sorted, info["identical"])) == [["cat_c/copy.png", "cat_c/img000_0.png"]]
+
+
+def test_a_folder_of_dicom_files_says_so(tmp_path, capsys):
+    for name in ("benign/IM0001", "malignant/s1.dcm"):  # scanners often write no suffix
+        (tmp_path / "ct" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ct" / name).write_bytes(DICOM)
+    code, _, err = run_cli(["data", "inspect", tmp_path / "ct"], capsys)
+    one_error(code, err, match=r"no images found in .*ct, but DICOM files \(benign/IM0001 and more\); lungedge reads "
+                               r"image files \(PNG, JPEG, TIFF, BMP\); export the slices as PNG with the window")
 
 
 def test_split_skips_unreadable_files_and_says_so(generic_dataset, tmp_path, capsys):

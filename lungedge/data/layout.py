@@ -104,6 +104,23 @@ def _walk_files(folder: Path) -> list[Path]:
     return out
 
 
+def _dicom_files(root: Path, look_at: int = 1000) -> list[Path]:
+    """DICOM files among the first ``look_at`` files under ``root``: named ``.dcm``/``.dicom``, or (scanners
+    often write no suffix) with the 'DICM' marker at byte 128."""
+    found = []
+    for f in _walk_files(root)[:look_at]:
+        if f.suffix.lower() in (".dcm", ".dicom"):
+            found.append(f)
+            continue
+        try:
+            with open(f, "rb") as fh:
+                if fh.read(132)[128:] == b"DICM":
+                    found.append(f)
+        except OSError:
+            pass
+    return found
+
+
 def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -192,6 +209,12 @@ def detect_layout(root: str | os.PathLike, min_classes: int = 2) -> DatasetLayou
 
 def _checked(layout: DatasetLayout, min_classes: int = 2) -> DatasetLayout:
     if not layout.files:
+        dicom = _dicom_files(layout.root)
+        if dicom:
+            from ..preprocess import DICOM_ADVICE
+
+            raise LungedgeError(f"no images found in {layout.root}, but DICOM files ({dicom[0].relative_to(layout.root)}"
+                                f"{' and more' if len(dicom) > 1 else ''}); {DICOM_ADVICE}")
         raise LungedgeError(f"no images found in {layout.root} (expected one folder per class)")
     if len(layout.classes) < min_classes:
         only = layout.classes[0] if layout.classes else "?"

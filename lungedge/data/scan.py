@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import check_pixels, is_regular_file, pillow, to_gray
+from ..preprocess import check_pixels, is_regular_file, not_an_image, pillow, to_gray
 from ..limits import too_large
 
 THUMB = 64  # side of the grayscale thumbnail kept for near-duplicate search
@@ -55,7 +55,7 @@ def scan_file(root: Path, path: str, label: str, thumb: bool = True) -> ScannedI
             if thumb:
                 rec.thumb = np.asarray(to_gray(img).resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
     except UnidentifiedImageError:
-        rec.error = "not an image file"
+        rec.error = not_an_image(data[:512])
     except Image.DecompressionBombError:
         rec.error = f"unreadable image: {too_large()}"
     except (OSError, SyntaxError, ValueError) as exc:
