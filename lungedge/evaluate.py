@@ -140,36 +140,71 @@ def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log
         log(f"{job.model} {row['variant']}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
 
 
-def leakage(ts: EvalImages, model: str, artifact: Path, runs) -> dict | None:
-    """How many test images are byte-identical (SHA-256) to an image of the training or validation part of the
-    split the model was trained with; None when that split is not known. Near-duplicates that are not
-    byte-identical are not counted: a split's own test part keeps them out by its groups."""
+def leakage(ts: EvalImages, model: str, artifact: Path, runs, data=None, split=None,
+            show_progress: bool | None = None) -> dict | None:
+    """How many test images the model has already seen, against the training and validation parts of the
+    split it was trained with (:func:`lungedge.data.leak.trained_on`): byte-identical (SHA-256, as the
+    manifest records them) and near-duplicates (re-encoded, resized, a neighbouring slice, a rotated/flipped
+    copy: the pixel similarity ``data split`` groups by), each counted apart; None when that split is not
+    known. The training files are read from the manifest's root, or from ``data`` when eval was given that
+    same manifest with ``--split`` and ``--data``; those missing or changed there are checked by SHA-256
+    only, and counted in ``near_duplicates.not_checked``. The training images' rotated thumbnails are cached
+    beside the manifest (:func:`lungedge.data.leak.cache_path`), so the next eval against it reads none."""
+    from .data.leak import cache_path, trained_on
     from .data.split import read_manifest
-    from .io import sha256_file
 
     manifest_path = _run_split(model, Path(artifact), runs)
     if manifest_path is None:
         return None
     try:
-        items = read_manifest(manifest_path)["items"]
+        manifest = read_manifest(manifest_path)
     except LungedgeError:
         return None
-    seen = {it["sha256"]: it["split"] for it in items if it.get("split") in ("train", "val") and it.get("sha256")}
-    hits = {"train": 0, "val": 0}
-    for path in ts.paths:
-        part = seen.get(sha256_file(path))
-        if part:
-            hits[part] += 1
-    return {"checked_against": str(manifest_path), "images": len(ts.paths), "in_training": hits["train"],
-            "in_validation": hits["val"], "how": "byte-identical files (SHA-256)"}
+    root = None
+    if data and split and Path(split).resolve() == Path(manifest_path).resolve():
+        root = Path(data)  # eval's --data is this manifest's moved root
+    return {"checked_against": str(manifest_path),
+            **trained_on(manifest, list(ts.paths), root=root, cache=cache_path(manifest_path),
+                         show_progress=show_progress)}
+
+
+def _leak_counts(leak: dict) -> tuple[int, int, int, int]:
+    """(byte-identical in training, in validation, near-duplicates in training, in validation)."""
+    near = leak.get("near_duplicates") or {}
+    return leak["in_training"], leak["in_validation"], near.get("in_training", 0), near.get("in_validation", 0)
+
+
+def not_checked_text(leak: dict) -> str | None:
+    """What the near-duplicate check could not compare ("12 of the 932 training/validation images ..."), if anything."""
+    near = leak.get("near_duplicates") or {}
+    n = near.get("not_checked")
+    if not n:
+        return None
+    first = near.get("first_not_checked") or {}
+    return (f"{n} of the {n + near['compared_with']} training/validation images could not be read under "
+            f"{near.get('root')} ({first.get('reason')}: {first.get('path')}{', ...' if n > 1 else ''}), so only "
+            "their SHA-256 was checked, not their near-duplicates")
 
 
 def leakage_line(model: str, leak: dict | None) -> str | None:
-    if not leak or not (leak["in_training"] or leak["in_validation"]):
+    """One line on stderr: a WARNING naming the byte-identical and the near-duplicate test images; a note when
+    some training images could not be compared by their pixels and none leaked; None when the check found
+    nothing and missed nothing."""
+    if not leak:
         return None
-    return (f"WARNING {model}: {leak['in_training']} of the {leak['images']} test images are byte-identical to "
-            f"training images and {leak['in_validation']} to validation images of {leak['checked_against']}: "
-            "these figures overstate how the model does on new patients (evaluate the split's test part: "
+    ident_t, ident_v, near_t, near_v = _leak_counts(leak)
+    missed = not_checked_text(leak)
+    near = leak.get("near_duplicates") or {}
+    if not (ident_t or ident_v or near_t or near_v):
+        return (f"note {model}: no test image is byte-identical to a training or validation image of "
+                f"{leak['checked_against']}, nor a near-duplicate of the {near.get('compared_with', 0)} of them "
+                f"that could be compared; {missed}") if missed else None
+    return (f"WARNING {model}: {ident_t + ident_v + near_t + near_v} of the {leak['images']} test images are "
+            f"training or validation images of {leak['checked_against']} or near-copies of them: {ident_t} "
+            f"byte-identical to training images and {ident_v} to validation images, {near_t} near-duplicates of "
+            f"training images and {near_v} of validation images (re-encoded, resized, a neighbouring slice or a "
+            f"rotated/flipped copy: similarity >= {near.get('threshold', 0):g})" + (f"; {missed}" if missed else "")
+            + ": these figures overstate how the model does on new patients (evaluate the split's test part: "
             "--split MANIFEST)")
 
 
@@ -207,7 +242,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
             log(f"skipped {display_name(bad['path'])}: {bad['reason']}")
         key = (job.model, ts.where)
         if key not in leaks:  # test images the model saw in training: said, and kept with every row
-            leaks[key] = leakage(ts, job.model, job.artifact, runs)
+            leaks[key] = leakage(ts, job.model, job.artifact, runs, data, split)
             if (line := leakage_line(job.model, leaks[key])):
                 log(line)
         row["leakage"] = leaks[key]

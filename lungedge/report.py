@@ -185,9 +185,21 @@ def test_set_label(ev: dict | None) -> str:
         return "–"
     text = f"{ev.get('test_set', '?')} ({ev['metrics'].get('n', '?')} images)"
     leak = ev.get("leakage") or {}
-    if leak.get("in_training") or leak.get("in_validation"):
+    if not leak:
+        return text
+    near = leak.get("near_duplicates") or {}
+    if leak.get("in_training") or leak.get("in_validation") or near.get("in_training") or near.get("in_validation"):
         text += (f"; WARNING: {leak['in_training']} in training, {leak['in_validation']} in validation "
                  "(byte-identical)")
+        if near:
+            text += (f", {near['in_training']} in training, {near['in_validation']} in validation (near-duplicates, "
+                     f"similarity ≥ {near['threshold']:g})")
+    if not near:  # a row written before eval looked for near-duplicates
+        text += "; near-duplicates of training images not checked"
+    elif near.get("not_checked"):
+        text += (f"; near-duplicates not checked against {near['not_checked']} of "
+                 f"{near['not_checked'] + near['compared_with']} training/validation images "
+                 "(unreadable: SHA-256 only)")
     return text
 
 

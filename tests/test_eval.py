@@ -186,7 +186,12 @@ def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(expo
     split = json.loads((trained_run("googlenet") / "split.json").read_text())["items"]
     seen = {p: sum(it["split"] == p for it in split) for p in ("train", "val")}
     assert row["leakage"]["in_training"] == seen["train"] > 0 and row["leakage"]["in_validation"] == seen["val"]
-    assert f"WARNING googlenet: {seen['train']} of the {row['metrics']['n']} test images" in err
+    near = row["leakage"]["near_duplicates"]  # the split's test part, grouped, has none in training
+    assert (near["in_training"], near["in_validation"], near["compared_with"]) == (0, 0, seen["train"] + seen["val"])
+    assert (f"WARNING googlenet: {seen['train'] + seen['val']} of the {row['metrics']['n']} test images are training "
+            f"or validation images of {trained_run('googlenet') / 'split.json'} or near-copies of them: "
+            f"{seen['train']} byte-identical to training images and {seen['val']} to validation images, 0 "
+            "near-duplicates") in err
     assert "over images (no near-duplicate groups known" in row["intervals"]["method"]
     y, probs, k = np.array(row["labels"]), np.array(row["probabilities"]), len(row["classes"])
     assert (probs.argmax(1) == row["predictions"]).all()
@@ -197,6 +202,35 @@ def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(expo
             assert m["auroc"][c] == pytest.approx(roc_auc_score(y == i, probs[:, i]))
     ppv = precision_score(y, row["predictions"], labels=list(range(k)), average=None, zero_division=np.nan)
     assert [m["precision"][c] for c in row["classes"]] == [None if np.isnan(v) else pytest.approx(v) for v in ppv]
+
+
+def test_eval_on_resaved_copies_of_training_images_warns_of_near_duplicates(trained_run, tmp_path, capsys):
+    """Training images re-saved as JPEG, resized by 2 px, flipped: no file is byte-identical to one the model
+    trained on, yet eval counts each as a near-duplicate of a training image, on stderr, in the row and in
+    the report's test-set column."""
+    from PIL import Image
+
+    run = trained_run("googlenet")
+    train = [it for it in json.loads((run / "split.json").read_text())["items"] if it["split"] == "train"][:3]
+    changes = [lambda im: im, lambda im: im.resize((62, 62), Image.BILINEAR),
+               lambda im: im.transpose(Image.FLIP_LEFT_RIGHT)]
+    for k, (it, change) in enumerate(zip(train, changes)):
+        (tmp_path / "t" / it["label"]).mkdir(parents=True, exist_ok=True)
+        change(Image.open(trained_run.data / it["path"]).convert("RGB")).save(tmp_path / "t" / it["label"] / f"{k}.jpg",
+                                                                               quality=92)
+    code, stdout, err = run_cli(["eval", run / "best.pth", "--data", tmp_path / "t", "--runs", trained_run.runs,
+                                 "--out", tmp_path / "r", "--json"], capsys)
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    leak = row["leakage"]
+    assert (leak["in_training"], leak["in_validation"]) == (0, 0)
+    assert (leak["near_duplicates"]["in_training"], leak["near_duplicates"]["in_validation"]) == (3, 0)
+    assert "WARNING googlenet: 3 of the 3 test images are training or validation images" in err
+    assert "0 byte-identical to training images and 0 to validation images, 3 near-duplicates of training" in err
+    assert (run / "split.json.near-dup.npz").is_file()  # the training thumbnails, for the next eval
+    code, _, err = run_cli(["report", "--results", tmp_path / "r", "--out", tmp_path / "rep"], capsys)
+    assert code == 0, err
+    assert "3 in training, 0 in validation (near-duplicates" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_eval_of_one_image_of_one_class(exported, trained_run, tmp_path, capsys):
