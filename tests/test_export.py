@@ -245,6 +245,7 @@ def test_source_kind_is_chosen_by_the_file(tmp_path):
     assert [k.name for k in kinds()] == ["torchscript", "torch.export", "torch", "keras", "onnx"]
     assert kind_of(tmp_path / "m.onnx").name == "onnx"
     assert kind_of(tmp_path / "m.pth").name == "torch" and kind_of(tmp_path / "m.PT").name == "torch"
+    assert kind_of(tmp_path / "model.safetensors").name == "torch"  # a state dict, read as a .pth's is
     assert kind_of(tmp_path / "m.h5").name == "keras" and kind_of(tmp_path / "m.keras").name == "keras"
     with pytest.raises(LungedgeError, match=r"not a model file export reads \(accepted: TorchScript"):
         kind_of(tmp_path / "m.txt")

@@ -24,6 +24,18 @@ LFS = (b"version https://git-lfs.github.com/spec/v1\n"
 HTML = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
 
 
+def _save_state(state: dict, path):
+    """``state`` saved as users hand it over: ``torch.save`` for a ``.pth``, safetensors' ``save_file`` for a
+    ``.safetensors`` (Hugging Face, timm)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
 def _ort(path, x):
     import onnxruntime as ort
 
@@ -36,13 +48,14 @@ def _ort(path, x):
 @pytest.fixture
 def not_models(tmp_path):
     files = {}
-    for suffix in (".pth", ".h5"):
+    for suffix in (".pth", ".h5", ".safetensors"):
         (tmp_path / f"lfs{suffix}").write_bytes(LFS)
         (tmp_path / f"empty{suffix}").write_bytes(b"")
         (tmp_path / f"random{suffix}").write_bytes(np.random.default_rng(7).bytes(5000))
         (tmp_path / f"page{suffix}").write_bytes(HTML)
         files.update({f"lfs{suffix}": "Git LFS pointer", f"empty{suffix}": "is empty",
                       f"random{suffix}": "random or damaged", f"page{suffix}": "HTML"})
+    files["random.safetensors"] = "not a readable safetensors file: its header length says"
     return tmp_path, files
 
 
@@ -52,11 +65,13 @@ def test_sniff_names_real_containers(tmp_path):
     ff.torchscript_file(tmp_path / "ts.pt", model)
     ff.torch_export_file(tmp_path / "ep.pt2", model)
     ff.onnx_file(tmp_path / "m.onnx", model)
+    _save_state(model.state_dict(), tmp_path / "sd.safetensors")
     assert sniff.sniff(tmp_path / "sd.pth") == "torch-zip"
+    assert sniff.sniff(tmp_path / "sd.safetensors") == "safetensors"
     assert sniff.sniff(tmp_path / "ts.pt") == "torchscript"
     assert sniff.sniff(tmp_path / "ep.pt2") == "torch-export"
     assert sniff.sniff(tmp_path / "m.onnx") == "onnx"
-    for name in ("sd.pth", "ts.pt", "ep.pt2", "m.onnx"):
+    for name in ("sd.pth", "ts.pt", "ep.pt2", "m.onnx", "sd.safetensors"):
         assert sniff.problem(tmp_path / name) is None
 
 
@@ -73,11 +88,12 @@ def test_sniff_says_what_is_not_a_model(not_models):
         sniff.check_model_file(folder / "notes.pth")
 
 
-@pytest.mark.parametrize("name", ["lfs.pth", "lfs.h5", "empty.pth", "random.pth", "page.h5", "random.h5"])
+@pytest.mark.parametrize("name", ["lfs.pth", "lfs.h5", "empty.pth", "random.pth", "page.h5", "random.h5",
+                                  "lfs.safetensors", "random.safetensors"])
 def test_export_predict_and_eval_say_what_is_not_a_model(not_models, name, capsys):
     folder, files = not_models
     words = files[name]
-    code, _, err = run_cli(["export", "googlenet" if name.endswith(".pth") else "resnet50", "--checkpoint",
+    code, _, err = run_cli(["export", "resnet50" if name.endswith(".h5") else "googlenet", "--checkpoint",
                             folder / name, "--classes", ff.GROUP_CLASSES, "--out", folder / "e"], capsys)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     img = write_dataset(folder / "data", ["a"], per_class=1, size=16) / "a" / "img000_0.png"
@@ -85,25 +101,27 @@ def test_export_predict_and_eval_say_what_is_not_a_model(not_models, name, capsy
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_foreign_checkpoints_in_eval_and_predict_say_export_first(tmp_path, capsys):
-    torch.save(ff.tiny_torch().state_dict(), tmp_path / "theirs.pth")
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_foreign_checkpoints_in_eval_and_predict_say_export_first(suffix, tmp_path, capsys):
+    theirs = _save_state(ff.tiny_torch().state_dict(), tmp_path / f"theirs{suffix}")
     img = write_dataset(tmp_path / "data", ["a", "b"], per_class=1, size=16) / "a" / "img000_0.png"
-    code, _, err = run_cli(["predict", tmp_path / "theirs.pth", img], capsys)
+    code, _, err = run_cli(["predict", theirs, img], capsys)
     assert code == 2 and "lungedge export MODEL --checkpoint" in err and len(err.strip().splitlines()) == 1, err
-    code, _, err = run_cli(["eval", tmp_path / "theirs.pth", "--data", tmp_path / "data"], capsys)
+    code, _, err = run_cli(["eval", theirs, "--data", tmp_path / "data"], capsys)
     assert code == 2 and "lungedge export" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_unknown_architecture_state_dict_says_which_forms_are_accepted(tmp_path, capsys):
-    torch.save(ff.tiny_torch().state_dict(), tmp_path / "theirs.pth")
-    code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "theirs.pth", "--classes", "a,b,c",
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_unknown_architecture_state_dict_says_which_forms_are_accepted(suffix, tmp_path, capsys):
+    theirs = _save_state(ff.tiny_torch().state_dict(), tmp_path / f"theirs{suffix}")
+    code, _, err = run_cli(["export", "googlenet", "--checkpoint", theirs, "--classes", "a,b,c",
                             "--out", tmp_path / "e"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "not a googlenet state dict" in err and "TorchScript" in err and "--custom" in err
-    code, _, err = run_cli(["export", "mine", "--checkpoint", tmp_path / "theirs.pth", "--custom", "--classes",
+    code, _, err = run_cli(["export", "mine", "--checkpoint", theirs, "--custom", "--classes",
                             "a,b,c", "--out", tmp_path / "e"], capsys)
     assert code == 2 and "carries no architecture" in err and "TorchScript" in err, err
-    code, _, err = run_cli(["export", "mine", "--checkpoint", tmp_path / "theirs.pth", "--classes", "a,b,c"], capsys)
+    code, _, err = run_cli(["export", "mine", "--checkpoint", theirs, "--classes", "a,b,c"], capsys)
     assert code == 2 and "--custom" in err, err
     (tmp_path / "dir.pth").mkdir()
     code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / "dir.pth", "--classes", "a,b,c",
@@ -190,7 +208,8 @@ def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tm
     assert code == 2 and "keys optimizer, epoch and no state dict under them" in err, err
 
 
-def test_densenet_old_tensor_names_load_as_torchvision_does(tmp_path):
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_densenet_old_tensor_names_load_as_torchvision_does(suffix, tmp_path):
     from lungedge.models.registry import get_spec
     from lungedge.models.weights import load_into, read_weights_file
 
@@ -198,10 +217,13 @@ def test_densenet_old_tensor_names_load_as_torchvision_does(tmp_path):
     net = torchvision.models.densenet121(weights=None, num_classes=3).eval()
     old = ff.densenet121_old_names(net.state_dict())
     assert "features.denseblock1.denselayer1.norm.1.weight" in old
-    torch.save({"state_dict": old, "epoch": 1}, tmp_path / "dn.pth")  # as `lungedge train --weights` reads it
+    if suffix == ".pth":  # as `lungedge train --weights` reads it: a training checkpoint
+        torch.save({"state_dict": old, "epoch": 1}, tmp_path / "dn.pth")
+    else:  # flat tensors only; DataParallel's prefix on every name
+        _save_state({f"module.{k}": v for k, v in old.items()}, tmp_path / "dn.safetensors")
     spec = get_spec("densenet121")
     fresh = torchvision.models.densenet121(weights=None, num_classes=3).eval()
-    load_into(spec, fresh, read_weights_file(spec, tmp_path / "dn.pth"))
+    load_into(spec, fresh, read_weights_file(spec, tmp_path / f"dn{suffix}"))
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(x), net(x))
@@ -810,12 +832,90 @@ def test_pth_holding_only_the_head_says_so(tmp_path, capsys):
     head = torch.nn.Linear(1024, 3)
     torch.save(head.state_dict(), tmp_path / "fc.pth")  # model.fc.state_dict() saved instead of the model's
     torch.save({"fc": head.state_dict()}, tmp_path / "heads.pth")
-    for name, where in (("fc.pth", ""), ("heads.pth", " (under 'fc')")):
+    _save_state(head.state_dict(), tmp_path / "fc.safetensors")
+    _save_state({f"fc.{k}": v for k, v in head.state_dict().items()}, tmp_path / "fc2.safetensors")
+    for name, where in (("fc.pth", ""), ("heads.pth", " (under 'fc')"), ("fc.safetensors", ""),
+                        ("fc2.safetensors", "")):
         code, _, err = run_cli(["export", "googlenet", "--checkpoint", tmp_path / name, "--classes", "a,b,c",
                                 "--out", tmp_path / "e"], capsys)
         line = one_error(code, err)
         assert f"holds only a classifier head's weights{where}, a Linear 1024 -> 3, not a whole googlenet" in line
         assert "model.state_dict()" in line
+
+
+class _Wrapper(torch.nn.Module):  # a training wrapper (PyTorch Lightning, timm/HF-style): every name gets "model."
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+@pytest.mark.parametrize("name,dtype", [("sd.pth", torch.float16), ("sd.safetensors", torch.float16),
+                                        ("saved_model.safetensors", torch.bfloat16)])
+def test_half_precision_state_dict_with_prefix_and_dropout_head_exports_its_logits(name, dtype, tmp_path, capsys):
+    """A reduced-precision state dict, DataParallel's ``module.`` (or a wrapper's ``model.``) on every name and a
+    ``Sequential(Dropout, Linear)`` head: a ``.safetensors`` file (``save_file`` or ``save_model``, with
+    ``__metadata__``) is read exactly as the ``.pth`` is, and the FP32 ONNX gives the model's own logits."""
+    torch.manual_seed(9)
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, num_classes=3,
+                                       transform_input=False)
+    net.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(1024, 3))
+    net = net.to(dtype).eval()
+    if name == "saved_model.safetensors":
+        from safetensors.torch import save_model
+
+        save_model(_Wrapper(net), str(tmp_path / name), metadata={"format": "pt"})
+        prefix = "model."
+    else:
+        _save_state(torch.nn.DataParallel(net).state_dict(), tmp_path / name)
+        prefix = "module."
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / name, "--classes", "a,b,c", "--input-size", 32,
+                        "--no-transform-input")
+    assert f"removed the {prefix!r} prefix" in out and "only weights are fc.1 (Linear 1024 -> 3)" in out
+    assert f"{name} holds {str(dtype).removeprefix('torch.')} weights; converted to float32" in out
+    m = onnx_meta.read(fp32)
+    assert m["architecture"] == "googlenet" and m["classes"] == ["a", "b", "c"] and m["output"] == "logits"
+    assert m["source_sha256"] == __import__("hashlib").sha256((tmp_path / name).read_bytes()).hexdigest()
+    x = np.random.default_rng(10).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():  # the same weights, in float32
+        own = net.float()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_ort(fp32, x), own, rtol=1e-4, atol=1e-4)
+
+
+def _safetensors_bytes(header: dict, data: bytes = b"", length: int | None = None) -> bytes:
+    raw = json.dumps(header).encode()
+    return (len(raw) if length is None else length).to_bytes(8, "little") + raw + data
+
+
+def _damaged_safetensors(tmp_path) -> dict:
+    """name -> (bytes, the words the one error line must hold)."""
+    from safetensors.torch import save
+
+    good = save({"fc.weight": torch.ones(3, 4), "fc.bias": torch.zeros(3)})
+    n = int.from_bytes(good[:8], "little")
+    f4 = {"w": {"dtype": "F4", "shape": [2, 2], "data_offsets": [0, 2]}}
+    return {
+        "cut.safetensors": (good[:-7], "its header places 60 bytes of tensors after it, but the file holds 53"),
+        "cut_header.safetensors": (good[:40], f"its header length says {n:,} bytes, but 32 follow it"),
+        "long_header.safetensors": (_safetensors_bytes({}, length=10 ** 12), "its header length says 1,000,000,000,000"),
+        "not_json.safetensors": ((10).to_bytes(8, "little") + b"{not json}" + bytes(16), "its header is not JSON"),
+        "metadata_only.safetensors": (_safetensors_bytes({"__metadata__": {"format": "pt"}}), "holding no tensors"),
+        "bad_dtype.safetensors": (_safetensors_bytes({"w": {"dtype": "X9", "shape": [1], "data_offsets": [0, 1]}},
+                                                     b"\0"), r"not a readable safetensors file \(.*unknown variant"),
+        "float4.safetensors": (_safetensors_bytes(f4, b"\0\0"), "tensor w is float4_e2m1fn_x2, which has no float32"),
+    }
+
+
+def test_damaged_or_empty_safetensors_is_one_line_for_export_and_train_weights(tmp_path, capsys):
+    from lungedge.models import registry
+
+    for name, (data, words) in _damaged_safetensors(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+        code, _, err = run_cli(["export", "densenet121", "--checkpoint", tmp_path / name, "--classes", "a,b,c",
+                                "--out", tmp_path / "e"], capsys)
+        one_error(code, err, match=words)
+        with pytest.raises(LungedgeError, match=words):  # `lungedge train densenet121 --weights FILE`
+            registry.create("densenet121", weights=str(tmp_path / name), image_size=32)
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.slow

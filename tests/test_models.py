@@ -171,21 +171,34 @@ def test_malicious_pth_is_refused(tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_weights_of_another_architecture_are_refused(tmp_path):
+def _save_plain(state: dict, path):
+    """A plain state dict as ``torch.save`` (``.pth``) or safetensors' ``save_file`` (``.safetensors``) writes it."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_of_another_architecture_are_refused(suffix, tmp_path):
     path, _ = _tiny_checkpoint(tmp_path, "googlenet")
     with pytest.raises(LungedgeError, match="checkpoint of googlenet, not densenet121"):
         registry.create("densenet121", weights=str(path), mode="full", image_size=64)
     # a plain state dict of another architecture
-    plain = tmp_path / "plain.pth"
-    torch.save(registry.create("smallcnn", weights="none", image_size=64).state_dict(), plain)
+    plain = tmp_path / f"plain{suffix}"
+    _save_plain(registry.create("smallcnn", weights="none", image_size=64).state_dict(), plain)
     with pytest.raises(LungedgeError, match="does not hold googlenet weights"):
         registry.create("googlenet", weights=str(plain), image_size=64)
     # a plain state dict of the same architecture (e.g. torchvision's file, 1000 classes): backbone loads
     tv = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, num_classes=1000)
-    same = tmp_path / "tv.pth"
-    torch.save(tv.state_dict(), same)
+    same = tmp_path / f"tv{suffix}"
+    _save_plain(tv.state_dict(), same)
     m = registry.create("googlenet", weights=str(same), image_size=64)
     assert torch.equal(m.conv1.conv.weight, tv.conv1.conv.weight)
+    assert m.transform_input is True  # torchvision's setting for a foreign state dict, whatever the container
+    assert m.fc.out_features == 3 and not torch.equal(m.fc.weight[:3], tv.fc.weight[:3])  # 1000-class head skipped
 
 
 def test_imagenet_offline_is_one_clear_line(monkeypatch, tmp_path, capsys):

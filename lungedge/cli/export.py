@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 def export_cmd(
     model: str = typer.Argument(..., help="Model name (see 'lungedge models'), or your own name with --custom."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (.pth/.h5); default: the best of MODEL's latest run."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (.pth/.safetensors/.h5, ...); default: the best of MODEL's latest run."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write an FP16 ONNX (inputs/outputs stay FP32)."),
     int8: bool = typer.Option(False, "--int8", help="Also write calibrated INT8 ONNX files (TensorRT and CPU forms)."),
     calib_data: Optional[Path] = typer.Option(None, help="Calibration images: a data folder or a split manifest "

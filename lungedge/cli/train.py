@@ -80,7 +80,8 @@ def train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (global, over all ranks)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size in pixels (default: the model's native size)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (AdamW / Adam, warm-up then cosine)."),
-    weights: str = typer.Option("imagenet", help="imagenet (download and cache), none (random init) or a local weights file."),
+    weights: str = typer.Option("imagenet", help="imagenet (download and cache), none (random init) or a local weights file "
+                                 "(.pth/.safetensors, .h5)."),
     mode: Optional[str] = typer.Option(None, help="transfer (head only), finetune (head + top blocks) or full."),
     unfreeze: Optional[str] = typer.Option(None, help="finetune mode: number of top blocks to train, or 'all'."),
     device: str = typer.Option("cpu", help="cpu or cuda."),

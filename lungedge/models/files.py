@@ -1,4 +1,5 @@
-"""Checkpoint files on disk: ``.pth`` (torch) and ``.h5`` (Keras), each carrying its own metadata.
+"""Checkpoint files on disk: ``.pth`` (torch) and ``.h5`` (Keras), each carrying its own metadata; and
+``.safetensors`` files from outside, which are always a bare state dict (:func:`read_safetensors`).
 
 A ``.pth`` is a plain dictionary of tensors and JSON-like values::
 
@@ -26,6 +27,7 @@ from ..io import WriteError, atomic_write_bytes, publish_file, settle, sha256_fi
 
 FORMAT = "lungedge-checkpoint/1"
 TORCH_SUFFIXES = (".pth", ".pt")
+SAFETENSORS_SUFFIXES = (".safetensors",)
 KERAS_SUFFIXES = (".h5", ".hdf5")
 META_ATTR = "lungedge_meta"
 
@@ -84,6 +86,35 @@ def torch_load_problem(exc: BaseException) -> str:
                 f"up to {newer[2]}")
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text.strip())
     return ((text.splitlines() or [type(exc).__name__])[0] or type(exc).__name__)[:160]
+
+
+def read_safetensors(path) -> dict:
+    """The tensors of a ``.safetensors`` file (``safetensors.torch.save_file(model.state_dict(), ...)``,
+    ``save_model``; Hugging Face, timm) as a state dict on the CPU, in the dtypes stored. The format holds tensors
+    and an optional ``__metadata__`` of strings (not needed, not read), nothing that runs code when loaded, and
+    never lungedge's metadata: it is always a state dict from outside. A damaged file (cut short, a header that is
+    not JSON or longer than the file, a dtype the library does not know) or one holding no tensors is one line."""
+    from .sniff import expect
+
+    path = Path(path)
+    if not path.is_file():
+        raise LungedgeError(f"checkpoint not found: {path}")
+    expect(path, ("safetensors",), "a safetensors file")  # LFS pointer, empty, HTML page, a damaged header: one line
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise LungedgeError(f"{path}: reading a .safetensors file needs the safetensors package "
+                            "(pip install safetensors==0.8.0)") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            state = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as exc:
+        why = " ".join(str(exc).split()).removeprefix("Error while deserializing header: ")
+        raise LungedgeError(f"{path} is not a readable safetensors file ({why[:160]})") from None
+    if not state:
+        raise LungedgeError(f"{path} is a safetensors file holding no tensors (only a header): not a model's weights; "
+                            "save them with safetensors.torch.save_file(model.state_dict(), ...)")
+    return state
 
 
 def is_tensor_dict(obj) -> bool:
@@ -359,6 +390,12 @@ def read_meta(path) -> dict:
         meta = read_keras_meta(path)
     elif path.suffix.lower() in TORCH_SUFFIXES:
         meta = read_torch_checkpoint(path)["meta"]
+    elif path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from .sniff import check_model_file
+
+        check_model_file(path)  # LFS pointer, empty, damaged: said as such first
+        raise LungedgeError(f"{path} is not a lungedge checkpoint (a .safetensors file holds a bare state dict, "
+                            "without the classes and preprocessing lungedge records)")
     else:
         raise LungedgeError(f"{path}: unknown checkpoint type (expected .pth or .h5)")
     meta = dict(meta)

@@ -5,7 +5,9 @@
 * :func:`normalise_keys`: the prefixes a wrapper adds to every name (``module.`` from DataParallel,
   ``_orig_mod.`` from ``torch.compile``, ``model.``/``net.`` from a wrapper module or PyTorch Lightning),
   DenseNet's pre-0.3 names (``norm.1`` for ``norm1``, which torchvision's own loader renames too), and a head
-  written as ``nn.Sequential(nn.Dropout(p), nn.Linear(...))`` (its one Linear is the head at inference).
+  written as ``nn.Sequential(nn.Dropout(p), nn.Linear(...))`` (its one Linear is the head at inference);
+* :func:`as_float32`: weights saved in another precision (``model.half().state_dict()``, a bfloat16
+  ``.safetensors``) in float32, the precision the registry models are rebuilt in.
 """
 
 from __future__ import annotations
@@ -70,6 +72,31 @@ def describe_payload(payload) -> str:
         keys = [str(k) for k in payload][:6]
         return f"a dict with keys {', '.join(keys)}{', ...' if len(payload) > 6 else ''} and no state dict under them"
     return f"a {type(payload).__name__}"
+
+
+def as_float32(state: dict, name: str, notes: list[str]) -> dict:
+    """``state`` with its floating-point tensors of other precisions (float16, bfloat16, float64, float8) in
+    float32, said in one line (``load_state_dict`` casts them so too, silently); a tensor that has no float32
+    value (complex, packed float4) is refused in one line rather than cast or left to fail inside torch."""
+    import torch
+
+    dtypes, out = set(), {}
+    for k, v in state.items():
+        if v.is_complex() or (v.is_floating_point() and v.dtype != torch.float32):
+            dtype = str(v.dtype).removeprefix("torch.")
+            try:
+                if v.is_complex():
+                    raise RuntimeError("complex")
+                v = v.float()
+            except RuntimeError:
+                raise LungedgeError(f"{name}: tensor {k} is {dtype}, which has no float32 value to load into the "
+                                    "model; save the weights as float32, float16 or bfloat16") from None
+            dtypes.add(dtype)
+        out[k] = v
+    if dtypes:
+        notes.append(f"{name} holds {', '.join(sorted(dtypes))} weights; converted to float32 (the FP32 ONNX; "
+                     "--fp16 writes the FP16 one)")
+    return out
 
 
 def _strip_prefixes(state: dict, notes: list[str], extra: bool) -> dict:

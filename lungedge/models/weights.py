@@ -5,7 +5,8 @@ constructor arguments its ``build`` records. A plain state dict in torchvision's
 torchvision's ImageNet file, 1,000 classes, aux heads included) is built with the builder's
 ``foreign_kwargs`` (what torchvision sets for pretrained weights: ``transform_input=True`` for
 GoogLeNet and Inception v3) and loads every tensor whose name and shape match; the head is skipped
-when its class count differs. A Keras ``.h5`` is a lungedge checkpoint or backbone weights.
+when its class count differs; a ``.safetensors`` file is always such a plain state dict. A Keras ``.h5``
+is a lungedge checkpoint or backbone weights.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def read_weights_file(spec, path) -> WeightsFile:
         raise LungedgeError(f"weights file not found: {path}")
     from .sniff import check_model_file
 
-    check_model_file(path)  # a Git LFS pointer, an empty download, an HTML page: one line
+    fmt = check_model_file(path)  # a Git LFS pointer, an empty download, an HTML page: one line
     sha = sha256_file(path)
     if spec.framework == "keras":
         if files.has_keras_meta(path):
@@ -50,21 +51,26 @@ def read_weights_file(spec, path) -> WeightsFile:
             _same_architecture(spec, meta, path)
             return WeightsFile(path, "keras-lungedge", {}, sha256=sha)
         return WeightsFile(path, "keras-backbone", {}, sha256=sha)
+    from .statedict import as_float32, describe_payload, normalise_keys, unwrap
+
+    if fmt == "safetensors":  # tensors only, never lungedge's metadata: a plain state dict
+        state = normalise_keys(files.read_safetensors(path), spec.head, path.name, [])
+        return WeightsFile(path, "plain", dict(getattr(spec.builder, "foreign_kwargs", {})),
+                           as_float32(state, path.name, []), sha)
     if path.suffix.lower() not in files.TORCH_SUFFIXES:
-        raise LungedgeError(f"{path}: {spec.name} is a torch model; expected a .pth weights file")
+        raise LungedgeError(f"{path}: {spec.name} is a torch model; expected a .pth or .safetensors weights file")
     payload = files.read_pth(path)
     if files.is_lungedge_payload(payload):
         meta = payload.get("meta", {})
         _same_architecture(spec, meta, path)
         kwargs = (meta.get("build") or {}).get("kwargs", {})
         return WeightsFile(path, "lungedge", dict(kwargs), payload["state_dict"], sha)
-    from .statedict import describe_payload, normalise_keys, unwrap
-
     state, _ = unwrap(payload, path.name)  # a training checkpoint: the weights under its "state_dict" (or ...) key
     if state is None:
         raise LungedgeError(f"{path} is not a plain state dict of tensors (it holds {describe_payload(payload)})")
     state = normalise_keys(state, spec.head, path.name, [])  # wrapper prefixes, old DenseNet names, Sequential head
-    return WeightsFile(path, "plain", dict(getattr(spec.builder, "foreign_kwargs", {})), state, sha)
+    return WeightsFile(path, "plain", dict(getattr(spec.builder, "foreign_kwargs", {})),
+                       as_float32(state, path.name, []), sha)
 
 
 def _same_architecture(spec, meta: dict, path: Path) -> None:

@@ -11,7 +11,7 @@ from ..preprocess import Preprocessing
 
 # artifact kind -> file suffixes
 KINDS = {
-    "checkpoint": (".pth", ".pt", ".h5", ".hdf5"),
+    "checkpoint": (".pth", ".pt", ".h5", ".hdf5", ".safetensors"),  # .safetensors: always a foreign state dict
     "onnx": (".onnx",),
     "engine": (".engine", ".plan", ".trt"),
 }

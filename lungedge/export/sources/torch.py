@@ -1,5 +1,7 @@
 """PyTorch ``.pth``/``.pt`` files: a lungedge checkpoint, a bare torchvision state dict (head
-size read from the weights), or a whole pickled model (only with ``--trust-pickle``)."""
+size read from the weights), or a whole pickled model (only with ``--trust-pickle``); and ``.safetensors``
+files, always a bare state dict, read without pickle and then treated exactly as a ``.pth`` state dict.
+Which of the two a file is, its bytes say (:func:`lungedge.models.sniff.sniff`), not its name."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from .. import source as src
 from ..kind import SourceKind
 from ..source import Request, Source
 
-SUFFIXES = (".pth", ".pt")
+SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def recognise(path: Path) -> bool:
@@ -26,16 +28,17 @@ def recognise(path: Path) -> bool:
 def load(path: Path, request: Request) -> Source:
     from ...models.sniff import expect
 
-    expect(path, ("torch-zip", "torch-pickle"), "a PyTorch file (torch.save)")
+    fmt = expect(path, ("torch-zip", "torch-pickle", "safetensors"), "a PyTorch file (torch.save or safetensors)")
     if request.options.get("custom"):
-        raise LungedgeError(f"{path.name} is a torch.save file, which carries no architecture: for your own "
+        what = "a safetensors file" if fmt == "safetensors" else "a torch.save file"
+        raise LungedgeError(f"{path.name} is {what}, which carries no architecture: for your own "
                             f"model use {ACCEPTED_CUSTOM}, or name a registry model instead of --custom")
     spec = src.registry_spec(request, "torch", path)
-    meta = src.lungedge_meta(path)
+    meta = None if fmt == "safetensors" else src.lungedge_meta(path)  # safetensors: always a foreign state dict
     if meta is not None:
         src.refuse_declared(request, path)
         return src.from_lungedge_checkpoint(path, KIND.name, spec, meta)
-    return _foreign(path, spec, request)
+    return _foreign(path, spec, request, fmt)
 
 
 ACCEPTED_CUSTOM = "TorchScript, torch.export (.pt2) or ONNX, with --custom"
@@ -60,8 +63,8 @@ def _payload(path: Path, trust_pickle: bool, notes: list[str]):
 
 
 def _accepted(spec) -> str:
-    return (f"accepted: a lungedge checkpoint, torchvision's {spec.name} state dict, a pickled model "
-            f"(--trust-pickle); other architectures: {ACCEPTED_CUSTOM}")
+    return (f"accepted: a lungedge checkpoint, torchvision's {spec.name} state dict (.pth or .safetensors), a "
+            f"pickled model (--trust-pickle); other architectures: {ACCEPTED_CUSTOM}")
 
 
 def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: list[str], holds: str | None = None):
@@ -71,9 +74,10 @@ def _from_state_dict(path: Path, spec, state: dict, request: Request, notes: lis
     dict is a pickled model's (for the messages)."""
     from ...models.registry import foreign_build, rebuild
 
-    from ...models.statedict import normalise_keys
+    from ...models.statedict import as_float32, normalise_keys
 
     state = normalise_keys(state, spec.head, path.name, notes, wrapper_prefixes=holds is None)
+    state = as_float32(state, path.name, notes)  # a pickled model's are float32 already
     head_key = f"{spec.head}.weight"
     only = _head_only(state, spec.head)
     if only:
@@ -154,11 +158,16 @@ def _pickled_model(path: Path, spec, model, request: Request, notes: list[str]):
     return model.eval(), out_features
 
 
-def _foreign(path: Path, spec, request: Request) -> Source:
+def _foreign(path: Path, spec, request: Request, fmt: str) -> Source:
     import torch
 
     notes: list[str] = []
-    payload = _payload(path, request.trust_pickle, notes)
+    if fmt == "safetensors":
+        from ...models.files import read_safetensors
+
+        payload = read_safetensors(path)  # {name: tensor}: from here on, exactly a .pth state dict
+    else:
+        payload = _payload(path, request.trust_pickle, notes)
     from ...models.statedict import describe_payload, unwrap, unwrap_module
 
     if isinstance(payload, dict) and unwrap(payload, path.name)[0] is None:
@@ -258,5 +267,6 @@ def _export(model, input_shape, opset: int):
     return onnx.load_from_string(buf.getvalue())
 
 
-KIND = SourceKind("torch", "PyTorch .pth/.pt (lungedge checkpoint, state dict, pickled model)",
+KIND = SourceKind("torch", "PyTorch .pth/.pt (lungedge checkpoint, state dict, pickled model) or .safetensors "
+                  "(state dict)",
                   recognise, load, run, to_onnx)
