@@ -173,7 +173,9 @@ def _name(tmp: str, path: Path) -> None:
 def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Name ``tmp``, a complete file that a library which wants a file name of its own (h5py, Keras) wrote
     beside ``path``, as :func:`atomic_write_bytes` names its files: ``path`` at once, or with the rest of
-    the set when a :func:`written_together` block ends. A failure removes ``tmp`` (:class:`WriteError`)."""
+    the set when a :func:`written_together` block ends. Like those, the file gets the usual permissions (a
+    library writing into mkstemp's file left it 0600) and its bytes reach the disk (fsync) before any name,
+    or a journal naming it, does. A failure removes ``tmp`` (:class:`WriteError`)."""
     path = Path(path)
     try:
         check_replaceable(path)
@@ -181,6 +183,12 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     try:
+        os.chmod(tmp, _FILE_MODE)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _name(str(tmp), path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

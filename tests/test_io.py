@@ -292,6 +292,28 @@ def test_a_set_killed_between_its_renames_is_completed_by_the_next_lock_of_the_f
     assert (run / "notes.txt").read_text() == "mine"
 
 
+def test_a_file_a_library_wrote_gets_the_usual_mode_and_reaches_the_disk_before_its_name(tmp_path, monkeypatch):
+    """Keras writes best.h5/last.h5 into mkstemp's file (mode 0600): the checkpoints were readable by their owner
+    only, unlike every other file of the run, and never fsynced, so a crash after the epoch's journal and renames
+    could leave last.h5 empty beside a metrics.json that counts its epoch."""
+    import tempfile
+
+    from lungedge.io import publish_file, written_together
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".h5", dir=tmp_path)
+    os.write(fd, b"weights")
+    os.close(fd)
+    with written_together():
+        publish_file(tmp, tmp_path / "last.h5")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "last.h5").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert synced.index(tmp) < next(i for i, f in enumerate(synced) if ".lungedge-publish.json" in f)  # journal
+
+
 def test_a_reader_leaves_a_set_being_renamed_to_its_writer(tmp_path):
     """A journal in a folder whose writer holds the lock is that writer's commit in progress: not touched."""
     from lungedge.io import settle
