@@ -3,7 +3,8 @@
 * :func:`atomic_write_bytes` writes through a temporary sibling and renames: a reader never sees
   a half-written file; a failed write (read-only folder, full disk) is one :class:`WriteError` line
   naming the path. :func:`written_together` makes a set of such files (a report's page and its PNGs,
-  a training epoch's checkpoints and metrics) all new or all as they were.
+  a training epoch's checkpoints and metrics) all new or all as they were; :func:`retire` removes a file of the
+  previous set that the new one does not write again, with it.
 * :class:`FolderLock` marks a folder as being written (``.<name>.lock`` beside it, naming the holder:
   pid, host, command, start time). The lock is an ``flock`` on that file, so the kernel drops it when
   the holder dies, however it died: a lock left by a killed process is reclaimed by the next writer.
@@ -173,7 +174,9 @@ def _name(tmp: str, path: Path) -> None:
 def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Name ``tmp``, a complete file that a library which wants a file name of its own (h5py, Keras) wrote
     beside ``path``, as :func:`atomic_write_bytes` names its files: ``path`` at once, or with the rest of
-    the set when a :func:`written_together` block ends. A failure removes ``tmp`` (:class:`WriteError`)."""
+    the set when a :func:`written_together` block ends. Like those, the file gets the usual permissions (a
+    library writing into mkstemp's file left it 0600) and its bytes reach the disk (fsync) before any name,
+    or a journal naming it, does. A failure removes ``tmp`` (:class:`WriteError`)."""
     path = Path(path)
     try:
         check_replaceable(path)
@@ -181,6 +184,12 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     try:
+        os.chmod(tmp, _FILE_MODE)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         _name(str(tmp), path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -201,7 +210,8 @@ def written_together() -> Iterator[None]:
         yield
         return
     pending: dict[Path, str] = {}
-    _TOGETHER.pending = pending
+    retired: dict[Path, None] = {}
+    _TOGETHER.pending, _TOGETHER.retired = pending, retired
     try:
         yield
     except BaseException:
@@ -209,9 +219,32 @@ def written_together() -> Iterator[None]:
             Path(tmp).unlink(missing_ok=True)
         raise
     finally:
-        _TOGETHER.pending = None
-    if pending:  # each path passed check_replaceable when its file was written (atomic_write_bytes, publish_file)
-        _commit(pending)
+        _TOGETHER.pending = _TOGETHER.retired = None
+    retired = {path: None for path in retired if path not in pending}  # a file the set writes again stays
+    if pending or retired:  # each path passed check_replaceable when its file was written (atomic_write_bytes, ...)
+        _commit(pending, list(retired))
+
+
+def retire(path: str | os.PathLike) -> None:
+    """Remove ``path``, a file of the previous set that the new one does not write again (a report's PNG it no
+    longer draws, an overlay of the same image under the class an earlier model gave it): inside a
+    :func:`written_together` block when the set takes its names (listed in its journal, so across a kill the
+    folder holds the old set or the new one, never the new set beside the old set's leftovers); outside, at once."""
+    path = Path(path)
+    retired = getattr(_TOGETHER, "retired", None)
+    if retired is None:
+        _remove(path)
+    else:
+        retired[path] = None
+
+
+def _remove(path: Path) -> None:
+    """Remove the file ``path`` if it is one (a folder or a file that cannot be removed stays as it is)."""
+    try:
+        if not path.is_dir():
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 # the journal of a set being renamed into place (see written_together); one per folder
@@ -252,9 +285,19 @@ def _ours(tmp: str, name: str) -> bool:
             and bool(_MKSTEMP_PART.fullmatch(tmp[len(stem) + 2:len(tmp) - len(suffix)])))
 
 
-def _write_journal(folder: Path, pairs: list[tuple[str, str]]) -> Path:
-    """The journal of ``pairs`` (temporary, final name) in ``folder``, complete and durable before it is named."""
-    data = dumps_json({"kind": _JOURNAL_KIND, "format": 1, "pid": os.getpid(), "renames": [list(p) for p in pairs]})
+def _plain_name(name) -> bool:
+    """``name`` is one plain file name (no folder part), and not the journal's own."""
+    return (isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and "\x00" not in name
+            and name not in (".", "..", JOURNAL))
+
+
+def _write_journal(folder: Path, pairs: list[tuple[str, str]], removes: list[str] = ()) -> Path:
+    """The journal of ``pairs`` (temporary, final name) and of the files the set ``removes`` (names) in
+    ``folder``, complete and durable before it is named."""
+    record = {"kind": _JOURNAL_KIND, "format": 1, "pid": os.getpid(), "renames": [list(p) for p in pairs]}
+    if removes:
+        record["removes"] = list(removes)
+    data = dumps_json(record)
     journal = folder / JOURNAL
     fd, tmp = tempfile.mkstemp(prefix=f"{JOURNAL}.", suffix=".tmp", dir=folder)
     try:
@@ -270,22 +313,28 @@ def _write_journal(folder: Path, pairs: list[tuple[str, str]]) -> Path:
     return journal
 
 
-def _commit(pending: dict[Path, str]) -> None:
-    """Rename a finished set's temporaries into place: journal first (one per folder), renames, then no journal.
-    A set spanning folders is all old or all new per folder across a kill (every set lungedge writes today
-    is in one folder)."""
-    folders: dict[Path, list[tuple[str, str]]] = {}
+def _commit(pending: dict[Path, str], retired: list[Path] = ()) -> None:
+    """Rename a finished set's temporaries into place and remove its ``retired`` files: journal first (one per
+    folder), renames, removals, then no journal. A set spanning folders is all old or all new per folder across a
+    kill (every set lungedge writes today is in one folder)."""
+    folders: dict[Path, tuple[list[tuple[str, str]], list[str]]] = {}
     for path, tmp in pending.items():
         if os.path.dirname(os.path.abspath(tmp)) == os.path.abspath(path.parent) and _ours(Path(tmp).name, path.name):
-            folders.setdefault(path.parent, []).append((Path(tmp).name, path.name))
+            folders.setdefault(path.parent, ([], []))[0].append((Path(tmp).name, path.name))
+    for path in retired:
+        if _plain_name(path.name):
+            folders.setdefault(path.parent, ([], []))[1].append(path.name)
     journals: list[Path] = []
     items = list(pending.items())
+    folder = path = None
     try:
-        for folder, pairs in folders.items():
-            journals.append(_write_journal(folder, pairs))
+        for folder, (pairs, removes) in folders.items():
+            journals.append(_write_journal(folder, pairs, removes))
         for index, (path, tmp) in enumerate(items):
             _renaming(index, tmp, path)
             os.replace(tmp, path)
+        for path in retired:
+            _remove(path)
     except OSError as exc:
         for j in journals:
             j.unlink(missing_ok=True)
@@ -299,22 +348,25 @@ def _commit(pending: dict[Path, str]) -> None:
             for tmp in pending.values():
                 Path(tmp).unlink(missing_ok=True)
         else:  # the journals commit the set: finish its renames rather than leave them to the next lock
-            _finish(items, journals)
+            _finish(items, retired, journals)
         raise
     for j in journals:
         _fsync_dir(j.parent)
         j.unlink(missing_ok=True)
 
 
-def _finish(items: list[tuple[Path, str]], journals: list[Path]) -> None:
-    """The renames of a committed set that an exception (Ctrl-C) stopped: those whose temporaries are still
-    there. One that fails leaves the journals for :func:`roll_forward`, at the folder's next lock."""
+def _finish(items: list[tuple[Path, str]], retired: list[Path], journals: list[Path]) -> None:
+    """The renames and removals of a committed set that an exception (Ctrl-C) stopped: the renames whose
+    temporaries are still there. One that fails leaves the journals for :func:`roll_forward`, at the folder's
+    next lock."""
     for path, tmp in items:
         if os.path.lexists(tmp):
             try:
                 os.replace(tmp, path)
             except OSError:
                 return
+    for path in retired:
+        _remove(path)
     for j in journals:
         _fsync_dir(j.parent)
         j.unlink(missing_ok=True)
@@ -325,7 +377,8 @@ def roll_forward(folder: str | os.PathLike, log: Callable[[str], None] | None = 
     lists whose temporaries are still there (a rename already done left none), then the journal goes. Call it
     holding the folder's lock (:class:`FolderLock` does). A journal that is damaged, or lists temporaries that
     are neither there nor renamed, renames nothing of the user's: only the journal (ours) goes, and ``log``
-    gets one line. Returns the names renamed."""
+    gets one line. The files the journal lists for removal (the previous set's, which the new one does not
+    have) go after the renames. Returns the names renamed."""
     folder = Path(folder)
     say = log or (lambda line: print(line, file=sys.stderr))
     for half in folder.glob(f"{glob_escape(JOURNAL)}.*.tmp"):  # a journal killed while it was written
@@ -344,6 +397,9 @@ def roll_forward(folder: str | os.PathLike, log: Callable[[str], None] | None = 
         pairs = data["renames"] if isinstance(data, dict) and data.get("kind") == _JOURNAL_KIND else None
         if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and _ours(*p) for p in pairs):
             raise ValueError
+        removes = data.get("removes", [])
+        if not isinstance(removes, list) or not all(_plain_name(n) for n in removes):
+            raise ValueError
     except (ValueError, TypeError):
         journal.unlink(missing_ok=True)
         say(f"note: {journal} is damaged (not the list of renames lungedge writes); removed it and left every "
@@ -359,6 +415,8 @@ def roll_forward(folder: str | os.PathLike, log: Callable[[str], None] | None = 
                 lost.append(name)
         except OSError as exc:
             raise write_error(folder / name, exc, "cannot complete the interrupted write of") from None
+    for name in () if lost else removes:  # the previous set's files the new one does not have; kept when some of
+        _remove(folder / name)            # the new set is gone (they stand in for it)
     _fsync_dir(folder)
     journal.unlink(missing_ok=True)
     _fsync_dir(folder)

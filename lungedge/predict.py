@@ -50,7 +50,8 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
                 stems: set[str] = set()  # one overlay per image, also when file names repeat across folders
                 for i in range(0, len(readable), batch):
                     chunk = readable[i : i + batch]
-                    written = write_overlays(explain(runner, chunk, method), explain_dir, stems)
+                    written = write_overlays(explain(runner, chunk, method), explain_dir, stems,
+                                             runner.classes)
                     for p, f in zip(preds[i : i + batch], written):
                         p["overlay"] = f
         return {"artifact": str(artifact), "model": runner.info.architecture, "backend": runner.backend,

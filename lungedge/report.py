@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from .errors import LungedgeError
-from .io import FolderLock, atomic_write_png, atomic_write_text, clean_temp_files, read_written, written_together
+from .io import (FolderLock, atomic_write_png, atomic_write_text, clean_temp_files, read_written, retire,
+                 written_together)
 from .metrics import UNDEFINED
 from .provenance import machine_label
 from .runners.registry import short_name
@@ -573,6 +574,10 @@ def _write_report(rows, machines, lat, out: Path, title: str, saliency: bool, lo
     sections = report_sections(rows, machines, lat, png, grid, rel)
     md_path = atomic_write_text(out / "report.md", _markdown(title, intro, sections))
     html_path = atomic_write_text(out / "report.html", _html(title, intro, sections))
+    drawn = {Path(p).name for p in (png, grid, rel, md_path, html_path) if p}
+    for name in REPORT_FILES:  # a figure this report does not draw: the previous report's goes with it
+        if name not in drawn:
+            retire(out / name)
     return {"markdown": str(md_path), "html": str(html_path), "png": str(png) if png else None,
             "reliability": str(rel) if rel else None,
             "saliency": str(grid) if grid else None,

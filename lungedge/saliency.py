@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import LungedgeError, check_choice
-from .io import atomic_write_bytes, write_error
+from .io import atomic_write_bytes, retire, write_error
 from .runners.artifact import is_kind
 
 METHODS = ("auto", "gradcam", "occlusion")
@@ -156,10 +156,12 @@ def clean_overlay_temps(out_dir) -> list[str]:
     return removed
 
 
-def write_overlays(explained: list[dict], out_dir, stems: set[str] | None = None) -> list[str]:
+def write_overlays(explained: list[dict], out_dir, stems: set[str] | None = None, classes=()) -> list[str]:
     """Write ``<stem>.<class>.<method>.png`` (the image with its map) for each explained image, atomically.
     ``stems``: the stems already written in this run (updated); an image whose stem repeats (a/img05.png,
-    b/img05.png) gets ``<stem>-2``, ``<stem>-3``, ... instead of overwriting the first one's overlay."""
+    b/img05.png) gets ``<stem>-2``, ``<stem>-3``, ... instead of overwriting the first one's overlay.
+    ``classes``: the model's classes; an overlay of the same stem and method under another of them (an earlier
+    run that predicted another class) is replaced too (:func:`lungedge.io.retire`), not left beside the new one."""
     from io import BytesIO
 
     from PIL import Image
@@ -180,9 +182,16 @@ def write_overlays(explained: list[dict], out_dir, stems: set[str] | None = None
         stems.add(stem)
         buf = BytesIO()
         Image.fromarray(overlay(e["pixels"], e["heat"])).save(buf, format="PNG")
-        written.append(str(atomic_write_bytes(out_dir / f"{stem}.{e['class']}.{e['method']}.png".replace(" ", "_"),
-                                              buf.getvalue())))
+        name = _overlay_name(stem, e["class"], e["method"])
+        for other in {_overlay_name(stem, c, e["method"]) for c in classes} - {name}:
+            if (out_dir / other).is_file():
+                retire(out_dir / other)
+        written.append(str(atomic_write_bytes(out_dir / name, buf.getvalue())))
     return written
+
+
+def _overlay_name(stem: str, cls: str, method: str) -> str:
+    return f"{stem}.{cls}.{method}.png".replace(" ", "_")
 
 
 # -- the report's grid -------------------------------------------------------------------------------

@@ -877,6 +877,26 @@ def test_a_second_explain_into_the_same_folder_is_refused(exported, same_names, 
     assert len(list(maps.iterdir())) == 3 and not [p for p in maps.iterdir() if p.name.startswith(".")]
 
 
+def test_explain_again_replaces_an_images_overlay_under_another_class(exported, same_names, tmp_path, capsys):
+    """An overlay is named by the class predicted: a second --explain into the folder (a retrained model, another
+    precision) that predicts another class for an image left the first one's overlay beside the new one, two
+    answers for one image. Now the image's overlay under another class of the model goes with the new set."""
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    stems = ["img05", "img05-2", "img05-3"]
+    earlier = [maps / f"{stem}.{c}.occlusion.png" for stem in stems for c in CLASSES]
+    for f in earlier:  # an earlier run's overlays, every class among them
+        f.write_bytes(b"earlier")
+    mine = [maps / "img05.gradcam.png", maps / "img05.unknown.occlusion.png", maps / "other.benign.occlusion.png"]
+    for f in mine:
+        f.write_bytes(b"mine")
+    code, out, err = run_cli(["predict", exported["onnx"], *same_names, "--explain", maps, "--json"], capsys)
+    assert code == 0, err
+    overlays = {Path(p["overlay"]) for p in json.loads(out)["predictions"]}
+    assert len(overlays) == 3 and all(f.read_bytes() != b"earlier" for f in overlays)
+    assert set(maps.iterdir()) == overlays | set(mine)  # one overlay per image; the user's files stay
+
+
 # -- option sweep: hostile values, option by option -----------------------------------------------------------
 
 @pytest.mark.parametrize("args, pattern", [

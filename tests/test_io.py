@@ -251,9 +251,11 @@ def test_temp_files_of_killed_writes_are_cleaned(tmp_path):
 
 # -- a set killed between its renames: the journal rolls forward --------------------------------------------
 
-def _write_set_killed(folder: Path, names, new: str, stop_before: int | None) -> subprocess.CompletedProcess:
-    """In a child process, write ``names`` (text ``new``) as one written_together set; ``stop_before``: the
-    child is SIGKILLed right before that rename (the hook the renaming loop calls), the rest never renamed."""
+def _write_set_killed(folder: Path, names, new: str, stop_before: int | None,
+                      retired=()) -> subprocess.CompletedProcess:
+    """In a child process, write ``names`` (text ``new``) as one written_together set that also retires the files
+    ``retired``; ``stop_before``: the child is SIGKILLed right before that rename (the hook the renaming loop
+    calls), the rest never renamed."""
     code = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
@@ -265,6 +267,8 @@ def _write_set_killed(folder: Path, names, new: str, stop_before: int | None) ->
 
         io._renaming = stop
         with io.written_together():
+            for name in {list(retired)!r}:
+                io.retire(Path({str(folder)!r}) / name)
             for name in {list(names)!r}:
                 io.atomic_write_text(Path({str(folder)!r}) / name, {new!r})
     """)
@@ -290,6 +294,55 @@ def test_a_set_killed_between_its_renames_is_completed_by_the_next_lock_of_the_f
         assert [(run / n).read_text() for n in names] == ["new", "new", "new"]
     assert _names(run) == sorted(names + ["notes.txt"])  # no temporaries, no journal
     assert (run / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_a_library_wrote_gets_the_usual_mode_and_reaches_the_disk_before_its_name(tmp_path, monkeypatch):
+    """Keras writes best.h5/last.h5 into mkstemp's file (mode 0600): the checkpoints were readable by their owner
+    only, unlike every other file of the run, and never fsynced, so a crash after the epoch's journal and renames
+    could leave last.h5 empty beside a metrics.json that counts its epoch."""
+    import tempfile
+
+    from lungedge.io import publish_file, written_together
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    fd, tmp = tempfile.mkstemp(prefix=".last.", suffix=".h5", dir=tmp_path)
+    os.write(fd, b"weights")
+    os.close(fd)
+    with written_together():
+        publish_file(tmp, tmp_path / "last.h5")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "last.h5").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert synced.index(tmp) < next(i for i, f in enumerate(synced) if ".lungedge-publish.json" in f)  # journal
+
+
+def test_a_file_the_new_set_retires_goes_with_its_renames_also_across_a_kill(tmp_path):
+    """A report that no longer draws a figure, an image now predicted as another class: the previous set's file
+    goes when the new set takes its names, not before (a failed set keeps it) and not never (across a kill the
+    journal lists it). A damaged journal's removals touch nothing."""
+    from lungedge.io import retire, written_together
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("report.md", "old.png", "notes.txt"):
+        (run / name).write_text("old")
+    with pytest.raises(RuntimeError):
+        with written_together():
+            retire(run / "old.png")
+            atomic_write_text(run / "report.md", "new")
+            raise RuntimeError("failed half way")
+    assert _names(run) == ["notes.txt", "old.png", "report.md"] and (run / "report.md").read_text() == "old"
+    proc = _write_set_killed(run, ["report.md", "a.png"], "new", stop_before=1, retired=["old.png"])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (run / "old.png").is_file() and (run / "report.md").read_text() == "new"  # killed half way
+    with FolderLock(run, "lungedge report"):
+        assert _names(run) == ["a.png", "notes.txt", "report.md"]
+    (run / ".lungedge-publish.json").write_text(json.dumps(
+        {"kind": "lungedge publish journal", "format": 1, "renames": [], "removes": ["notes.txt", "../x"]}))
+    with FolderLock(run, "lungedge report"):
+        assert _names(run) == ["a.png", "notes.txt", "report.md"]
 
 
 def test_a_reader_leaves_a_set_being_renamed_to_its_writer(tmp_path):

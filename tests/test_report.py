@@ -136,6 +136,20 @@ def test_a_failed_write_leaves_the_previous_report_whole(two_machines):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing new, no temporary file left
 
 
+def test_a_figure_the_new_report_does_not_draw_goes_with_the_previous_report(two_machines, capsys):
+    """A report from eval rows only draws no accuracy-vs-latency plot: the previous report's plot was left beside
+    the new page, a figure of other results that nothing in the new report mentions."""
+    out = two_machines / "reports"
+    code, _, err = run_cli(["report", "--results", two_machines, "--out", out], capsys)
+    assert code == 0 and (out / "accuracy_latency.png").is_file(), err
+    (out / "notes.png").write_text("mine")
+    code, stdout, err = run_cli(["report", "--results", two_machines / "a" / "eval-laptop.jsonl", "--out", out],
+                                capsys)
+    assert code == 0, err
+    assert "accuracy_latency.png" not in stdout and "accuracy_latency.png" not in (out / "report.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.png", "report.html", "report.md"]
+
+
 def test_pareto_front():
     from lungedge.report import pareto
 

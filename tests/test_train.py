@@ -378,6 +378,74 @@ def test_keras_a_failed_write_at_an_epoch_end_keeps_the_previous_epoch_whole(tin
     assert read_keras_meta(run / "best.h5")["epoch"] == read_keras_meta(run / "last.h5")["epoch"] == 2
 
 
+KERAS_CTRL_C = """
+import os, signal, sys
+
+import torch  # noqa: F401  (torch before tensorflow)
+
+import lungedge.models.files as files
+from lungedge.cli import main
+
+publish, seen = files.publish_file, []
+
+
+def ctrl_c(tmp, path):  # Ctrl-C while epoch 2's checkpoints are written: best.h5 done, last.h5 complete
+    named = publish(tmp, path)
+    seen.append(path.name)
+    if seen.count("last.h5") == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return named
+
+
+files.publish_file = ctrl_c
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_keras_ctrl_c_while_an_epoch_is_written_keeps_the_last_whole_epoch_and_resumes(tiny, tmp_path, capsys):
+    """The Keras trainer interrupted as a user does (SIGINT) while epoch 2's best.h5/last.h5 are being written:
+    exit 130 with one line saying what was kept, no traceback; epoch 1's set stays whole with no temporary
+    beside it; --resume trains epoch 2 and ends with metrics.json, last.h5 and best.h5 telling one story."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from lungedge.models.checkpoint import read_keras_meta
+
+    run = tmp_path / "resnet50" / "int"
+    args = ["train", "resnet50", "--data", tiny, "--epochs", 2, "--batch-size", 8, "--image-size", 32, "--weights",
+            "none", "--mode", "transfer", "--lr", 3e-4, "--seed", 1, "--threads", 1, "--out", tmp_path,
+            "--run-name", "int"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", KERAS_CTRL_C, *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=root, env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("epoch ")]
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and re.fullmatch(rf"interrupted; {re.escape(str(run))} keeps its last finished epoch; "
+                                            rf"continue with 'lungedge train resnet50 .*--run-name int --resume'",
+                                            lines[0]), proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "running" and len(metrics["history"]) == 1
+    kept = metrics["history"][0]
+    assert read_keras_meta(run / "last.h5")["epoch"] == read_keras_meta(run / "best.h5")["epoch"] == 1
+    assert sorted(p.name for p in run.iterdir()) == ["best.h5", "config.json", "last.h5", "last.optimizer.npz",
+                                                     "metrics.json", "split.json"]  # no temporary, no journal
+
+    code, out, err = run_cli(["train", "resnet50", "--out", tmp_path, "--run-name", "int", "--resume", "--json"],
+                             capsys)
+    assert code == 0, err
+    resumed = json.loads(out)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert resumed["status"] == metrics["status"] == "finished" and len(metrics["history"]) == 2
+    assert metrics["history"][0] == resumed["history"][0] == kept  # epoch 1 kept, not trained again
+    last, best = read_keras_meta(run / "last.h5"), read_keras_meta(run / "best.h5")
+    assert last["epoch"] == 2 and last["best"] == metrics["best"] and best["epoch"] == metrics["best"]["epoch"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
 KERAS_SAVE = """
 import sys
 
