@@ -296,7 +296,9 @@ def test_input_size_cap_is_configurable(small, tmp_path, capsys, monkeypatch):
 
 # -- 3. two trainings into one run folder; Ctrl-C keeps the last epoch -----------------------------------------
 
-def test_second_train_into_same_run_refuses_and_first_set_stays_whole(small, tmp_path):
+@pytest.mark.parametrize("stop, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, r"terminated \(SIGTERM\)")])  # docker stop
+def test_second_train_into_same_run_refuses_and_first_set_stays_whole(small, tmp_path, stop, code, said):
     runs = tmp_path / "runs"
     args = ["train", "smallcnn", "--split", small["split"], "--batch-size", "4", "--image-size", SIZE, "--weights",
             "none", "--out", runs, "--run-name", "same"]
@@ -312,11 +314,11 @@ def test_second_train_into_same_run_refuses_and_first_set_stays_whole(small, tmp
         one_error(second.returncode, second.stderr,
                   match=rf"{re.escape(str(run))} is being written by pid {first.pid} on .*lungedge train")
     finally:
-        first.send_signal(signal.SIGINT)
+        first.send_signal(stop)
         _, err = first.communicate(timeout=60)
-    assert first.returncode == 130, err
+    assert first.returncode == code, err
     assert "Traceback" not in err
-    assert re.search(rf"^interrupted; {re.escape(str(run))} keeps its last finished epoch; continue with "
+    assert re.search(rf"^{said}; {re.escape(str(run))} keeps its last finished epoch; continue with "
                      r"'lungedge train smallcnn .* --run-name same --resume'$", err, re.M), err
     config = json.loads((run / "config.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())

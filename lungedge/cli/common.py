@@ -7,7 +7,9 @@ import json
 import os
 import pathlib
 import re
+import signal
 import sys
+import threading
 
 import typer
 
@@ -95,6 +97,20 @@ def print_result(result, json_out: bool, line: str) -> None:
 EXIT_BAD_INPUT = 2  # the input or the environment is wrong; the one line says what
 EXIT_INTERNAL = 3  # an unexpected error (a bug): one line, the traceback in a log file
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15): docker stop, systemd, kill
+
+
+class _Signals:
+    terminated = False  # a SIGTERM stopped this command (said as such, exit 143)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM stops a command as Ctrl-C does: every clean-up a KeyboardInterrupt runs runs (a set of files being
+    written stays whole, a training keeps its last finished epoch and says so). Without it Python dies at once,
+    and as a container's PID 1 (Dockerfile.jetson's ENTRYPOINT) it ignores the signal until docker stop's
+    SIGKILL."""
+    _Signals.terminated = True
+    raise KeyboardInterrupt
 
 
 def one_line(text: str, limit: int = 1000) -> str:
@@ -142,8 +158,9 @@ def _internal_error(exc: BaseException, argv: list[str]) -> int:
 def _interrupted() -> int:
     from ..io import KEPT
 
-    typer.echo("interrupted" + (f"; {'; '.join(KEPT)}" if KEPT else ""), err=True)
-    return EXIT_INTERRUPTED
+    what = "terminated (SIGTERM)" if _Signals.terminated else "interrupted"
+    typer.echo(what + (f"; {'; '.join(KEPT)}" if KEPT else ""), err=True)
+    return EXIT_TERMINATED if _Signals.terminated else EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Exit codes: 0 success; 2 bad input or environment (one ``error:`` line says what); 3 internal
     error (one ``error: internal error in ...`` line, the traceback in a log file under
-    ``~/.cache/lungedge/logs``); 130 interrupted (Ctrl-C: ``interrupted`` and what was kept).
+    ``~/.cache/lungedge/logs``); 130 interrupted (Ctrl-C: ``interrupted`` and what was kept); 143 the same
+    stop by SIGTERM (:func:`_on_sigterm`).
     Every command is registered on :data:`app` by ``lungedge.cli`` (always imported before
     this module), so ``main`` runs the full command line.
     """
@@ -162,13 +180,28 @@ def main(argv: list[str] | None = None) -> int:
     _io.COMMAND = f"lungedge {command_of(argv)}".replace("lungedge lungedge", "lungedge")
     real = sys.stdout
     guarded = sys.stdout = _GuardedStdout(real) if real is not None and not isinstance(real, _GuardedStdout) else real
+    _Signals.terminated = False
+    caught, previous = _catch_sigterm()
     try:
         return _main(argv, guarded)
     finally:
+        if caught:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         if isinstance(guarded, _GuardedStdout) and guarded.failed:
             _drop_pending(real)
         if sys.stdout is guarded:  # (typer may have put its own wrapper around it after a closed pipe: kept)
             sys.stdout = real
+
+
+def _catch_sigterm():
+    """Install :func:`_on_sigterm`: (installed, the handler it replaced); not where none can be set (a thread
+    other than the main one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False, None
+    try:
+        return True, signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):
+        return False, None
 
 
 def _usage_error_class():
