@@ -128,8 +128,9 @@ def check_counts(warmup: int, iters: int | None) -> None:
 
 def run_bench(jobs: list[Job], batch_sizes=(1, 8), warmup: int = 3, iters: int | None = None,
               seconds: float | None = 1.0, threads: int | None = None, data=None, out="results",
-              preprocessing: bool = True, log=lambda s: None) -> tuple[list[dict], Path | None]:
-    """Benchmark every job; returns (rows, JSON-lines file written under ``out``)."""
+              preprocessing: bool = True, log=lambda s: None, keep_to=None) -> tuple[list[dict], Path | None]:
+    """Benchmark every job; returns (rows, JSON-lines file written under ``out``). Stopped (Ctrl-C, SIGTERM), it
+    writes the rows of the jobs already measured under ``keep_to`` (default ``out``) before it stops."""
     if not jobs:
         raise LungedgeError("nothing to benchmark")
     if any(b < 1 for b in batch_sizes):
@@ -143,10 +144,22 @@ def run_bench(jobs: list[Job], batch_sizes=(1, 8), warmup: int = 3, iters: int |
     with tempfile.TemporaryDirectory(prefix="lungedge-bench-") as tmp:
         files = image_files(data, log) if data else synthetic_images(Path(tmp))
         source = str(data) if data else f"synthetic {SYNTHETIC_SIZE}x{SYNTHETIC_SIZE} grayscale PNG files"
-        for j in jobs:
-            for r in bench_job(j, batch_sizes, files, warmup, iters, seconds, threads, preprocessing, log):
-                r["images"] = source
-                rows.append(r)
+        try:
+            for j in jobs:
+                for r in bench_job(j, batch_sizes, files, warmup, iters, seconds, threads, preprocessing, log):
+                    r["images"] = source
+                    rows.append(r)
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM in a long --all run: the rows measured so far are kept
+            if rows and (keep_to or out):
+                from .io import note_kept
+
+                add_ratios(rows)
+                try:
+                    kept = write_rows(rows, keep_to or out, "bench")
+                    note_kept(f"{kept} keeps the {len(rows)} rows measured before the stop")
+                except LungedgeError as exc:  # a read-only or full results folder: the stop is still a stop
+                    note_kept(f"the {len(rows)} rows measured before the stop could not be kept ({exc})")
+            raise
     add_ratios(rows)
     path = write_rows(rows, out, "bench") if out else None
     return rows, path

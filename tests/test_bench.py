@@ -99,6 +99,34 @@ def test_bench_all_cpu(exported, capsys):
     assert any("decode" in r["includes"] for r in rows if r["preprocessing"])
 
 
+def test_ctrl_c_in_a_long_bench_keeps_the_rows_already_measured(exported, capsys, monkeypatch):
+    """Stopped during its second job (Ctrl-C or SIGTERM, which lungedge turns into the same stop), bench writes
+    the first job's rows, whole, and says where; before, a long --all run lost every measurement."""
+    from lungedge import bench
+
+    out = exported["tmp"] / "stopped"
+    real, calls = bench.bench_job, []
+
+    def stop_in_second_job(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_job", stop_in_second_job)
+    code, _, err = run_cli(["bench", "googlenet", "--backend", "torch,onnxruntime", "--runs", exported["runs"],
+                            "--engines", exported["engines"], "--batch-sizes", "1", "--warmup", "0", "--iters", "2",
+                            "--threads", "1", "--out", out], capsys)
+    assert code == 130 and len(calls) == 2, err
+    written = list(out.glob("bench-*.jsonl"))
+    assert len(written) == 1, err
+    written = written[0]
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert len(rows) == 2 and {r["backend"] for r in rows} == {calls[0].backend}  # model only and +prep
+    assert all(r["iters"] == 2 and r["latency_ms"]["p50"] > 0 for r in rows)
+    assert err.strip().splitlines()[-1] == f"interrupted; {written} keeps the 2 rows measured before the stop"
+
+
 def test_bench_cuda_without_gpu_is_one_line(exported, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")

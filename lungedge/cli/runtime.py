@@ -93,7 +93,7 @@ def bench_cmd(
     from ..results import write_rows
 
     rows, _ = run_bench(jobs, sizes, warmup, iters, seconds, threads, data, None,
-                        not no_preprocessing, log=lambda s: typer.echo(s, err=True))
+                        not no_preprocessing, log=lambda s: typer.echo(s, err=True), keep_to=out)
     con = _console()
     con.print(table(rows))
     includes = sorted({r["includes"] for r in rows if not r["preprocessing"]})
