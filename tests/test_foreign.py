@@ -185,10 +185,12 @@ def test_training_checkpoint_holding_a_whole_model_is_read_only_with_trust_pickl
     _is_fp16_parallel_net_first_three(out, fp32, net, seed=5)
 
 
-def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["ckpt.pth", "epoch=7-step=70.ckpt", "pytorch_model.bin"])  # also Lightning's, HF's
+def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tmp_path, capsys, name):
+    """A torch.save file is read as one whatever its name says (export picks the reader from the bytes)."""
     head = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(1024, 3))
-    model = ff.googlenet_training_checkpoint(tmp_path / "ckpt.pth", head=head)
-    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / "ckpt.pth", "--classes", "a,b,c", "--input-size",
+    model = ff.googlenet_training_checkpoint(tmp_path / name, head=head)
+    out, fp32 = _export(tmp_path, capsys, "googlenet", tmp_path / name, "--classes", "a,b,c", "--input-size",
                         32, "--no-transform-input")
     assert "exporting the weights under 'model_state_dict' (left out: optimizer_state_dict, epoch, best_acc)" in out
     assert "removed the 'model.' prefix" in out and "only weights are fc.1 (Linear 1024 -> 3)" in out
@@ -208,7 +210,7 @@ def test_training_checkpoint_with_prefix_and_dropout_head_exports_its_weights(tm
     assert code == 2 and "keys optimizer, epoch and no state dict under them" in err, err
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".ckpt"])  # .ckpt: Lightning's name for a torch.save file
 def test_densenet_old_tensor_names_load_as_torchvision_does(suffix, tmp_path):
     from lungedge.models.registry import get_spec
     from lungedge.models.weights import load_into, read_weights_file
@@ -217,8 +219,8 @@ def test_densenet_old_tensor_names_load_as_torchvision_does(suffix, tmp_path):
     net = torchvision.models.densenet121(weights=None, num_classes=3).eval()
     old = ff.densenet121_old_names(net.state_dict())
     assert "features.denseblock1.denselayer1.norm.1.weight" in old
-    if suffix == ".pth":  # as `lungedge train --weights` reads it: a training checkpoint
-        torch.save({"state_dict": old, "epoch": 1}, tmp_path / "dn.pth")
+    if suffix != ".safetensors":  # as `lungedge train --weights` reads it: a training checkpoint
+        torch.save({"state_dict": old, "epoch": 1}, tmp_path / f"dn{suffix}")
     else:  # flat tensors only; DataParallel's prefix on every name
         _save_state({f"module.{k}": v for k, v in old.items()}, tmp_path / "dn.safetensors")
     spec = get_spec("densenet121")
@@ -439,6 +441,15 @@ def test_pth_from_a_newer_torch_says_so(tmp_path, capsys):
     code, _, err = run_cli(["predict", tmp_path / "new.pth", tmp_path / "new.pth"], capsys)
     one_error(code, err, match=said)
     assert not (tmp_path / "e").exists()
+
+
+def test_keras_file_under_another_name_says_which_name_keras_reads(tmp_path, capsys):
+    ff.tiny_keras(tmp_path / "m.keras")
+    (tmp_path / "m.bin").write_bytes((tmp_path / "m.keras").read_bytes())
+    code, _, err = run_cli(["export", "mine", "--custom", "--checkpoint", tmp_path / "m.bin", "--classes", "A,B,C",
+                            "--out", tmp_path / "e"], capsys)
+    one_error(code, err, match=r"m\.bin holds a Keras 3 \.keras archive, which Keras reads only under the name "
+                               r"\.keras: copy or rename it so")
 
 
 def test_keras_file_from_a_newer_keras_names_the_option_and_the_version(tmp_path, capsys):

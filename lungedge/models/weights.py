@@ -57,7 +57,7 @@ def read_weights_file(spec, path) -> WeightsFile:
         state = normalise_keys(files.read_safetensors(path), spec.head, path.name, [])
         return WeightsFile(path, "plain", dict(getattr(spec.builder, "foreign_kwargs", {})),
                            as_float32(state, path.name, []), sha)
-    if path.suffix.lower() not in files.TORCH_SUFFIXES:
+    if fmt not in ("torch-zip", "torch-pickle") and path.suffix.lower() not in files.TORCH_SUFFIXES:
         raise LungedgeError(f"{path}: {spec.name} is a torch model; expected a .pth or .safetensors weights file")
     payload = files.read_pth(path)
     if files.is_lungedge_payload(payload):

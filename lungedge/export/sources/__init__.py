@@ -50,10 +50,26 @@ def kind_named(name: str) -> SourceKind:
     return by_name[check_choice(name, by_name, "source kind")]
 
 
+# what a file's bytes hold (models.sniff) -> the kind that reads it, whatever its name: a Hugging Face
+# pytorch_model.bin, a PyTorch Lightning .ckpt (torch.save files), a TorchScript or ONNX file named otherwise
+BY_CONTENT = {"torchscript": "torchscript", "torch-export": "torch.export", "torch-zip": "torch",
+              "torch-pickle": "torch", "safetensors": "torch", "onnx": "onnx"}
+
+
 def kind_of(path: Path) -> SourceKind:
+    """The kind that reads ``path``: the first whose ``recognise`` takes it (its name), else the one its bytes
+    say (:data:`BY_CONTENT`). A Keras file must carry a name Keras reads (it picks its reader by suffix)."""
     for kind in kinds():
         if kind.recognise(path):
             return kind
+    from ...models.sniff import DESCRIBE, sniff
+
+    fmt = sniff(path)
+    if fmt in BY_CONTENT:
+        return kind_named(BY_CONTENT[fmt])
+    if fmt in ("hdf5", "keras-zip"):
+        raise LungedgeError(f"{path} holds {DESCRIBE[fmt]}, which Keras reads only under the name "
+                            f"{'.h5' if fmt == 'hdf5' else '.keras'}: copy or rename it so")
     accepted = "; ".join(k.describe for k in kinds())
     raise LungedgeError(f"{path} is not a model file export reads (accepted: {accepted})")
 
