@@ -21,6 +21,7 @@ NOT_ON_DEVICE = {
     "tf2onnx": "export happens on the workstation",
     "onnxscript": "torch.onnx export happens on the workstation",
     "h5py": "Keras .h5 checkpoints stay on the workstation",
+    "safetensors": ".safetensors state dicts are exported (and trained from) on the workstation",
     "micrograd": "the MLP cross-check is a workstation tool",
     "torch": "the Jetson build comes from JETSON_INDEX",
     "torchvision": "the Jetson build comes from JETSON_INDEX",
