@@ -101,7 +101,7 @@ def test_export_predict_and_eval_say_what_is_not_a_model(not_models, name, capsy
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])  # .bin: Hugging Face's pytorch_model.bin
 def test_foreign_checkpoints_in_eval_and_predict_say_export_first(suffix, tmp_path, capsys):
     theirs = _save_state(ff.tiny_torch().state_dict(), tmp_path / f"theirs{suffix}")
     img = write_dataset(tmp_path / "data", ["a", "b"], per_class=1, size=16) / "a" / "img000_0.png"

@@ -46,7 +46,18 @@ def artifact_kind(path) -> str:
     for kind, suffixes in KINDS.items():
         if s in suffixes:
             return kind
+    from ..models.sniff import DESCRIBE, sniff
+
+    if Path(path).is_file() and sniff(path) in set(DESCRIBE) - {"zip"}:  # a model under another name (.bin, .ckpt)
+        raise _export_first(path)
     raise LungedgeError(f"{path}: unknown artifact type (expected .pth, .h5, .onnx or .engine)")
+
+
+def _export_first(path) -> LungedgeError:
+    """A model file lungedge did not write: what to do with it."""
+    return LungedgeError(f"{path} was not written by lungedge (no metadata): export it first with "
+                         f"`lungedge export MODEL --checkpoint {path} --classes A,B,C` (add --custom for your "
+                         "own architecture), then use the ONNX it writes")
 
 
 def is_kind(path, kind: str) -> bool:
@@ -97,9 +108,7 @@ def _checkpoint(path: Path) -> ArtifactInfo:
     except LungedgeError as exc:
         if "not a lungedge checkpoint" not in str(exc) and "not a plain state-dict" not in str(exc):
             raise
-        raise LungedgeError(f"{path} was not written by lungedge (no metadata): export it first with "
-                            f"`lungedge export MODEL --checkpoint {path} --classes A,B,C` (add --custom for your "
-                            "own architecture), then use the ONNX it writes") from None
+        raise _export_first(path) from None
     return ArtifactInfo(path, "checkpoint", m["architecture"], m["framework"], list(m["classes"]),
                         Preprocessing.from_dict(m["preprocessing"]), "fp32", m["checkpoint_sha256"], "fp32",
                         {"meta": m}, m.get("output", "logits"))
