@@ -286,7 +286,7 @@ def _keras_cause(text: str) -> str:
 
 
 def _saved_by_newer(path, keras) -> str:
-    """'; saved by Keras X, newer than Keras Y here: ...' where the file records a newer Keras than this one
+    """'; saved by Keras X, newer than Keras Y here, ...' where the file records a newer Keras than this one
     (a ``.keras`` archive's metadata.json, an ``.h5``'s keras_version attribute); else ''."""
     import zipfile
 
