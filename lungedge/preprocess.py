@@ -80,7 +80,8 @@ def open_image(path: str | Path):
     return read_image(path)
 
 
-GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I")
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # more than 8 bits a pixel: stretched by the image's own range
+GRAY_MODES = ("L", "1", *WIDE_MODES)
 
 
 def is_regular_file(path: str | Path) -> bool:
@@ -127,7 +128,7 @@ def read_image(path: str | Path, size: int | None = None):
 
 
 def to_gray_or_rgb(img):
-    """8-bit "L" for grayscale images (16-bit stretched as :func:`to_rgb` does), else "RGB"."""
+    """8-bit "L" for grayscale images (16-bit, 32-bit and float stretched as :func:`to_rgb` does), else "RGB"."""
     if img.mode == "L":
         return img
     if img.mode in GRAY_MODES:
@@ -146,9 +147,11 @@ def to_rgb(img):
     """Any PIL mode -> 8-bit RGB; grayscale is replicated to three channels."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in WIDE_MODES:  # 16/32-bit integers and floats (a TIFF of Hounsfield units) alike
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)  # a float image's NaN / inf pixels count as its lowest value
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        arr = np.where(finite, arr, lo)
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         from PIL import Image
 

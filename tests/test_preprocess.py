@@ -197,3 +197,25 @@ def test_decode_pool_is_made_again_in_a_forked_child(tmp_path):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_a_float_tiff_of_hounsfield_units_is_stretched_as_its_integer_twin(tmp_path):
+    """A CT slice saved as 32-bit float (HU, -1024..3071) is read as the same slice saved as 32-bit integers:
+    both stretched by their own range; before, the float one was clipped to 0..255 (air and most tissue black,
+    bone white). NaN pixels count as the lowest value."""
+    from lungedge.preprocess import Preprocessing
+
+    rng = np.random.default_rng(3)
+    hu = rng.integers(-1024, 1500, size=(40, 48)).astype(np.int32)
+    Image.fromarray(hu, mode="I").save(tmp_path / "int.tif")
+    Image.fromarray(hu.astype(np.float32), mode="F").save(tmp_path / "float.tif")
+    with_nan = hu.astype(np.float32)
+    with_nan[0, 0] = np.nan
+    hu_low = hu.copy()
+    hu_low[0, 0] = hu.min()
+    Image.fromarray(with_nan, mode="F").save(tmp_path / "nan.tif")
+    Image.fromarray(hu_low, mode="I").save(tmp_path / "low.tif")
+    p = Preprocessing(size=32)
+    assert np.array_equal(p.load(tmp_path / "float.tif"), p.load(tmp_path / "int.tif"))
+    assert np.array_equal(p.load(tmp_path / "nan.tif"), p.load(tmp_path / "low.tif"))
+    assert p.load_pixels(tmp_path / "float.tif").std() > 20  # not clipped flat
