@@ -64,7 +64,7 @@ def kind_of(path: Path) -> SourceKind:
             return kind
     from ...models.sniff import DESCRIBE, sniff
 
-    fmt = sniff(path)
+    fmt = sniff(path) if path.is_file() else None
     if fmt in BY_CONTENT:
         return kind_named(BY_CONTENT[fmt])
     if fmt in ("hdf5", "keras-zip"):
