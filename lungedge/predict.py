@@ -8,6 +8,7 @@ import numpy as np
 
 from .batching import prefetched
 from .errors import LungedgeError
+from .preprocess import exif_turn
 from .runners import open_runner
 
 
@@ -37,6 +38,9 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
                               "probabilities": {c: round(float(v), 6) for c, v in zip(runner.classes, p)}})
                 if check is not None:
                     preds[-1]["input_check"] = check
+                turn = exif_turn(path)
+                if turn:  # viewers show it turned; the model sees it as stored (as in training)
+                    preds[-1]["exif_orientation"] = turn
         if not preds:
             raise LungedgeError(f"none of the {len(images)} images could be read (first: {unreadable[0]['image']}: {unreadable[0]['reason']})")
         if explain_dir is not None:

@@ -127,6 +127,22 @@ def read_image(path: str | Path, size: int | None = None):
         raise ImageReadError(f"{path}: unreadable image ({exc})") from None
 
 
+# EXIF Orientation (tag 0x0112) -> how a viewer shows the stored pixels (1: as stored)
+EXIF_TURNS = {2: "mirrored", 3: "turned 180°", 4: "flipped upside down", 5: "turned 90° and mirrored",
+              6: "turned 90°", 7: "turned 90° and mirrored", 8: "turned 90°"}
+
+
+def exif_turn(path: str | Path) -> str | None:
+    """How photo viewers show ``path`` against its stored pixels, from its EXIF Orientation ("turned 90°"), or
+    None (no tag, upright, unreadable). lungedge, like torchvision's and Keras' image loaders, reads the pixels
+    as stored, in training and at inference alike; a phone photo of a screen may carry such a tag."""
+    try:
+        with pillow().open(path) as img:
+            return EXIF_TURNS.get(img.getexif().get(0x0112))
+    except Exception:  # noqa: BLE001 - only a note: an unreadable file is said elsewhere
+        return None
+
+
 def to_gray_or_rgb(img):
     """8-bit "L" for grayscale images (16-bit, 32-bit and float stretched as :func:`to_rgb` does), else "RGB"."""
     if img.mode == "L":

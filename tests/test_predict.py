@@ -30,6 +30,29 @@ def test_predict_checkpoint_json(trained_run, capsys):
     assert code == 2 and err.startswith("error:")
 
 
+def test_an_image_with_an_exif_orientation_is_said_to_be_seen_as_stored(trained_run, tmp_path, capsys):
+    """A photo whose EXIF tag turns it in viewers: the prediction is on the stored pixels (as in training), and
+    predict says so, in the JSON and in one stderr note; an upright copy gets neither."""
+    from PIL import Image
+
+    run = trained_run("googlenet")
+    img = Image.open(sorted(trained_run.data.rglob("*.png"))[0]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    img.save(tmp_path / "upright.jpg")
+    code, out, err = run_cli(["predict", run / "best.pth", tmp_path / "turned.jpg", tmp_path / "upright.jpg",
+                              "--json"], capsys)
+    assert code == 0, err
+    turned, upright = json.loads(out)["predictions"]
+    assert turned["exif_orientation"] == "turned 90°" and "exif_orientation" not in upright
+    assert turned["probabilities"] == upright["probabilities"]  # the same stored pixels
+    assert [ln for ln in err.splitlines() if ln.startswith("note: ")] == [
+        f"note: 1 image(s) carry an EXIF orientation (first: {tmp_path / 'turned.jpg'}, turned 90° in photo viewers); "
+        "the model saw the pixels as stored, as lungedge reads every image in training too: if what you see is the "
+        "right way up, save the image upright without the tag"]
+
+
 def test_prefetched_computes_the_next_item_while_the_current_one_is_used():
     import threading
 

@@ -205,6 +205,7 @@ def predict_cmd(
         print_json(result)
         for p in result["predictions"]:  # beside the JSON, on stderr
             _unlike_warning(p, lambda line: typer.echo(line, err=True))
+        _exif_note(result)
         _some_unreadable(result)
         return
     t = result.get("temperature", 1.0)
@@ -217,7 +218,22 @@ def predict_cmd(
         _unlike_warning(p, typer.echo)
     for u in result.get("unreadable", []):
         typer.echo(f"{display_name(u['image'])}: unreadable ({u['reason']})")
+    _exif_note(result)
     _some_unreadable(result)
+
+
+def _exif_note(result: dict) -> None:
+    """One stderr line when images carry an EXIF orientation: a viewer shows them turned, the model does not
+    (a CT model shown a slice turned by 90° may call every slice one class, and the input check cannot see it)."""
+    from ..errors import display_name
+
+    turned = [p for p in result["predictions"] if p.get("exif_orientation")]
+    if turned:
+        first = turned[0]
+        typer.echo(f"note: {len(turned)} image(s) carry an EXIF orientation (first: {display_name(first['image'])}, "
+                   f"{first['exif_orientation']} in photo viewers); the model saw the pixels as stored, as lungedge "
+                   "reads every image in training too: if what you see is the right way up, save the image "
+                   "upright without the tag", err=True)
 
 
 def _some_unreadable(result: dict) -> None:
