@@ -82,7 +82,7 @@ MAX_BATCH = 4096  # a batch is loaded (or a TensorRT profile allocated) whole: 1
 
 
 def check_batch(value: int, what: str) -> int:
-    """A batch size from 1 to :data:`MAX_BATCH` (--max-batch, --opt-batch, --batch-sizes)."""
+    """A batch size from 1 to :data:`MAX_BATCH` (--max-batch, --opt-batch, train's --batch-size)."""
     if value < 1:
         raise LungedgeError(f"{what} must be at least 1, got {value}")
     if value > MAX_BATCH:

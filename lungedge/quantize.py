@@ -53,6 +53,13 @@ def check_calib_method(method: str) -> str:
     return method
 
 
+def check_calib_size(size) -> int:
+    """``size`` if it is a whole number of calibration images, at least 1."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise LungedgeError(f"--calib-size must be at least 1, got {size}")
+    return size
+
+
 def calibration_sample(items: list[dict], classes: list[str], size: int, seed: int = 0) -> list[dict]:
     """A class-stratified sample of the training split: ``size`` items, classes in proportion.
 
@@ -63,8 +70,7 @@ def calibration_sample(items: list[dict], classes: list[str], size: int, seed: i
     """
     from sklearn.utils import resample
 
-    if size < 1:
-        raise LungedgeError(f"--calib-size must be at least 1, got {size}")
+    check_calib_size(size)
     train = [it for it in items if it["split"] == "train"]
     if not train:
         raise LungedgeError("the split has no training images to calibrate on")

@@ -81,8 +81,9 @@ def _scores(outputs: np.ndarray, source: Source) -> np.ndarray:
     return class_scores(outputs, source.output, len(source.classes))
 
 
-def _check_settings(calib_method: str, max_batch: int) -> None:
+def _check_settings(calib_method: str, calib_size: int, max_batch: int) -> None:
     quantize.check_calib_method(calib_method)
+    quantize.check_calib_size(calib_size)  # also without --int8
     check_batch(max_batch, "--max-batch")
 
 
@@ -180,9 +181,7 @@ def export(model_name: str, checkpoint=None, fp16: bool = False, int8: bool = Fa
     ``options``: declared facts for the source kinds (``Request.options``: --custom, preprocessing, output).
     With FP16/INT8 and labelled test images, ``summary["gate"]`` holds each precision's release gate
     against FP32 (limits as fractions; :func:`failed_gates` lists the failed ones)."""
-    _check_settings(calib_method, max_batch)  # before any work
-    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
-        raise LungedgeError(f"--calib-size must be at least 1, got {calib_size}")  # also without --int8
+    _check_settings(calib_method, calib_size, max_batch)  # before any work
     if classes is not None:
         parse_classes(classes)
     if (options or {}).get("input_size") is not None:
