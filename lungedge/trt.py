@@ -360,10 +360,8 @@ def build_from_onnx(onnx_path: str | Path, max_batch: int = 8, opt_batch: int | 
     from . import onnx_meta
     from .jetson import jetson_info
 
-    check_batch_size(max_batch, "--max-batch")
+    profile_shapes([1], max_batch, opt_batch)  # the batch settings, checked before any work
     check_positive(workspace_gib, "--workspace-gib", upper=1024)  # nan, inf or -1 GiB: TensorRT's own error
-    if opt_batch is not None and not 1 <= opt_batch <= max_batch:
-        raise LungedgeError(f"--opt-batch must be between 1 and --max-batch ({max_batch}), got {opt_batch}")
     meta = onnx_meta.read(onnx_path)
     precision = check_buildable(meta, onnx_path)
     info = jetson_info()

@@ -1024,6 +1024,8 @@ def test_eval_bootstrap_is_bounded(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, pattern", [
     (["engine", "build", "m.onnx", "--max-batch", str(10 ** 12)], r"--max-batch must be at most 4,096"),
+    (["engine", "build", "m.onnx", "--max-batch", "4", "--opt-batch", "9"],
+     r"--opt-batch must be between 1 and --max-batch \(4\), got 9"),
     (["engine", "build", "m.onnx", "--workspace-gib", "nan"], r"--workspace-gib must be a finite number greater"),
     (["engine", "build", "m.onnx", "--workspace-gib", "-1"], r"--workspace-gib must be a finite number greater"),
     (["export", "smallcnn", "--max-batch", str(10 ** 12)], r"--max-batch must be at most 4,096"),
