@@ -42,7 +42,9 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
                 if turn:  # viewers show it turned; the model sees it as stored (as in training)
                     preds[-1]["exif_orientation"] = turn
         if not preds:
-            raise LungedgeError(f"none of the {len(images)} images could be read (first: {unreadable[0]['image']}: {unreadable[0]['reason']})")
+            first = unreadable[0]
+            raise LungedgeError(f"none of the {len(images)} images could be read (first: {first['image']}: "
+                                f"{first['reason']})")
         if explain_dir is not None:
             from .io import FolderLock, written_together
             from .saliency import clean_overlay_temps, explain, write_overlays
