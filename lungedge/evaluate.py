@@ -94,7 +94,8 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT, log=l
              ) -> tuple[dict, np.ndarray]:
     """One job's row (metrics, predictions, model facts) and its predicted classes. Where the artifact
     carries an input check (:mod:`lungedge.inputcheck`), ``row["unlike_training"]`` is the share of test
-    images it flags (``log`` names a few); nothing else depends on it."""
+    images it flags (``log`` names a few); nothing else depends on it. ``row["exif_orientation_count"]``: the
+    test images whose EXIF orientation turns them in photo viewers (the model sees them as stored)."""
     with open_runner(job.artifact, job.backend, job.device, job.precision, threads) as runner:
         unknown = sorted(set(ts.labels) - set(runner.classes))
         if unknown:
@@ -120,6 +121,7 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT, log=l
         row["images"] = [str(p) for p in ts.paths]
         row["labels"] = y.tolist()
         row["groups"] = list(ts.groups) if ts.groups is not None else None
+        row["exif_orientation_count"] = len(ts.turned())
         if runner.input_check is not None:
             _input_check(runner, x, ts, row, job, log)
         if not runner.info.fixed_precision and job.precision == "fp32":
@@ -138,6 +140,18 @@ def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log
     row["unlike_training_count"] = n
     if n:
         log(f"{job.model} {row['variant']}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
+
+
+def exif_line(model: str, ts: EvalImages) -> str | None:
+    """One note when test images carry an EXIF orientation: a viewer shows them turned, the model (as in
+    training) sees the pixels as stored, unturned; the figures are for the stored pixels. None when none does."""
+    turned = ts.turned()
+    if not turned:
+        return None
+    path, turn = turned[0]
+    return (f"note {model}: {len(turned)} of the {len(ts.paths)} test images carry an EXIF orientation (first: "
+            f"{display_name(path)}, {turn} in photo viewers); the model saw them unturned, as stored, as lungedge "
+            "reads every image in training too")
 
 
 def leakage(ts: EvalImages, model: str, artifact: Path, runs, data=None, split=None,
@@ -232,6 +246,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
     sets: dict[str, EvalImages] = {}
     fp32_preds: dict = {}
     leaks: dict = {}
+    exif_said: set[int] = set()
     # FP32 first, so that FP16/INT8 compare with what was just measured
     for job in sorted(jobs, key=lambda j: (j.precision != "fp32",)):
         ts = load_test_set(job.model, job.artifact, data, split, runs)
@@ -240,6 +255,10 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
         row, pred = eval_job(job, ts, threads, n_boot, log)
         for bad in ts.skipped[noted:]:  # as data split and predict do: listed, not the end of the run
             log(f"skipped {display_name(bad['path'])}: {bad['reason']}")
+        if id(ts) not in exif_said:  # once per test set, as the images are read once
+            exif_said.add(id(ts))
+            if (line := exif_line(job.model, ts)):
+                log(line)
         key = (job.model, ts.where)
         if key not in leaks:  # test images the model saw in training: said, and kept with every row
             leaks[key] = leakage(ts, job.model, job.artifact, runs, data, split)

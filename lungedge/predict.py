@@ -8,7 +8,6 @@ import numpy as np
 
 from .batching import prefetched
 from .errors import LungedgeError
-from .preprocess import exif_turn
 from .runners import open_runner
 
 
@@ -26,19 +25,18 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
         preds, unreadable, readable = [], [], []
         chunks = (images[i : i + batch] for i in range(0, len(images), batch))
         # a batch at a time (memory stays bounded), the next one decoded while this one runs
-        for chunk, x in prefetched(lambda c: _decoded(runner.preprocessing, c, unreadable), chunks):
+        for chunk, x, turns in prefetched(lambda c: _decoded(runner.preprocessing, c, unreadable), chunks):
             if not chunk:
                 continue
             readable += chunk
             probs = runner.probabilities(x)
             checks = runner.input_check.flag(x, runner.preprocessing) if runner.input_check else [None] * len(x)
-            for path, p, check in zip(chunk, probs, checks):
+            for path, p, check, turn in zip(chunk, probs, checks, turns):
                 k = int(np.argmax(p))
                 preds.append({"image": str(path), "class": runner.classes[k],
                               "probabilities": {c: round(float(v), 6) for c, v in zip(runner.classes, p)}})
                 if check is not None:
                     preds[-1]["input_check"] = check
-                turn = exif_turn(path)
                 if turn:  # viewers show it turned; the model sees it as stored (as in training)
                     preds[-1]["exif_orientation"] = turn
         if not preds:
@@ -67,9 +65,11 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
 
 
 def _decoded(prep, chunk: list[Path], unreadable: list[dict]):
-    """(the readable paths of ``chunk``, their inputs); each unreadable one (missing, corrupt, over
-    LUNGEDGE_MAX_PIXELS) is appended to ``unreadable`` as {"image", "reason"} instead of failing all."""
-    keep, x, skipped = prep.load_readable(chunk)
+    """(the readable paths of ``chunk``, their inputs, their EXIF turns from the same decode); each unreadable
+    one (missing, corrupt, over LUNGEDGE_MAX_PIXELS) is appended to ``unreadable`` as {"image", "reason"}
+    instead of failing all."""
+    turns: list = []
+    keep, x, skipped = prep.load_readable(chunk, turns)
     unreadable += [{"image": str(path), "reason": reason} for path, reason in skipped]
-    return [chunk[i] for i in keep], x
+    return [chunk[i] for i in keep], x, turns
 

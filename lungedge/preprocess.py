@@ -93,6 +93,12 @@ def is_regular_file(path: str | Path) -> bool:
 def read_image(path: str | Path, size: int | None = None):
     """Decode like :func:`open_image`; a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose
     centre square still has at least 2 x ``size`` pixels a side (none: the full decode)."""
+    return read_image_turn(path, size)[0]
+
+
+def read_image_turn(path: str | Path, size: int | None = None):
+    """(:func:`read_image`'s image, its :func:`exif_turn`): the EXIF tag comes from the header this one open
+    already parsed (a few microseconds), so a caller that notes turned images opens no file twice."""
     from PIL import UnidentifiedImageError
 
     Image = pillow()
@@ -107,9 +113,10 @@ def read_image(path: str | Path, size: int | None = None):
                 side = min(w, h)
                 img.draft(img.mode, (-(-w * 2 * size // side), -(-h * 2 * size // side)))
             img.load()  # force a full decode: truncated files fail here, not later
+            turn = exif_turn(img)
             # a JPEG (one frame) is kept as decoded: leaving the block closes its file, not its pixels;
             # other formats may hold a handle of their own (TIFF) until the image goes: a copy, then
-            return img if img.format == "JPEG" else img.copy()
+            return (img if img.format == "JPEG" else img.copy()), turn
     except FileNotFoundError:
         raise ImageReadError(f"{path}: file not found") from None
     except UnidentifiedImageError:
@@ -132,14 +139,14 @@ EXIF_TURNS = {2: "mirrored", 3: "turned 180°", 4: "flipped upside down", 5: "tu
               6: "turned 90°", 7: "turned 90° and mirrored", 8: "turned 90°"}
 
 
-def exif_turn(path: str | Path) -> str | None:
-    """How photo viewers show ``path`` against its stored pixels, from its EXIF Orientation ("turned 90°"), or
-    None (no tag, upright, unreadable). lungedge, like torchvision's and Keras' image loaders, reads the pixels
-    as stored, in training and at inference alike; a phone photo of a screen may carry such a tag."""
+def exif_turn(img) -> str | None:
+    """How photo viewers show the open image ``img`` against its stored pixels, from its EXIF Orientation
+    ("turned 90°"), or None (no tag, upright, unreadable tag). lungedge, like torchvision's and Keras' image
+    loaders, reads the pixels as stored, in training and at inference alike; a phone photo of a screen may
+    carry such a tag. Read from the header the open already parsed: no second read of the file."""
     try:
-        with pillow().open(path) as img:
-            return EXIF_TURNS.get(img.getexif().get(0x0112))
-    except Exception:  # noqa: BLE001 - only a note: an unreadable file is said elsewhere
+        return EXIF_TURNS.get(img.getexif().get(0x0112))
+    except Exception:  # noqa: BLE001 - only a note: a damaged EXIF block does not make the image unreadable
         return None
 
 
@@ -336,38 +343,53 @@ class Preprocessing:
 
     def load_pixels(self, path: str | Path) -> np.ndarray:
         """Image file -> uint8 HxW (grayscale) or HxWx3 (RGB) at the model's size, decoded fast."""
-        return self.gray_or_rgb_pixels(read_image(path, self.size))
+        return self._load_turn(path)[0]
+
+    def _load_turn(self, path: str | Path) -> tuple[np.ndarray, str | None]:
+        """(:meth:`load_pixels`, the file's :func:`exif_turn`), from the one decode."""
+        img, turn = read_image_turn(path, self.size)
+        return self.gray_or_rgb_pixels(img), turn
 
     def load(self, path: str | Path) -> np.ndarray:
         """Image file -> float32 input for one image; :class:`ImageReadError` if unreadable."""
         return self.normalize(self.load_pixels(path))
 
-    def load_batch(self, paths) -> np.ndarray:
+    def load_batch(self, paths, turns: list | None = None) -> np.ndarray:
         """Image files -> one batch, each image normalised straight into its slot. Two or more files are
         decoded and resized on a few threads at once (Pillow releases the GIL while it decodes and
-        resizes); the first unreadable file raises :class:`ImageReadError`, as one at a time would."""
+        resizes); the first unreadable file raises :class:`ImageReadError`, as one at a time would.
+        ``turns``: a list that gets each file's :func:`exif_turn` (None for most), in order, read from the
+        same decode (predict, eval and their notes: the model sees such images unturned)."""
         paths = list(paths)
         out = np.empty((len(paths), *self.input_shape), self.input_dtype)
+        found = []
         if len(paths) > 1:
-            for i, pixels in enumerate(decode_pool().map(self.load_pixels, paths)):
+            for i, (pixels, turn) in enumerate(decode_pool().map(self._load_turn, paths)):
                 self.normalize(pixels, out=out[i])
+                found.append(turn)
         elif paths:
-            self.normalize(self.load_pixels(paths[0]), out=out[0])
+            pixels, turn = self._load_turn(paths[0])
+            self.normalize(pixels, out=out[0])
+            found.append(turn)
+        if turns is not None:  # only once every file was read: a failed batch adds nothing
+            turns += found
         return out
 
-    def load_readable(self, paths) -> tuple[list[int], np.ndarray | None, list[tuple[Path, str]]]:
+    def load_readable(self, paths, turns: list | None = None
+                      ) -> tuple[list[int], np.ndarray | None, list[tuple[Path, str]]]:
         """:meth:`load_batch`, leaving out each file that cannot be read (missing, corrupt, not a regular
         file, over LUNGEDGE_MAX_PIXELS) instead of failing all: (indices of the files read, their batch
-        or None when none was, (path, reason) of each file left out)."""
+        or None when none was, (path, reason) of each file left out). ``turns`` gets the :func:`exif_turn`
+        of each file read, in the order of the indices."""
         paths = list(paths)
         try:
-            return list(range(len(paths))), self.load_batch(paths), []
+            return list(range(len(paths))), self.load_batch(paths, turns), []
         except ImageReadError:
             pass
         keep, xs, skipped = [], [], []
         for i, path in enumerate(paths):
             try:
-                xs.append(self.load_batch([path]))
+                xs.append(self.load_batch([path], turns))
                 keep.append(i)
             except ImageReadError as exc:
                 skipped.append((path, str(exc).removeprefix(f"{path}: ")))

@@ -346,6 +346,7 @@ class EvalRow(_Row):
     metrics: EvalMetrics
     temperature: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # rows before temperature scaling: 1
     unlike_training: float | None = None  # share of test images the input check flags (absent: no check)
+    exif_orientation_count: int | None = Field(default=None, ge=0)  # test images a viewer shows turned (older: none)
 
     @field_validator("unlike_training")
     @classmethod

@@ -34,15 +34,20 @@ class TestImages:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
     groups: list | None = None  # near-duplicate group id per image (from a split manifest), for group bootstraps
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of the images that could not be read
+    turns: list | None = None  # per image, its EXIF orientation turn or None (preprocess.exif_turn), once loaded
 
     def inputs(self, prep) -> np.ndarray:
         """The images as ``prep``'s model input. An image that cannot be read (not an image, truncated, ...)
-        leaves the set (paths, labels, groups) and is listed in ``skipped``; none readable is an error."""
+        leaves the set (paths, labels, groups) and is listed in ``skipped``; none readable is an error.
+        The first load also fills ``turns`` from the same decode."""
         key = json.dumps(prep.to_dict(), sort_keys=True)
         if key not in self._cache:
-            keep, x, skipped = prep.load_readable(self.paths)
+            turns: list = []
+            keep, x, skipped = prep.load_readable(self.paths, turns)
             if skipped:
                 self._leave_out(keep, skipped)
+            if self.turns is None:  # the first load: from then on _leave_out keeps it in step with paths
+                self.turns = turns
             self._cache[key] = x
         return self._cache[key]
 
@@ -53,6 +58,7 @@ class TestImages:
         self.skipped += [{"path": str(path), "reason": reason} for path, reason in skipped]
         self.paths, self.labels = [self.paths[i] for i in keep], [self.labels[i] for i in keep]
         self.groups = [self.groups[i] for i in keep] if self.groups is not None else None
+        self.turns = [self.turns[i] for i in keep] if self.turns is not None else None
         self._cache = {k: v[keep] for k, v in self._cache.items()}
         self.where = f"{self.where}, {len(self.skipped)} unreadable skipped"
 
@@ -61,9 +67,14 @@ class TestImages:
         if len(self.paths) <= n:
             return self
         head = TestImages(self.paths[:n], self.labels[:n], f"first {n} of {self.where}",
-                          groups=self.groups[:n] if self.groups is not None else None)
+                          groups=self.groups[:n] if self.groups is not None else None,
+                          turns=self.turns[:n] if self.turns is not None else None)
         head._cache = {k: v[:n] for k, v in self._cache.items()}
         return head
+
+    def turned(self) -> list[tuple[Path, str]]:
+        """(path, how viewers turn it) of each loaded image that carries a turning EXIF orientation."""
+        return [(p, t) for p, t in zip(self.paths, self.turns or []) if t]
 
     def label_indices(self, classes: list[str]) -> np.ndarray | None:
         """Labels as indices into ``classes``; ``None`` when some label is not one of them."""

@@ -361,3 +361,29 @@ def test_real_iq_oth_grouped_split_removes_the_leak(tmp_path, capsys):
         grouped = audits["near-duplicate"]["near_duplicates"][level]["cross_split"]["total"]
         naive = audits["none"]["near_duplicates"][level]["cross_split"]["total"]
         assert grouped * 4 < naive
+
+
+def test_inspect_counts_the_images_an_exif_orientation_turns(generic_dataset, capsys):
+    """A JPEG tagged "turned 90°" (a phone photo of a screen): inspect counts it, says the model sees it as
+    stored; tags that turn nothing (none, 1) count 0. Before, inspect did not look."""
+    code, out, err = run_cli(["data", "inspect", generic_dataset, "--json", "--no-shortcuts"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["exif_orientation"] == {"count": 0, "per_class": {"cat_a": 0, "cat_b": 0, "cat_c": 0},
+                                                   "first": None}
+    exif = Image.Exif()
+    exif[0x0112] = 1  # upright: nothing to say
+    Image.open(generic_dataset / "cat_a" / "img000_0.png").convert("RGB").save(generic_dataset / "cat_a" / "up.jpg",
+                                                                               exif=exif.tobytes())
+    code, out, err = run_cli(["data", "inspect", generic_dataset, "--no-shortcuts"], capsys)
+    assert code == 0 and "images with an EXIF orientation: 0\n" in out, out
+    exif[0x0112] = 6
+    Image.open(generic_dataset / "cat_b" / "img001_0.png").convert("RGB").save(generic_dataset / "cat_b" / "turned.jpg",
+                                                                               exif=exif.tobytes())
+    code, out, err = run_cli(["data", "inspect", generic_dataset, "--json", "--no-shortcuts"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["exif_orientation"] == {"count": 1, "per_class": {"cat_a": 0, "cat_b": 1, "cat_c": 0},
+                                                   "first": {"path": "cat_b/turned.jpg", "turn": "turned 90°"}}
+    code, out, err = run_cli(["data", "inspect", generic_dataset, "--no-shortcuts"], capsys)
+    assert code == 0, err
+    assert ("images with an EXIF orientation: 1 (first: cat_b/turned.jpg, turned 90° in photo viewers); lungedge "
+            "trains and predicts on the pixels as stored, unturned") in out.splitlines()

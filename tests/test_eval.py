@@ -254,3 +254,32 @@ def test_eval_of_one_image_of_one_class(exported, trained_run, tmp_path, capsys)
     right = int(m["accuracy"])
     ci = binomtest(right, 1).proportion_ci(method="exact")
     assert row["intervals"]["accuracy"] == pytest.approx([ci.low, ci.high])
+
+
+def test_eval_counts_the_test_images_an_exif_orientation_turns(exported, trained_run, tmp_path, capsys):
+    """A test JPEG tagged "turned 90°" is counted in the row (exif_orientation_count) and said in one note: the
+    figures are for the pixels as stored, which a viewer shows turned. A set without such tags counts 0, no note.
+    Before, eval did not look."""
+    from PIL import Image
+
+    def test_set(name, orientation):
+        for i, image in enumerate(sorted((trained_run.data / "malignant").iterdir())[:2]):
+            (tmp_path / name / "malignant").mkdir(parents=True, exist_ok=True)
+            exif = Image.Exif()
+            if i == 0 and orientation:
+                exif[0x0112] = orientation
+            Image.open(image).convert("RGB").save(tmp_path / name / "malignant" / f"{i}.jpg", exif=exif.tobytes())
+        code, stdout, err = run_cli(["eval", "googlenet", "--backend", "onnxruntime", "--precision", "fp32,int8",
+                                     "--data", tmp_path / name, "--runs", exported["runs"], "--engines",
+                                     exported["engines"], "--out", tmp_path / "r", "--json", "--bootstrap", "100"],
+                                    capsys)
+        assert code == 0, err
+        return json.loads(stdout), [ln for ln in err.splitlines() if "EXIF" in ln]
+
+    rows, notes = test_set("turned", 6)
+    assert [r["exif_orientation_count"] for r in rows] == [1, 1]
+    assert notes == [f"note googlenet: 1 of the 2 test images carry an EXIF orientation (first: "
+                     f"{tmp_path / 'turned' / 'malignant' / '0.jpg'}, turned 90° in photo viewers); the model saw "
+                     "them unturned, as stored, as lungedge reads every image in training too"]
+    rows, notes = test_set("upright", None)
+    assert [r["exif_orientation_count"] for r in rows] == [0, 0] and notes == []

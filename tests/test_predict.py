@@ -74,3 +74,24 @@ def test_prefetched_computes_the_next_item_while_the_current_one_is_used():
             got.append(r)
     assert got == [0, 10]  # in order, and the failure surfaces where item 2's result would be
     assert list(prefetched(work, [])) == [] and list(prefetched(work, [3])) == [30]
+
+
+def test_predict_opens_each_image_once(trained_run, tmp_path, monkeypatch):
+    """The EXIF orientation predict notes comes from the decode that feeds the model; before, every image's
+    header was opened a second time to read it."""
+    import PIL.Image
+
+    from lungedge.predict import predict
+
+    images = sorted(trained_run.data.rglob("*.png"))[:3]
+    real, opened = PIL.Image.open, []
+
+    def counting(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", counting)
+    result = predict(trained_run("googlenet") / "best.pth", images)
+    assert len(result["predictions"]) == 3
+    assert sorted(o for o in opened if o in map(str, images)) == sorted(map(str, images))
+

@@ -219,3 +219,39 @@ def test_a_float_tiff_of_hounsfield_units_is_stretched_as_its_integer_twin(tmp_p
     assert np.array_equal(p.load(tmp_path / "float.tif"), p.load(tmp_path / "int.tif"))
     assert np.array_equal(p.load(tmp_path / "nan.tif"), p.load(tmp_path / "low.tif"))
     assert p.load_pixels(tmp_path / "float.tif").std() > 20  # not clipped flat
+
+
+def _tagged(path, orientation=None, fmt=None):
+    """A small image file, with an EXIF Orientation tag when ``orientation`` is given."""
+    img = Image.new("RGB", (24, 16), (90, 120, 30))
+    if orientation is None:
+        img.save(path, format=fmt)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(path, format=fmt, exif=exif.tobytes())
+    return path
+
+
+def test_the_exif_turn_comes_with_the_decode_in_order_and_not_from_a_failed_batch(tmp_path):
+    """load_batch / load_readable hand back each file's EXIF orientation from the one decode (predict and eval
+    note such images without opening them again); the pixels are the stored ones whatever the tag."""
+    files = [_tagged(tmp_path / "six.jpg", 6), _tagged(tmp_path / "plain.jpg"), _tagged(tmp_path / "three.png", 3),
+             _tagged(tmp_path / "one.jpg", 1)]
+    prep = Preprocessing(size=8)
+    turns: list = []
+    x = prep.load_batch(files, turns)
+    assert turns == ["turned 90°", None, "turned 180°", None]
+    assert np.array_equal(x[0], x[1])  # the tag turns nothing
+    one: list = []
+    prep.load_batch(files[:1], one)
+    assert one == ["turned 90°"]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    failed: list = []
+    with pytest.raises(ImageReadError):
+        prep.load_batch([files[0], bad], failed)
+    assert failed == []
+    kept: list = []
+    keep, _, skipped = prep.load_readable([bad, files[2], files[1]], kept)
+    assert keep == [1, 2] and len(skipped) == 1 and kept == ["turned 180°", None]

@@ -74,6 +74,10 @@ def inspect_cmd(
     typer.echo(f"unreadable files: {len(info['unreadable'])}")
     for bad in info["unreadable"]:
         typer.echo(f"  {display_name(bad['path'])}: {bad['reason']}")
+    turned = info["exif_orientation"]
+    typer.echo(f"images with an EXIF orientation: {turned['count']}" + (
+        f" (first: {display_name(turned['first']['path'])}, {turned['first']['turn']} in photo viewers); lungedge "
+        "trains and predicts on the pixels as stored, unturned" if turned["count"] else ""))
     if info["other_files"]:
         first = display_name(info["other_files"][0])
         typer.echo(f"non-image files ignored: {len(info['other_files'])} (first: {first})")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..preprocess import check_pixels, is_regular_file, not_an_image, pillow, to_gray
+from ..preprocess import check_pixels, exif_turn, is_regular_file, not_an_image, pillow, to_gray
 from ..limits import too_large
 
 THUMB = 64  # side of the grayscale thumbnail kept for near-duplicate search
@@ -27,6 +27,7 @@ class ScannedImage:
     mode: str | None = None
     error: str | None = None
     thumb: np.ndarray | None = None  # THUMB x THUMB uint8 grayscale (whole image, stretched)
+    turn: str | None = None  # how photo viewers turn it by its EXIF orientation (preprocess.exif_turn); None: as stored
 
     @property
     def ok(self) -> bool:
@@ -52,6 +53,7 @@ def scan_file(root: Path, path: str, label: str, thumb: bool = True) -> ScannedI
             if thumb:
                 img.draft("L", (THUMB * 2, THUMB * 2))  # JPEG: decode at reduced scale, still to the end
             img.load()
+            rec.turn = exif_turn(img)  # from the header this open parsed: no second read
             if thumb:
                 rec.thumb = np.asarray(to_gray(img).resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
     except UnidentifiedImageError:

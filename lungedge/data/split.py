@@ -43,12 +43,15 @@ def _identical_sets(records: list[ScannedImage]) -> list[list[str]]:
 
 
 def inspect(root, show_progress: bool | None = None, shortcuts: bool = True) -> dict:
-    """What a data set holds: classes, counts, sizes, modes, identical and unreadable files, and (with
-    ``shortcuts``) the shortcut check of :mod:`lungedge.data.shortcut` over near-duplicate groups."""
+    """What a data set holds: classes, counts, sizes, modes, identical and unreadable files, the images an EXIF
+    orientation turns in photo viewers (``exif_orientation``: lungedge trains and predicts on the pixels as
+    stored, unturned), and (with ``shortcuts``) the shortcut check of :mod:`lungedge.data.shortcut` over
+    near-duplicate groups."""
     layout, records = scan_dataset(root, thumbs=shortcuts, show_progress=show_progress)
     readable = [r for r in records if r.ok]
     sizes = Counter(f"{r.size[0]}x{r.size[1]}" for r in readable)
     non_square = Counter(r.label for r in readable if r.size[0] != r.size[1])
+    turned = [r for r in readable if r.turn]
     shortcut = None
     if shortcuts and len({r.label for r in readable}) >= 2:
         from .shortcut import check
@@ -70,6 +73,9 @@ def inspect(root, show_progress: bool | None = None, shortcuts: bool = True) -> 
         "modes": dict(Counter(r.mode for r in readable).most_common()),
         "identical": _identical_sets(records),
         "unreadable": _unreadable(records),
+        "exif_orientation": {"count": len(turned), "per_class": {c: sum(r.label == c for r in turned)
+                                                                 for c in layout.classes},
+                             "first": {"path": turned[0].path, "turn": turned[0].turn} if turned else None},
         "other_files": layout.other_files,
         "notes": layout.notes,
         "fingerprint": fingerprint(records),
