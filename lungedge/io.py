@@ -197,32 +197,43 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
+class TogetherSet:
+    """What a :func:`written_together` block yields: ``committed`` turns true once its set takes its names (a
+    Ctrl-C during the renames still completes them), ``files`` is how many files the set named. An interrupted
+    command reads it to say what the user has: the new set, or the previous files as they were."""
+
+    def __init__(self):
+        self.committed = False
+        self.files = 0
+
+
 @contextmanager
-def written_together() -> Iterator[None]:
+def written_together() -> Iterator[TogetherSet]:
     """A set of files that is never half old, half new (a report's page and its PNGs), also across a kill:
     inside the block each :func:`atomic_write_bytes` leaves its complete file under a temporary name; when the
     block ends they all take their names (a rename each: no space needed), and on an error none does and the
     temporaries go. Before the first rename a journal (:data:`JOURNAL`, in the files' folder) lists the
     renames; a process killed between them leaves it, and the next :class:`FolderLock` of the folder (or a
     reader's :func:`settle`) completes them (:func:`roll_forward`). :func:`read_written` reads a file
-    written in the block."""
+    written in the block. It yields a :class:`TogetherSet` (the outer block's, when nested)."""
     if getattr(_TOGETHER, "pending", None) is not None:  # nested: the outer block publishes
-        yield
+        yield _TOGETHER.state
         return
     pending: dict[Path, str] = {}
     retired: dict[Path, None] = {}
-    _TOGETHER.pending, _TOGETHER.retired = pending, retired
+    state = TogetherSet()
+    _TOGETHER.pending, _TOGETHER.retired, _TOGETHER.state = pending, retired, state
     try:
-        yield
+        yield state
     except BaseException:
         for tmp in pending.values():
             Path(tmp).unlink(missing_ok=True)
         raise
     finally:
-        _TOGETHER.pending = _TOGETHER.retired = None
+        _TOGETHER.pending = _TOGETHER.retired = _TOGETHER.state = None
     retired = {path: None for path in retired if path not in pending}  # a file the set writes again stays
     if pending or retired:  # each path passed check_replaceable when its file was written (atomic_write_bytes, ...)
-        _commit(pending, list(retired))
+        _commit(pending, list(retired), state)
 
 
 def retire(path: str | os.PathLike) -> None:
@@ -313,10 +324,11 @@ def _write_journal(folder: Path, pairs: list[tuple[str, str]], removes: list[str
     return journal
 
 
-def _commit(pending: dict[Path, str], retired: list[Path] = ()) -> None:
+def _commit(pending: dict[Path, str], retired: list[Path] = (), state: TogetherSet | None = None) -> None:
     """Rename a finished set's temporaries into place and remove its ``retired`` files: journal first (one per
     folder), renames, removals, then no journal. A set spanning folders is all old or all new per folder across a
-    kill (every set lungedge writes today is in one folder)."""
+    kill (every set lungedge writes today is in one folder). ``state`` is marked committed once every journal
+    is written: from then on the set is completed, by this process or by the folder's next lock."""
     folders: dict[Path, tuple[list[tuple[str, str]], list[str]]] = {}
     for path, tmp in pending.items():
         if os.path.dirname(os.path.abspath(tmp)) == os.path.abspath(path.parent) and _ours(Path(tmp).name, path.name):
@@ -330,18 +342,24 @@ def _commit(pending: dict[Path, str], retired: list[Path] = ()) -> None:
     try:
         for folder, (pairs, removes) in folders.items():
             journals.append(_write_journal(folder, pairs, removes))
+        if state is not None:
+            state.committed, state.files = True, len(items)
         for index, (path, tmp) in enumerate(items):
             _renaming(index, tmp, path)
             os.replace(tmp, path)
         for path in retired:
             _remove(path)
     except OSError as exc:
+        if state is not None:
+            state.committed = False
         for j in journals:
             j.unlink(missing_ok=True)
         for tmp in pending.values():
             Path(tmp).unlink(missing_ok=True)
         raise write_error(folder / JOURNAL if len(journals) < len(folders) else path, exc) from None
     except BaseException:  # Ctrl-C, SystemExit
+        if state is not None:  # (also for a stop between the last journal and the line that marks it)
+            state.committed, state.files = len(journals) == len(folders), len(items)
         if len(journals) < len(folders):  # before the set was committed: it stays old
             for j in journals:
                 j.unlink(missing_ok=True)

@@ -17,10 +17,39 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
     artifact carries an input check (:mod:`lungedge.inputcheck`), each prediction also has "input_check":
     {"unlike_training", "reasons"} (the class and probabilities are the model's all the same). With
     ``explain_dir`` each prediction also gets "overlay": the image with its saliency map (Grad-CAM on torch,
-    occlusion elsewhere; :mod:`lungedge.saliency`) written there."""
+    occlusion elsewhere; :mod:`lungedge.saliency`) written there; a Ctrl-C (or SIGTERM) leaves that folder
+    as it was or with every overlay of this run, and notes which (:func:`explain_kept`)."""
     images = [Path(p) for p in images]
     if not images:
         raise LungedgeError("give at least one IMAGE")
+    if explain_dir is None:
+        return _predict(artifact, images, backend, device, precision, threads, batch, None, method, [])
+    from .saliency import overlays_in
+
+    earlier, sets = overlays_in(explain_dir), []
+    try:
+        return _predict(artifact, images, backend, device, precision, threads, batch, explain_dir, method, sets)
+    except KeyboardInterrupt:
+        from .io import note_kept
+
+        note_kept(explain_kept(explain_dir, earlier, sets[0] if sets else None))
+        raise
+
+
+def explain_kept(folder, earlier: int, together) -> str:
+    """What an interrupted ``predict --explain`` leaves in ``folder``, said after "interrupted": the overlays are
+    one set (:func:`lungedge.io.written_together`), so all of this run's, or none and the ``earlier`` ones as
+    they were."""
+    if together is not None and together.committed:
+        return f"{folder} holds this run's {together.files} overlay(s)"
+    if earlier:
+        return f"no overlay written: {folder} holds its {earlier} earlier overlay(s) as they were"
+    return f"no overlay written to {folder}"
+
+
+def _predict(artifact, images: list[Path], backend, device, precision, threads, batch: int, explain_dir,
+             method: str, sets: list) -> dict:
+    """:func:`predict`; ``sets`` gets the overlays' :class:`lungedge.io.TogetherSet` once they are written."""
     with open_runner(artifact, backend, device, precision, threads) as runner:
         preds, unreadable, readable = [], [], []
         chunks = (images[i : i + batch] for i in range(0, len(images), batch))
@@ -49,7 +78,8 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
 
             # one predict --explain into a folder at a time; the overlays take their names together at the
             # end, so a full disk or a kill leaves the folder as it was, not part of the set
-            with FolderLock(Path(explain_dir).absolute(), "lungedge predict --explain"), written_together():
+            with FolderLock(Path(explain_dir).absolute(), "lungedge predict --explain"), written_together() as together:
+                sets.append(together)
                 clean_overlay_temps(explain_dir)
                 stems: set[str] = set()  # one overlay per image, also when file names repeat across folders
                 for i in range(0, len(readable), batch):

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from .errors import LungedgeError
-from .io import (FolderLock, atomic_write_png, atomic_write_text, clean_temp_files, read_written, retire,
-                 written_together)
+from .io import (FolderLock, atomic_write_png, atomic_write_text, clean_temp_files, note_kept, read_written,
+                 retire, written_together)
 from .metrics import UNDEFINED
 from .provenance import machine_label
 from .runners.registry import short_name
@@ -542,17 +542,32 @@ def gate_table(rows: list[dict]) -> list[list[str]]:
 
 def build_report(results, out="reports", title="lungedge accuracy vs latency", saliency: bool = True,
                  log=lambda s: None) -> dict:
-    """report.md and a self-contained report.html (plus the PNGs) from bench/eval results files."""
-    rows = load_results(results if isinstance(results, (list, tuple)) else [results])
-    machines = label_machines(rows)
-    lat = latency_rows(rows)
+    """report.md and a self-contained report.html (plus the PNGs) from bench/eval results files. A Ctrl-C (or
+    SIGTERM) leaves the previous report whole or the new one complete, and notes which (:func:`kept_line`)."""
     out = Path(out)
-    # one report at a time into OUT (two would each rename their files into place: a mixed set), and what
-    # a killed one left under temporary names goes
-    with FolderLock(out, "lungedge report"):
-        clean_temp_files(out, REPORT_FILES)
-        with written_together():  # the page and its PNGs: all new, or (on a failed write) all as they were
-            return _write_report(rows, machines, lat, out, title, saliency, log)
+    had = (out / "report.md").is_file()
+    together = None
+    try:
+        rows = load_results(results if isinstance(results, (list, tuple)) else [results])
+        machines = label_machines(rows)
+        lat = latency_rows(rows)
+        # one report at a time into OUT (two would each rename their files into place: a mixed set), and what
+        # a killed one left under temporary names goes
+        with FolderLock(out, "lungedge report"):
+            clean_temp_files(out, REPORT_FILES)
+            with written_together() as together:  # the page and its PNGs: all new, or all as they were
+                return _write_report(rows, machines, lat, out, title, saliency, log)
+    except KeyboardInterrupt:
+        note_kept(kept_line(out, had, together is not None and together.committed))
+        raise
+
+
+def kept_line(out: Path, had: bool, committed: bool) -> str:
+    """What an interrupted report leaves in ``out``, said after "interrupted": its files are one set, so the
+    new report whole (the stop came while it took its names, which are completed) or the folder as it was."""
+    if committed:
+        return f"{out} holds the new report, complete"
+    return f"nothing written: {out} holds the previous report as it was" if had else f"nothing written to {out}"
 
 
 REPORT_FILES = ("accuracy_latency.png", "saliency.png", "reliability.png", "report.md", "report.html")

@@ -156,6 +156,15 @@ def clean_overlay_temps(out_dir) -> list[str]:
     return removed
 
 
+def overlays_in(out_dir) -> int:
+    """How many overlays (``<stem>.<class>.<method>.png``, as :func:`write_overlays` names them) ``out_dir`` holds
+    now: what an interrupted ``predict --explain`` says it left as it was."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return 0
+    return sum(1 for m in METHODS for p in out_dir.glob(f"*.*.{m}.png") if not p.name.startswith(".") and p.is_file())
+
+
 def write_overlays(explained: list[dict], out_dir, stems: set[str] | None = None, classes=()) -> list[str]:
     """Write ``<stem>.<class>.<method>.png`` (the image with its map) for each explained image, atomically.
     ``stems``: the stems already written in this run (updated); an image whose stem repeats (a/img05.png,

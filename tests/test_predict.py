@@ -95,3 +95,34 @@ def test_predict_opens_each_image_once(trained_run, tmp_path, monkeypatch):
     assert len(result["predictions"]) == 3
     assert sorted(o for o in opened if o in map(str, images)) == sorted(map(str, images))
 
+
+def test_a_stopped_explain_says_the_earlier_overlays_stay_and_they_do(trained_run, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while predict --explain writes its overlays (those of the first batch already written under
+    temporary names): before, only "interrupted"; the overlays are one set, so none of this run's is left and the
+    earlier ones stay as they were, and now the line says so."""
+    import os
+    import signal
+    import time
+
+    from lungedge import saliency
+
+    run, maps = trained_run("googlenet") / "best.pth", tmp_path / "maps"
+    images = sorted(trained_run.data.rglob("*.png"))
+    code, _, err = run_cli(["predict", run, *images[:2], "--explain", maps], capsys)
+    assert code == 0 and len(list(maps.iterdir())) == 2, err
+    before = {p.name: p.read_bytes() for p in maps.iterdir()}
+    real = saliency.write_overlays
+
+    def stopped(*args, **kwargs):
+        written = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # the KeyboardInterrupt arrives here
+        return written
+
+    monkeypatch.setattr(saliency, "write_overlays", stopped)
+    code, out, err = run_cli(["predict", run, *images[2:5], "--explain", maps], capsys)
+    assert code == 130 and out == "", out
+    assert err.splitlines() == [f"interrupted; no overlay written: {maps} holds its 2 earlier overlay(s) as they were"]
+    assert {p.name: p.read_bytes() for p in maps.iterdir()} == before
+    code, _, err = run_cli(["predict", run, *images[2:5], "--explain", tmp_path / "new"], capsys)
+    assert code == 130 and err.splitlines() == [f"interrupted; no overlay written to {tmp_path / 'new'}"]

@@ -264,3 +264,72 @@ def report_columns():
     return {"lat": report.LAT_COLUMNS, "machines": report.MACHINE_COLUMNS, "prov": report.PROV_COLUMNS,
             "group": report.GROUP_COLUMNS, "gate": report.GATE_COLUMNS, "cal": report.CAL_COLUMNS,
             "confusion": ["true \\ predicted", "c1", "c2"]}
+
+
+def _stop(signum):
+    """Send ``signum`` to this process, as Ctrl-C (SIGINT) or docker stop (SIGTERM) do, and wait for it."""
+    import os
+    import signal
+    import time
+
+    os.kill(os.getpid(), signum)
+    time.sleep(30)  # the signal's KeyboardInterrupt arrives here
+    raise AssertionError(f"{signal.Signals(signum).name} did not stop the report")
+
+
+@pytest.mark.parametrize("signum, code, said", [("SIGINT", 130, "interrupted"),
+                                                ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_a_stopped_report_says_the_previous_report_stays_and_it_does(two_machines, capsys, monkeypatch, signum,
+                                                                     code, said):
+    """Stopped while its figures are drawn (the plot already written under a temporary name), report said only
+    "interrupted"; the previous report stays whole, and now the line says so."""
+    import signal
+
+    from lungedge import report
+
+    out = two_machines / "reports"
+    assert run_cli(["report", "--results", two_machines, "--out", out], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bench = two_machines / "a" / "bench-laptop.jsonl"
+    bench.write_text(bench.read_text().replace('"p50": 40.0', '"p50": 41.0'))  # new results
+    real = report.reliability_png
+
+    def stopped(*args, **kwargs):
+        real(*args, **kwargs)
+        _stop(getattr(signal, signum))
+
+    monkeypatch.setattr(report, "reliability_png", stopped)
+    got, _, err = run_cli(["report", "--results", two_machines, "--out", out], capsys)
+    assert got == code and err.splitlines() == [f"{said}; nothing written: {out} holds the previous report as it was"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary left either
+    fresh = two_machines / "fresh"
+    got, _, err = run_cli(["report", "--results", two_machines, "--out", fresh], capsys)
+    assert got == code and err.splitlines() == [f"{said}; nothing written to {fresh}"]
+    assert not fresh.exists() or not list(fresh.iterdir())
+
+
+def test_a_report_stopped_while_it_takes_its_names_says_the_new_report_is_complete(two_machines, capsys,
+                                                                                   monkeypatch):
+    """A Ctrl-C after the set's journal is written completes the renames: the folder holds the new report, and the
+    line says that rather than the previous one."""
+    import signal
+
+    import lungedge.io as io
+
+    out = two_machines / "reports"
+    assert run_cli(["report", "--results", two_machines, "--out", out], capsys)[0] == 0
+    previous = (out / "report.md").read_text()
+    bench = two_machines / "a" / "bench-laptop.jsonl"
+    bench.write_text(bench.read_text().replace('"p50": 40.0', '"p50": 41.0'))
+
+    def stop_at_second_rename(index, tmp, path):
+        if index == 1:
+            _stop(signal.SIGINT)
+
+    monkeypatch.setattr(io, "_renaming", stop_at_second_rename)
+    code, _, err = run_cli(["report", "--results", two_machines, "--out", out], capsys)
+    assert code == 130 and err.splitlines() == [f"interrupted; {out} holds the new report, complete"]
+    monkeypatch.undo()
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")], names
+    assert (out / "report.md").read_text() != previous  # the new results' report, whole
