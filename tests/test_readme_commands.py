@@ -456,6 +456,22 @@ def test_the_readme_shows_every_command():
         assert expected in named, expected
 
 
+def test_the_command_lines_of_a_bundles_readme_are_accepted():
+    """``bundle create`` writes a README with the commands to run on the Jetson: they parse too."""
+    from lungedge.bundle import readme_text
+
+    files = {v: f"engines/googlenet/googlenet.{v}.onnx" for v in ("fp32", "fp16", "int8", "int8-cpu")}
+    describe = {"fp32": {"framework": "torch", "classes": ["Benign", "Malignant", "Normal"],
+                         "input_shape": [1, 3, 224, 224]}}
+    text = readme_text("googlenet-jetson", "googlenet", files, describe)
+    commands = documented_commands(text)
+    assert {tuple(args[:2]) for _, _, args, _ in commands} >= {("bundle", "verify"), ("bundle", "extract"),
+                                                               ("engine", "build"), ("bench", "googlenet"),
+                                                               ("eval", "googlenet"), ("report", "--results")}
+    found = problems(text, "the bundle's README.md")
+    assert not found, "\n".join(found)
+
+
 SAMPLE = """\
 Some prose with `lungedge bench --no-such-flag` inline, and `lungedge export` named alone; `eval --gate` and
 `bench --seconds` are fine, `predict --explains` is not; nor is `--calib-methd`, while `--calib-method` is. A span
