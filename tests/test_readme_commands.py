@@ -111,7 +111,7 @@ def _parse(args: list[str], prose: bool, resilient: bool = False):
     try:
         ctx = cmd.make_context("lungedge", list(args), resilient_parsing=resilient)
         while hasattr(cmd, "resolve_command"):  # a group: find the sub-command as its invoke does
-            rest = [*ctx._protected_args, *ctx.args]
+            rest = [*getattr(ctx, "_protected_args", getattr(ctx, "protected_args", [])), *ctx.args]
             if not rest:
                 return None, None  # a group named alone (`lungedge data`)
             name, cmd, rest = cmd.resolve_command(ctx, rest)
