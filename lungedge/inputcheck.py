@@ -22,7 +22,7 @@ grey-level make-up); it is not a detector of subtle shift (another scanner or pr
 kind of image passes it), and passing it does not make a prediction right. Measured
 (``benchmarks/input_check_shift.py``, README): a narrower CT window, a 12x lower resolution, an 80 % crop,
 a text overlay, a 90 degree turn or another stain hue each cost 10-51 points of balanced accuracy and are
-flagged for at most 3 % of images.
+flagged for at most 3 % of images (the set check below catches all but the turn and one of the two hues).
 
 The *set check* looks at a whole evaluated set instead: images from another site can each sit inside the
 envelope and still differ from the training images as a distribution. :func:`fit` also keeps each
