@@ -304,13 +304,15 @@ def set_line(shift: dict | None, who: str, shown: int = 3) -> str | None:
 
 
 def validation_rate(check: dict, values: np.ndarray, where: str) -> dict:
-    """``check`` with the share of ``values`` (held-out images of the same kind) it flags."""
-    flags = InputCheck.from_meta(check, "input check").flag_values(values)
+    """``check`` with the share of ``values`` (held-out images of the same kind) it flags, and how far they lie
+    from the reference images as a set (``set_reference.validation_distance``) where there are enough."""
+    fitted = InputCheck.from_meta(check, "input check")
+    flags = fitted.flag_values(values)
     n = sum(f["unlike_training"] for f in flags)
     out = {**check, "validation_flag_rate": round(n / len(flags), 4) if flags else None,
            "validation_images": len(flags), "validated_on": where}
-    shift = InputCheck.from_meta(check, "input check").compare_set(values)
-    if shift["judged"] and "set_reference" in check:  # how far the held-out part lies, against the threshold
+    shift = fitted.compare_set(values)
+    if shift["judged"]:  # how far the held-out part lies, against the threshold
         out["set_reference"] = {**check["set_reference"], "validation_distance": shift["statistic"],
                                 "validation_threshold": shift["threshold"]}
     return out

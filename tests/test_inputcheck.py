@@ -107,6 +107,10 @@ def test_the_validation_rate_counts_flagged_images():
                                ic.describe(prep.normalize(_colour(1)), prep)])
     rated = ic.validation_rate(fitted, held_out, "4 images")
     assert rated["validation_flag_rate"] == 0.25 and rated["validation_images"] == 4
+    assert "validation_distance" not in rated["set_reference"]  # 4 images: too few to judge as a set
+    rated = ic.validation_rate(fitted, ic.describe(prep.normalize(_grey(25, seed=9)), prep), "25 images")
+    ref = rated["set_reference"]
+    assert 0 < ref["validation_distance"] < ref["validation_threshold"] == round(ic.SET_NOISE / 5, 3)
 
 
 def test_the_set_check_finds_a_darker_narrower_set_and_not_one_like_the_training_images():
