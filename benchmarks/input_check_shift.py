@@ -14,10 +14,13 @@ what such a user would, through the command line only:
    lower resolution, JPEG, rotated. Then unlabelled images of other kinds: the other data set's images,
    synthetic colour photos of outdoor scenes, all black, uniform grey;
 3. runs ``lungedge eval --json`` on each labelled variant (the share flagged "unlike the training
-   images", accuracy and balanced accuracy, beside the unchanged test images') and ``lungedge predict
-   --json`` on each unlabelled set (the share flagged), and prints a Markdown table.
+   images", whether the whole set is found unlike them (``set_shift``: its largest Wasserstein distance in
+   training spreads, the descriptor, the threshold), accuracy and balanced accuracy, beside the unchanged
+   test images') and ``lungedge predict --json`` on each unlabelled set (the share flagged; predict has
+   no set check), and prints a Markdown table.
 
-What matters are the rows where accuracy drops and (almost) nothing is flagged.
+What matters are the rows where accuracy drops and (almost) nothing is flagged, by either check; and the
+unchanged test images, which neither must flag.
 
     PYTHONPATH=. .venv/bin/python benchmarks/input_check_shift.py --data ../shared/data --work /tmp/shift
 
@@ -249,6 +252,16 @@ def eval_row(onnx: Path, work: Path, threads: int, *, split: Path | None = None,
     return json.loads(out)[0]
 
 
+def set_cell(shift: dict | None) -> str:
+    """'**fires** 0.72 (grey_std)' / 'no 0.08 (grey_std)' from an eval row's ``set_shift``."""
+    if not shift:
+        return "no set check"
+    if not shift["judged"]:
+        return "not judged"
+    top = max(shift["distance"], key=shift["distance"].get)
+    return f"{'**fires**' if shift['differs'] else 'no'} {shift['statistic']:.2f} ({top})"
+
+
 def flag_share(onnx: Path, files: list[Path], threads: int) -> tuple[int, int, str]:
     out = json.loads(lungedge("predict", str(onnx), *map(str, files), "--json", threads=threads))
     preds = out["predictions"]
@@ -290,34 +303,37 @@ def main() -> None:
         if not onnx.exists():
             out = lungedge("export", args.model, "--checkpoint", str(run / "best.pth"), "--out", str(work / "engines"),
                            "--calibration", str(work / "calibration"), threads=t)
-            print("\n".join(line for line in out.splitlines() if "input check" in line), flush=True)
+            print("\n".join(line for line in out.splitlines() if "input check" in line or "set check" in line),
+                  flush=True)
         split = run / "split.json"
     test = load_test_set(split=split)
     rng = np.random.default_rng(0)
     labelled, unlabelled = write_variants(test, args.dataset, work, rng)
 
-    print(f"{'images':<46} {'flagged':>18} {'accuracy':>9} {'bal. acc':>9}", flush=True)
+    print(f"{'images':<46} {'flagged':>18} {'set check':>28} {'accuracy':>9} {'bal. acc':>9}", flush=True)
     table = []
     for name, folder in [("own test images (unchanged)", None), *labelled.items()]:
         row = eval_row(onnx, work, t, split=split) if folder is None else eval_row(onnx, work, t, data=folder)
         m = row["metrics"]
         n_flag, n = int(row.get("unlike_training_count", 0)), int(m["n"])
         acc, bacc = m["accuracy"], m["balanced_accuracy"]
-        print(f"{name:<46} {n_flag:>5} / {n:<4} {n_flag / n:6.1%} {acc:9.3f} {bacc:9.3f}", flush=True)
-        table.append((name, n_flag, n, acc, bacc))
+        shift = set_cell(row.get("set_shift"))
+        print(f"{name:<46} {n_flag:>5} / {n:<4} {n_flag / n:6.1%} {shift:>28} {acc:9.3f} {bacc:9.3f}", flush=True)
+        table.append((name, n_flag, n, shift, acc, bacc))
     other = LC if args.dataset == IQ else IQ
     other_set = load_test_set(data=args.data / other, limit=OTHER_IMAGES)
     kind = "LC25000 histopathology tiles" if other == LC else "IQ-OTH/NCCD CT slices"
     for name, files in {kind: list(other_set.paths), **unlabelled}.items():
         n_flag, n, why = flag_share(onnx, files, t)
-        print(f"{name:<46} {n_flag:>5} / {n:<4} {n_flag / n:6.1%} {'':>19}  {why}", flush=True)
-        table.append((name, n_flag, n, None, None))
+        print(f"{name:<46} {n_flag:>5} / {n:<4} {n_flag / n:6.1%} {'':>48}  {why}", flush=True)
+        table.append((name, n_flag, n, "–", None, None))
 
     print(f"\n{onnx} ({args.dataset}): Markdown table\n")
-    print("| images | flagged | accuracy | balanced accuracy |\n|---|---|---|---|")
-    for name, n_flag, n, acc, bacc in table:
+    print("| images | flagged | set check: distance (descriptor) | accuracy | balanced accuracy |\n"
+          "|---|---|---|---|---|")
+    for name, n_flag, n, shift, acc, bacc in table:
         cells = ("–", "–") if acc is None else (f"{acc:.3f}", f"{bacc:.3f}")
-        print(f"| {name} | {n_flag} / {n} ({n_flag / n:.0%}) | {cells[0]} | {cells[1]} |")
+        print(f"| {name} | {n_flag} / {n} ({n_flag / n:.0%}) | {shift} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

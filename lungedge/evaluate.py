@@ -131,15 +131,21 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT, log=l
 
 
 def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log) -> None:
-    """The share of test images the artifact's input check finds unlike the training images, in the row."""
-    from .inputcheck import summary_line
+    """The share of test images the artifact's input check finds unlike the training images, and whether
+    they differ from them as a set (``row["set_shift"]``: :meth:`lungedge.inputcheck.InputCheck.compare_set`),
+    in the row; a line for each where they do."""
+    from .inputcheck import describe_in_chunks, set_line, summary_line
 
-    flags = runner.input_check.flag(x, runner.preprocessing)
+    values = describe_in_chunks([(x, runner.preprocessing)])
+    flags = runner.input_check.flag_values(values)
     n = sum(f["unlike_training"] for f in flags)
     row["unlike_training"] = n / len(flags) if flags else 0.0
     row["unlike_training_count"] = n
     if n:
         log(f"{job.model} {row['variant']}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
+    row["set_shift"] = runner.input_check.compare_set(values)
+    if (line := set_line(row["set_shift"], f"{job.model} {row['variant']}")):
+        log(line)
 
 
 def exif_line(model: str, ts: EvalImages) -> str | None:
@@ -287,6 +293,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
             f"{m['balanced_accuracy']:.3f}, accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
             f"ECE {m['calibration']['ece']:.3f}" + (f", differs from FP32 on {d:.1%}" if d is not None else "")
             + (f", {row['unlike_training']:.1%} unlike the training images" if row.get("unlike_training") else "")
+            + (", unlike the training images as a set" if (row.get("set_shift") or {}).get("differs") else "")
             + f" ({ts.where})")
     return rows
 

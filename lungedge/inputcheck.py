@@ -22,7 +22,19 @@ grey-level make-up); it is not a detector of subtle shift (another scanner or pr
 kind of image passes it), and passing it does not make a prediction right. Measured
 (``benchmarks/input_check_shift.py``, README): a narrower CT window, a 12x lower resolution, an 80 % crop,
 a text overlay, a 90 degree turn or another stain hue each cost 10-51 points of balanced accuracy and are
-flagged for at most 3 % of images.
+flagged for at most 3 % of images (the set check below catches all but the turn and one of the two hues).
+
+The *set check* looks at a whole evaluated set instead: images from another site can each sit inside the
+envelope and still differ from the training images as a distribution. :func:`fit` also keeps each
+descriptor's training distribution as :data:`SET_LEVELS` quantiles (``set_reference``, optional: files
+written before it still work, and readers that predate it ignore it), and :meth:`InputCheck.compare_set`
+measures, per descriptor, the Wasserstein-1 distance between the set's descriptors and that reference in
+units of the training images' spread (their 5-95 % range, at least :data:`FLOOR`): "the set's values moved
+by 0.4 of the training spread on average". The rule is a threshold on that effect size, not a p-value:
+neighbouring CT slices of one scan are nearly copies, so a test of n images has far fewer than n
+independent ones and any p-value would call the model's own test part shifted. The threshold is the larger
+of :data:`SET_THRESHOLD` and :data:`SET_NOISE` / sqrt(n) (what chunks of neighbouring held-out slices reach
+by chance, README), and sets of fewer than :data:`MIN_SET` images are not judged.
 """
 
 from __future__ import annotations
@@ -47,6 +59,11 @@ MAX_IMAGES = 2000  # at most this many reference images (evenly spaced) are deco
 GRID = 40  # points per side the descriptors are computed on (:func:`stride`)
 CHUNK = 64  # images per descriptor pass (memory stays bounded on a large set)
 GRAY_NOTE = "colourfulness not available: a one-channel (GRAY) model sees no colour"
+SET_LEVELS = 41  # quantiles (0, 2.5, ..., 100 %) of each descriptor over the reference images, for the set check
+SPREAD = (5, 95)  # percentiles of the reference descriptors whose distance is a descriptor's "training spread"
+SET_THRESHOLD = 0.25  # a set differs where a descriptor moved by more than this share of its training spread
+SET_NOISE = 2.0  # ... or, for a small set, by more than SET_NOISE / sqrt(n) (README: chosen by measurement)
+MIN_SET = 20  # fewer evaluated images than this: the set is not judged
 
 
 def stride(size: int) -> int:
@@ -136,20 +153,28 @@ def fit(values: np.ndarray, fitted_on: str, margin: float = MARGIN, floor: float
     if len(values) < MIN_IMAGES:
         raise LungedgeError(f"{len(values)} reference images are fewer than {MIN_IMAGES}")
     names, training, envelope, missing = [], {}, {}, {}
+    levels = np.linspace(0, 100, SET_LEVELS)
+    quantiles, spread = {}, {}
     for k, name in enumerate(DESCRIPTORS):
         v = values[:, k]
         if np.isnan(v).all():
             missing[name] = GRAY_NOTE if name == "colourfulness" else "not available"
             continue
-        lo, hi = np.percentile(v[~np.isnan(v)], RANGE)
+        v = v[~np.isnan(v)]
+        lo, hi = np.percentile(v, RANGE)
         pad = max(margin * (hi - lo), floor)
         names.append(name)
         training[name] = [round(float(lo), 3), round(float(hi), 3)]
         envelope[name] = [round(float(lo - pad), 3), round(float(hi + pad), 3)]
+        quantiles[name] = [round(float(q), 3) for q in np.percentile(v, levels)]
+        s_lo, s_hi = np.percentile(v, SPREAD)
+        spread[name] = round(max(float(s_hi - s_lo), floor), 3)
     out = {"format": FORMAT, "descriptors": names, "training_range": training, "envelope": envelope,
            "range_percentiles": list(RANGE), "margin": margin, "floor": floor,
            "fitted_on": fitted_on, "images": int(len(values)),
-           "validation_flag_rate": None, "validation_images": None}
+           "validation_flag_rate": None, "validation_images": None,
+           "set_reference": {"levels": [round(float(lv), 3) for lv in levels], "quantiles": quantiles,
+                             "spread": spread, "spread_percentiles": list(SPREAD)}}
     if missing:
         out["not_available"] = missing
     return out
@@ -166,6 +191,9 @@ class InputCheck:
     train_lo: np.ndarray
     train_hi: np.ndarray
     fitted_on: str
+    levels: np.ndarray | None = None  # the set check's reference (None: the file predates it), :meth:`compare_set`
+    reference: np.ndarray | None = None  # len(names) x len(levels) quantiles of the reference descriptors
+    spread: np.ndarray | None = None  # per name: the reference images' 5-95 % range (at least FLOOR)
 
     @classmethod
     def from_meta(cls, meta: dict, where: str) -> "InputCheck":
@@ -181,9 +209,42 @@ class InputCheck:
             if not (np.isfinite(env).all() and np.isfinite(train).all()) or (env[:, 0] > env[:, 1]).any():
                 raise ValueError("envelope: every range must be two finite numbers, low <= high")
             return cls(names, np.array([DESCRIPTORS.index(n) for n in names]), env[:, 0], env[:, 1],
-                       train[:, 0], train[:, 1], str(meta.get("fitted_on", "")))
+                       train[:, 0], train[:, 1], str(meta.get("fitted_on", "")),
+                       *_set_reference(meta.get("set_reference"), names))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LungedgeError(f"{where}: not a usable input check ({exc})") from None
+
+    def compare_set(self, values: np.ndarray) -> dict:
+        """How far a whole set's descriptors (``values``, N x len(DESCRIPTORS)) lie from the reference images',
+        as the ``set_shift`` of an eval row: per descriptor, the Wasserstein-1 distance between the two
+        distributions (the mean absolute difference of their quantile functions, on the stored quantile
+        levels) divided by the training spread; ``differs`` where the largest exceeds the threshold
+        (:data:`SET_THRESHOLD`, or :data:`SET_NOISE` / sqrt(n) for a small set). Not judged (``judged``
+        False, ``why``) for a file without the reference or a set under :data:`MIN_SET` images."""
+        v = np.asarray(values, np.float64)
+        n = len(v)
+        if self.reference is None:
+            return {"judged": False, "images": n, "why": "the model file predates the set check (no "
+                    "extra.input_check.set_reference; export it again to get one)"}
+        if n < MIN_SET:
+            return {"judged": False, "images": n, "why": f"{n} images are too few to judge as a set "
+                    f"(at least {MIN_SET})"}
+        v = v[:, self.columns]
+        distance, medians = {}, {}
+        for k, name in enumerate(self.names):
+            col = v[:, k][~np.isnan(v[:, k])]  # NaN: colourfulness of a GRAY batch on an RGB-fitted check
+            if len(col) < MIN_SET:
+                continue
+            q = np.percentile(col, self.levels)
+            w = np.trapezoid(np.abs(q - self.reference[k]), self.levels / 100.0)
+            distance[name] = round(float(w / self.spread[k]), 3)
+            medians[name] = [round(float(np.median(col)), 3),
+                             round(float(np.interp(50.0, self.levels, self.reference[k])), 3)]
+        threshold = round(max(SET_THRESHOLD, SET_NOISE / np.sqrt(n)), 3)
+        shifted = sorted((d for d in distance if distance[d] > threshold), key=lambda d: -distance[d])
+        return {"judged": True, "images": n, "statistic": max(distance.values(), default=0.0),
+                "threshold": threshold, "differs": bool(shifted), "shifted": shifted, "distance": distance,
+                "median": medians, "method": "Wasserstein-1 / training 5-95 % range, per descriptor"}
 
     def flag_values(self, values: np.ndarray) -> list[dict]:
         """One ``{"unlike_training": bool, "reasons": [...]}`` per row of descriptors."""
@@ -201,12 +262,60 @@ class InputCheck:
         return self.flag_values(describe_in_chunks([(x, prep)]))
 
 
+def _set_reference(ref, names: tuple[str, ...]) -> tuple:
+    """(levels, quantiles, spread) of ``extra.input_check.set_reference`` for ``names``, (None, None, None)
+    where the file has none; ValueError naming the field for anything unusable."""
+    if ref is None:
+        return None, None, None
+    levels = np.asarray(ref["levels"], dtype=np.float64)
+    if levels.ndim != 1 or len(levels) < 3 or not np.isfinite(levels).all() or (np.diff(levels) <= 0).any() \
+            or levels[0] < 0 or levels[-1] > 100:
+        raise ValueError("set_reference.levels: must be at least 3 increasing percentiles in 0-100")
+    rows = [ref["quantiles"][n] for n in names]
+    bad = ValueError("set_reference.quantiles: one non-decreasing finite value per level for every descriptor")
+    if any(not isinstance(r, list) or len(r) != len(levels) for r in rows):
+        raise bad
+    quantiles = np.array(rows, dtype=np.float64)
+    if not np.isfinite(quantiles).all() or (np.diff(quantiles, axis=1) < 0).any():
+        raise bad
+    spread = np.array([ref["spread"][n] for n in names], dtype=np.float64)
+    if not (np.isfinite(spread).all() and (spread > 0).all()):
+        raise ValueError("set_reference.spread: must be positive finite numbers")
+    return levels, quantiles, spread
+
+
+def set_line(shift: dict | None, who: str, shown: int = 3) -> str | None:
+    """One line on an evaluated set the set check finds unlike the training images, naming the descriptors
+    and by how much; a note where it was not judged (a set too small, a file predating the check); None for
+    a set like the training images or an artifact without an input check."""
+    if not shift:
+        return None
+    if not shift["judged"]:
+        return f"note {who}: no set check: {shift['why']}"
+    if not shift["differs"]:
+        return None
+    parts = [f"{LABELS[d]} by {shift['distance'][d]:.2f} (median {shift['median'][d][0]:.1f}, training "
+             f"{shift['median'][d][1]:.1f})" for d in shift["shifted"][:shown]]
+    more = f" and {len(shift['shifted']) - shown} more" if len(shift["shifted"]) > shown else ""
+    return (f"WARNING {who}: these {shift['images']} images differ as a set from the training images: "
+            f"{', '.join(parts)}{more} (Wasserstein distance in training spreads; threshold "
+            f"{shift['threshold']:.2f}): they may come from another scanner, protocol or site, and the model's "
+            "accuracy on them may be far from its test figures; measure it on labelled images from there")
+
+
 def validation_rate(check: dict, values: np.ndarray, where: str) -> dict:
-    """``check`` with the share of ``values`` (held-out images of the same kind) it flags."""
-    flags = InputCheck.from_meta(check, "input check").flag_values(values)
+    """``check`` with the share of ``values`` (held-out images of the same kind) it flags, and how far they lie
+    from the reference images as a set (``set_reference.validation_distance``) where there are enough."""
+    fitted = InputCheck.from_meta(check, "input check")
+    flags = fitted.flag_values(values)
     n = sum(f["unlike_training"] for f in flags)
-    return {**check, "validation_flag_rate": round(n / len(flags), 4) if flags else None,
-            "validation_images": len(flags), "validated_on": where}
+    out = {**check, "validation_flag_rate": round(n / len(flags), 4) if flags else None,
+           "validation_images": len(flags), "validated_on": where}
+    shift = fitted.compare_set(values)
+    if shift["judged"]:  # how far the held-out part lies, against the threshold
+        out["set_reference"] = {**check["set_reference"], "validation_distance": shift["statistic"],
+                                "validation_threshold": shift["threshold"]}
+    return out
 
 
 def summary_line(flags: list[dict], names: list[str], shown: int = 3) -> str:

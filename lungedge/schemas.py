@@ -201,6 +201,38 @@ class OnnxMetadata(_Open):
         return v
 
 
+class SetReference(_Open):
+    """``extra.input_check.set_reference``: each descriptor's quantiles over the reference images, and their
+    spread, that eval compares a whole test set with (optional: files written before it have none)."""
+    levels: list[float] = Field(min_length=3)
+    quantiles: dict[str, list[float]]
+    spread: dict[str, float]
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) and 0 <= x <= 100 for x in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("must be increasing percentiles in 0-100")
+        return v
+
+    @field_validator("spread")
+    @classmethod
+    def _spread(cls, v: dict) -> dict:
+        for name, x in v.items():
+            if not (math.isfinite(x) and x > 0):
+                raise ValueError(f"{name}: {x!r} is not a positive finite number")
+        return v
+
+    @field_validator("quantiles")
+    @classmethod
+    def _one_per_level(cls, v: dict, info) -> dict:
+        n = len(info.data.get("levels") or [])
+        for name, q in v.items():
+            if len(q) != n or not all(math.isfinite(x) for x in q) or any(b < a for a, b in zip(q, q[1:])):
+                raise ValueError(f"{name}: not {n} non-decreasing finite numbers, one per level")
+        return v
+
+
 class InputCheckFields(_Open):
     """``extra.input_check`` (:mod:`lungedge.inputcheck`): the envelope predict and eval flag images with."""
     format: Literal["lungedge-input-check/1"]
@@ -211,6 +243,7 @@ class InputCheckFields(_Open):
     images: int = Field(ge=1, strict=True)
     validation_flag_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     validation_images: int | None = Field(default=None, ge=0)
+    set_reference: SetReference | None = None
 
     @field_validator("descriptors")
     @classmethod
@@ -236,6 +269,11 @@ class InputCheckFields(_Open):
             missing = [n for n in self.descriptors if n not in getattr(self, field)]
             if missing:
                 raise ValueError(f"{field}: no range for {missing[0]!r}")
+        ref = self.set_reference
+        for field in ("quantiles", "spread"):
+            missing = [n for n in self.descriptors if ref is not None and n not in getattr(ref, field)]
+            if missing:
+                raise ValueError(f"set_reference.{field}: none for {missing[0]!r}")
         return self
 
 

@@ -33,6 +33,11 @@ def _colour(n=4, size=32, seed=1):
     return np.stack([np.asarray(smooth_image(rng, size, colour=True)) for _ in range(n)])  # N x H x W x 3
 
 
+def _narrower(images: np.ndarray, contrast: float = 0.93) -> np.ndarray:
+    """A narrower window: grey levels pulled towards mid-grey, too little for any single image to be flagged."""
+    return np.round((images.astype(np.float64) - 128) * contrast + 128).astype(np.uint8)
+
+
 @pytest.mark.parametrize("prep", PREPS, ids=["rgb-nchw-imagenet", "bgr-nhwc-caffe", "uint8", "gray"])
 def test_descriptors_of_known_images_whatever_the_preprocessing(prep):
     grey, colour = _grey(), _colour()
@@ -102,6 +107,58 @@ def test_the_validation_rate_counts_flagged_images():
                                ic.describe(prep.normalize(_colour(1)), prep)])
     rated = ic.validation_rate(fitted, held_out, "4 images")
     assert rated["validation_flag_rate"] == 0.25 and rated["validation_images"] == 4
+    assert "validation_distance" not in rated["set_reference"]  # 4 images: too few to judge as a set
+    rated = ic.validation_rate(fitted, ic.describe(prep.normalize(_grey(25, seed=9)), prep), "25 images")
+    ref = rated["set_reference"]
+    assert 0 < ref["validation_distance"] < ref["validation_threshold"] == round(ic.SET_NOISE / 5, 3)
+
+
+def test_the_set_check_finds_a_darker_narrower_set_and_not_one_like_the_training_images():
+    prep = PREPS[0]
+    fitted = ic.fit(ic.describe(prep.normalize(_grey(60)), prep), "60 grey images")
+    ref = fitted["set_reference"]
+    assert len(ref["levels"]) == ic.SET_LEVELS and set(ref["quantiles"]) == set(fitted["descriptors"])
+    check = ic.InputCheck.from_meta(fitted, "test")
+    same = check.compare_set(ic.describe(prep.normalize(_grey(30, seed=7)), prep))
+    assert same["judged"] and not same["differs"] and same["statistic"] <= same["threshold"]
+    # another "site": a slightly narrower window (contrast x0.93), every image still inside the envelope
+    shifted_images = _narrower(_grey(30, seed=7))
+    values = ic.describe(prep.normalize(shifted_images), prep)
+    assert not any(f["unlike_training"] for f in check.flag_values(values))
+    shifted = check.compare_set(values)
+    assert shifted["differs"] and shifted["shifted"][0] == "grey_p99" and "grey_p01" in shifted["shifted"]
+    assert shifted["distance"]["grey_p99"] > 4 * same["distance"]["grey_p99"]
+    line = ic.set_line(shifted, "m fp32")
+    assert line.startswith("WARNING m fp32: these 30 images differ as a set") and "grey level at 99 % by 0." in line
+    assert ic.set_line(same, "m fp32") is None
+    # too few images are not judged, even shifted ones
+    few = check.compare_set(values[: ic.MIN_SET - 1])
+    assert not few["judged"] and "too few" in few["why"]
+    assert ic.set_line(few, "m") == f"note m: no set check: {ic.MIN_SET - 1} images are too few to judge as a set " \
+        f"(at least {ic.MIN_SET})"
+
+
+def test_a_check_without_a_set_reference_still_flags_images_and_says_the_set_check_is_missing():
+    prep = PREPS[0]
+    fitted = ic.fit(ic.describe(prep.normalize(_grey(40)), prep), "grey")
+    old = {k: v for k, v in fitted.items() if k != "set_reference"}
+    check = ic.InputCheck.from_meta(old, "old.onnx")
+    values = ic.describe(prep.normalize(np.concatenate([_grey(25, seed=3), _colour(1)[..., 0]])), prep)
+    assert [f["unlike_training"] for f in check.flag_values(values)] == \
+        [f["unlike_training"] for f in ic.InputCheck.from_meta(fitted, "new").flag_values(values)]
+    got = check.compare_set(values)
+    assert not got["judged"] and "predates the set check" in got["why"]
+
+
+@pytest.mark.parametrize("field,value,says", [("levels", [0.0, 50.0, 40.0], "set_reference.levels"),
+                                              ("quantiles", {"gradient": [1.0, 2.0]}, "set_reference.quantiles"),
+                                              ("spread", {"gradient": 0.0}, "set_reference.spread")])
+def test_a_damaged_set_reference_is_refused_without_pydantic_too(field, value, says):
+    prep = PREPS[0]
+    fitted = ic.fit(ic.describe(prep.normalize(_grey(40)), prep), "grey")
+    fitted["set_reference"][field] = value if field == "levels" else {**fitted["set_reference"][field], **value}
+    with pytest.raises(ic.LungedgeError, match=says):
+        ic.InputCheck.from_meta(fitted, "bad.onnx")
 
 
 # -- export -> ONNX metadata -> predict / eval -------------------------------------------------------
@@ -142,6 +199,57 @@ def test_export_fits_on_the_training_part_and_stamps_every_file(run, exported):
     assert f"of the {n_val} validation images" in log
     for f in ("smallcnn.fp32.onnx", "smallcnn.fp16.onnx"):
         assert onnx_meta.read(folder / f)["extra"]["input_check"] == check
+    ref = check["set_reference"]  # the set check's reference travels with it
+    assert len(ref["levels"]) == ic.SET_LEVELS and set(ref["quantiles"]) == set(check["descriptors"])
+    assert "validation_distance" not in ref  # 6 validation images: too few to judge as a set
+
+
+def _eval_json(onnx_file, args, tmp_path, capsys):
+    code, out, err = run_cli(["eval", onnx_file, *args, "--out", tmp_path, "--json", "--bootstrap", "100"], capsys)
+    assert code == 0, err
+    return json.loads(out)[0], err
+
+
+def test_eval_says_when_a_set_differs_from_the_training_images(run, exported, tmp_path, capsys):
+    from PIL import Image
+
+    _, folder, _ = exported
+    onnx_file = folder / "smallcnn.fp32.onnx"
+    same = write_dataset(tmp_path / "same", ["a", "b", "c"], per_class=12, size=32, seed=11)
+    narrow = tmp_path / "narrow"  # the same images through a slightly narrower window
+    for f in same.rglob("*.png"):
+        (narrow / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_narrower(np.asarray(Image.open(f)))).save(narrow / f.parent.name / f.name)
+    row, err = _eval_json(onnx_file, ["--data", same], tmp_path, capsys)
+    shift = row["set_shift"]
+    assert shift["judged"] and not shift["differs"] and shift["images"] == 36 and "as a set" not in err
+    row, err = _eval_json(onnx_file, ["--data", narrow], tmp_path, capsys)
+    assert row["unlike_training"] < 0.1, err  # (almost) no single image is flagged ...
+    shift = row["set_shift"]  # ... but the set is
+    assert shift["differs"] and shift["statistic"] > shift["threshold"] and "grey_p99" in shift["shifted"]
+    (line,) = [ln for ln in err.splitlines() if "differ as a set" in ln]
+    assert line.startswith("WARNING smallcnn fp32: these 36 images differ as a set from the training images: ")
+    assert "grey level at 99 % by" in line and "unlike the training images as a set" in err
+    # the split's own test part is a handful of images: not judged, and said
+    row, err = _eval_json(onnx_file, ["--split", run / "split.json"], tmp_path, capsys)
+    assert not row["set_shift"]["judged"] and f"no set check: {row['set_shift']['images']} images are too few" in err
+
+
+def test_a_file_from_before_the_set_check_still_evaluates(run, exported, tmp_path, capsys):
+    import onnx
+
+    _, folder, _ = exported
+    model = onnx.load(str(folder / "smallcnn.fp32.onnx"))
+    meta = onnx_meta.from_model(model)
+    del meta["extra"]["input_check"]["set_reference"]
+    onnx_meta.attach(model, meta)
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    same = write_dataset(tmp_path / "same", ["a", "b", "c"], per_class=8, size=32, seed=11)
+    row, err = _eval_json(old, ["--data", same], tmp_path, capsys)
+    assert row["unlike_training"] == 0.0 and row["metrics"]["n"] == 24
+    assert not row["set_shift"]["judged"] and "predates the set check" in row["set_shift"]["why"]
+    assert "no set check: the model file predates the set check" in err
 
 
 def test_predict_warns_on_a_colour_image_and_not_on_a_grey_one(run, exported, capsys):
@@ -191,7 +299,10 @@ def test_a_damaged_input_check_is_one_line_naming_the_field(exported, tmp_path, 
     _, folder, _ = exported
     for path, value, field in ((["envelope", "gradient"], [5.0, "x"], "envelope.gradient"),
                                (["descriptors"], ["colourfulness", "hue"], "descriptors"),
-                               (["images"], 0, "images")):
+                               (["images"], 0, "images"),
+                               (["set_reference", "levels"], [0, 50, 40], "set_reference.levels"),
+                               (["set_reference", "quantiles", "gradient"], [1.0, 2.0], "set_reference.quantiles"),
+                               (["set_reference", "spread", "grey_std"], -1.0, "set_reference.spread")):
         model = onnx.load(str(folder / "smallcnn.fp32.onnx"))
         meta = onnx_meta.from_model(model)
         target = meta["extra"]["input_check"]

@@ -357,6 +357,10 @@ def _fit_input_check(source: Source, data, calib_data, val, summary: dict, log) 
         + (f"; flags {rate:.1%} of the {check['validation_images']} validation images" if rate is not None
            else "; no validation images to measure its false-flag rate on")
         + "".join(f"; {note}" for note in check.get("not_available", {}).values()))
+    ref = check.get("set_reference") or {}
+    if ref.get("validation_distance") is not None:
+        log(f"set check: the validation images lie {ref['validation_distance']:.2f} training spreads from the "
+            f"training images (a set differs beyond {ref['validation_threshold']:.2f})")
 
 
 def _release_source(source: Source) -> None:
