@@ -698,6 +698,9 @@ def _share_lock(folder: Path) -> tuple[int, bool] | None:
             same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
         except OSError:  # ENOLCK, or the file went between open and flock (FileNotFoundError)
             same = None
+        except BaseException:  # Ctrl-C while waiting for a cleaner
+            os.close(fd)
+            raise
         if same:
             return fd, exclusive
         os.close(fd)
