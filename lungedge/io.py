@@ -8,6 +8,9 @@
 * :class:`FolderLock` marks a folder as being written (``.<name>.lock`` beside it, naming the holder:
   pid, host, command, start time). The lock is an ``flock`` on that file, so the kernel drops it when
   the holder dies, however it died: a lock left by a killed process is reclaimed by the next writer.
+* :func:`shared_writers` lets several processes write into one folder at once (``results/``): each holds a
+  shared ``flock`` there while it has temporaries, and one that finds no other writer removes what a killed
+  one left.
 * :func:`staged_folder` writes a set of files into a temporary sibling folder and moves it into
   place only when all of it is written (and checked): a kill leaves the previous complete set or
   nothing, never a mix.
@@ -678,6 +681,105 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# -- folders several processes write at once (results/, a calibration set) ---------------------------------
+
+# the lock of a folder that several writers share (inside it; gone again when its last writer leaves)
+WRITERS_LOCK = ".lungedge-writers.lock"
+
+
+def temp_of(tmp: str, final: Callable[[str], bool]) -> bool:
+    """``tmp`` is the temporary :func:`atomic_write_bytes` makes for a file whose name ``final`` accepts:
+    ``.NAME.XXXXXXXX.tmp``, the middle exactly mkstemp's random part (see :func:`_ours`)."""
+    name = tmp[1:-len(".XXXXXXXX.tmp")] if len(tmp) > len("..XXXXXXXX.tmp") else ""
+    return bool(name) and _ours(tmp, name) and final(name)
+
+
+def _share_lock(folder: Path) -> tuple[int, bool] | None:
+    """(descriptor, exclusive) of the writers' lock of ``folder``: exclusive when no other writer holds it,
+    else shared. None where the lock cannot be had (a read-only folder, a file system without flock): the
+    write goes on unlocked and says itself why it fails, if it does."""
+    path = folder / WRITERS_LOCK
+    for _ in range(100):  # another name in its place (a link) would fail every time: bounded
+        try:  # read-only is enough for flock, also on a lock file another user made (0644)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                exclusive = True
+            except BlockingIOError:  # another writer: share the lock with it (a cleaner holds it for an instant)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                exclusive = False
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except OSError:  # ENOLCK, or the file went between open and flock (FileNotFoundError)
+            same = None
+        except BaseException:  # Ctrl-C while waiting for a cleaner
+            os.close(fd)
+            raise
+        if same:
+            return fd, exclusive
+        os.close(fd)
+        if same is None and (path.exists() or not folder.is_dir()):
+            return None
+        # the last writer removed the file between our open and flock: a new one, again
+    return None
+
+
+@contextmanager
+def shared_writers(folder: str | os.PathLike, leftover: Callable[[str], bool]) -> Iterator[list[str]]:
+    """``with shared_writers(results, left):`` write files into ``folder`` through temporaries, beside other
+    processes doing the same (two ``eval``/``bench`` into one ``results/``), and first remove what a writer
+    killed there left (SIGKILL, OOM, power loss): the files whose name ``leftover`` accepts.
+
+    Every writer holds a shared ``flock`` on :data:`WRITERS_LOCK` in the folder while its temporaries are
+    there; the kernel drops it when its holder dies. Leftovers are removed only by a writer that gets the lock
+    exclusively without waiting (no writer alive: every such temporary is a dead one's), never while another
+    holds it; only plain files whose name ``leftover`` accepts (lungedge's own temporary names), so a user's
+    file or folder stays. The last writer out removes the lock file. A folder where no lock can be taken
+    (read-only) is written as before, unlocked and not tidied. Yields the names removed."""
+    folder = Path(folder)
+    removed: list[str] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        got = None  # the write names the problem
+    else:
+        got = _share_lock(folder)
+    try:
+        if got is not None and got[1]:
+            removed = _remove_leftovers(folder, leftover)
+            fcntl.flock(got[0], fcntl.LOCK_SH)  # let other writers in
+        yield removed
+    finally:
+        if got is not None:
+            try:
+                fcntl.flock(got[0], fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last one out: the folder as it was
+                os.unlink(folder / WRITERS_LOCK)
+            except OSError:  # another writer is in (BlockingIOError), or the file cannot be removed
+                pass
+            finally:
+                os.close(got[0])
+
+
+def _remove_leftovers(folder: Path, leftover: Callable[[str], bool]) -> list[str]:
+    """Remove the plain files of ``folder`` whose name ``leftover`` accepts (call it holding the folder's
+    writers' lock exclusively); the names removed. One that cannot be removed stays."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if entry.name != WRITERS_LOCK and leftover(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            pass
+    return sorted(removed)
 
 
 # -- staged folders -----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -35,7 +36,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import LungedgeError
-from .io import WriteError, atomic_write_bytes, write_error, write_json
+from .io import WriteError, atomic_write_bytes, shared_writers, temp_of, write_error, write_json
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIB_METHOD = "minmax"  # measured on IQ-OTH/NCCD: see the README
@@ -100,11 +101,21 @@ def calibration_manifest(sample: list[dict], method: str, preprocessing: dict, d
 
 
 def calibration_folder(root: str | Path, manifest: dict) -> Path:
-    """calibration/<key>/: manifest.json, plus one ranges file per model and INT8 target."""
+    """calibration/<key>/: manifest.json, plus one ranges file per model and INT8 target. The temporaries an
+    export killed while it wrote there left are removed (when no other export writes there)."""
     folder = Path(root) / manifest["key"]
-    if not (folder / "manifest.json").is_file():
-        write_json(folder / "manifest.json", manifest)
+    with shared_writers(folder, left_in_calibration):
+        if not (folder / "manifest.json").is_file():
+            write_json(folder / "manifest.json", manifest)
     return folder
+
+
+def left_in_calibration(name: str) -> bool:
+    """``name`` is a temporary that a writer of a calibration folder leaves when killed: ONNX Runtime's for a
+    ranges cache (``.calibcache_XXXXXXXX.tmp``, mkstemp's; the folder is lungedge's own) or ours for the
+    manifest or a ranges file (``.manifest.json.XXXXXXXX.tmp``)."""
+    return bool(re.fullmatch(r"\.calibcache_[a-z0-9_]{8}\.tmp", name)) or temp_of(
+        name, lambda final: final == "manifest.json" or (final.startswith("ranges.") and final.endswith(".json")))
 
 
 # -- streaming calibration ------------------------------------------------------------------------------
@@ -319,7 +330,10 @@ def write_ranges(path: str | Path, ranges: dict[str, tuple], method: str) -> Pat
 
     data = {t: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
             for t, (lo, hi) in ranges.items()}
-    save_tensors_data(TensorsData(_ort_method(method), data), Path(path))
+    # ONNX Runtime writes through a temporary beside the file (.calibcache_XXXXXXXX.tmp) that a kill leaves: the
+    # folder's writers' lock tells the next export that no one is writing it any more (calibration_folder)
+    with shared_writers(Path(path).parent, left_in_calibration):
+        save_tensors_data(TensorsData(_ort_method(method), data), Path(path))
     Path(path).chmod(0o644)
     return Path(path)
 

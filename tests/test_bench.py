@@ -70,6 +70,9 @@ def exported(trained_run, tmp_path_factory):
 
 def test_bench_all_cpu(exported, capsys):
     out = exported["tmp"] / "results"
+    out.mkdir()
+    left = out / ".bench-vm-20260101T000000Z.jsonl.k3j_x9a2.tmp"  # what a bench killed (-9) while writing left
+    left.write_text('{"format": "lungedge-result/1"')
     # --all: every model with artifacts (other tests of the session may have trained more models: only
     # googlenet has ONNX files here, and the Keras backend is left out to keep this quick)
     code, stdout, err = run_cli(["bench", "--all", "--backend", "torch,onnxruntime", "--runs", exported["runs"],
@@ -79,6 +82,7 @@ def test_bench_all_cpu(exported, capsys):
     assert code == 0, err
     assert "googlenet" in stdout and "× source" in stdout and "wrote" in stdout
     files = list(out.glob("bench-*.jsonl"))
+    assert sorted(p.name for p in out.iterdir()) == [files[0].name]  # the killed one's temporary went
     rows = [json.loads(line) for line in files[0].read_text().splitlines()]
     rows = [r for r in rows if r["model"] == "googlenet"]
     # torch fp32, onnxruntime fp32 and fp16; 2 batch sizes; with and without preprocessing

@@ -119,9 +119,12 @@ def exported(trained_run, tmp_path_factory):
 
 def test_eval_model_every_backend_and_precision(exported, capsys):
     out = exported["tmp"] / "results"
+    out.mkdir()
+    (out / ".eval-vm-20260101T000000Z.jsonl.k3j_x9a2.tmp").write_text("{")  # what an eval killed (-9) left
     code, stdout, err = run_cli(["eval", "googlenet", "--runs", exported["runs"], "--engines", exported["engines"],
                                  "--out", out, "--json"], capsys)
     assert code == 0, err
+    assert [p.name for p in out.iterdir()] == [p.name for p in out.glob("eval-*.jsonl")]  # the temporary went
     rows = json.loads(stdout)
     got = [(r["backend"], r["variant"]) for r in rows]
     assert [g for g in got if g[0] != "openvino"] == [("torch", "fp32"), ("onnxruntime", "fp32"),

@@ -492,3 +492,109 @@ def test_ctrl_c_during_a_commit_leaves_one_whole_set_and_no_temporaries(tmp_path
                 atomic_write_text(tmp_path / name, "new")
     assert [(tmp_path / n).read_text() for n in names] == [expected] * 3
     assert _names(tmp_path) == names  # no temporaries, no journal
+
+
+# -- folders several writers share: results/ ---------------------------------------------------------------
+
+def _write_rows_in_child(out: Path, at_link: str) -> subprocess.Popen:
+    """A child writing its rows into ``out`` (lungedge.results.write_rows, as eval and bench do) that, once its
+    temporary is complete, right before naming it: ``kill`` -- is SIGKILLed (kill -9, the OOM killer);
+    ``wait`` -- says "linking" and waits for a line on stdin before it goes on."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from lungedge.results import write_rows
+        link = os.link
+        def at_link(tmp, path):
+            if {at_link!r} == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            print("linking", flush=True)
+            sys.stdin.readline()
+            link(tmp, path)
+        os.link = at_link
+        print(write_rows([{{"run": "child"}}], {str(out)!r}, "eval"), flush=True)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+
+
+def _temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_results_temporaries_a_killed_writer_left_go_with_the_next_write(tmp_path):
+    from lungedge.results import write_rows
+
+    out = tmp_path / "results"
+    proc = _write_rows_in_child(out, "kill")
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    left = _temporaries(out)
+    assert len(left) == 1 and left[0].startswith(".eval-")  # what kill -9 leaves
+    mine = write_rows([{"run": "next"}], out, "bench")
+    assert sorted(p.name for p in out.iterdir()) == [mine.name]  # the dead writer's temporary and lock file: gone
+    assert json.loads(mine.read_text()) == {"run": "next"}
+
+
+def test_a_live_writers_temporary_stays_and_both_writers_finish(tmp_path):
+    """Two writers into one results folder: the second, which finds the first's temporary there (and one that
+    looks just like a dead writer's: it cannot tell them apart while another writer lives), removes neither."""
+    from lungedge.io import WRITERS_LOCK
+    from lungedge.results import write_rows
+
+    out = tmp_path / "results"
+    proc = _write_rows_in_child(out, "wait")
+    try:
+        assert proc.stdout.readline().strip() == "linking"
+        (out / ".bench-vm-20260101T000000Z.jsonl.abcd_123.tmp").write_text("a dead writer's, maybe\n")
+        live = _temporaries(out)
+        assert len(live) == 2
+        mine = write_rows([{"run": "parent"}], out, "bench")
+        assert _temporaries(out) == live and (out / WRITERS_LOCK).exists()  # still held by the child
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        theirs = Path(proc.communicate(timeout=60)[0].strip())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0
+    assert json.loads(mine.read_text()) == {"run": "parent"} and json.loads(theirs.read_text()) == {"run": "child"}
+    assert not (out / WRITERS_LOCK).exists()  # the last writer out removed it
+    write_rows([{"run": "later"}], out, "bench")
+    assert _temporaries(out) == []  # no writer alive now: the dead one's goes with the next write
+
+
+def test_only_lungedges_own_results_temporaries_are_removed(tmp_path):
+    from lungedge.results import write_rows
+
+    out = tmp_path / "results"
+    out.mkdir()
+    users = [".eval-notes.jsonl.tmp", ".bench-mine.jsonl.abcdefgh.tmp", "notes.tmp", ".notes.txt.abcdefgh.tmp",
+             ".eval-vm-20261129T182344Z.jsonl.ABCDEFGH.tmp", ".eval-vm-20261129T182344Z.jsonl.abcdefgh.tmp.bak",
+             ".eval-vm-20261129T182344Z.jsonl.abcdefghi.tmp", "eval-vm-20261129T182344Z.jsonl.abcdefgh.tmp"]
+    for name in users:
+        (out / name).write_text("mine\n")
+    (out / ".eval-vm-20261129T182344Z.jsonl.abcdefgh.tmp").mkdir()  # a folder under a temporary's name
+    (out / ".bench-vm-20261129T182344Z.jsonl.abcdefgh.tmp").symlink_to(tmp_path / "elsewhere.txt")
+    (tmp_path / "elsewhere.txt").write_text("mine\n")
+    (out / ".bench-vm-20261129T182344Z-2.jsonl.x_y_z_12.tmp").write_text("left by a killed bench\n")
+    mine = write_rows([{"run": 1}], out, "eval")
+    assert sorted(p.name for p in out.iterdir()) == sorted(users + [
+        ".eval-vm-20261129T182344Z.jsonl.abcdefgh.tmp", ".bench-vm-20261129T182344Z.jsonl.abcdefgh.tmp", mine.name])
+    assert all((out / name).read_text() == "mine\n" for name in users)
+    assert (tmp_path / "elsewhere.txt").read_text() == "mine\n"
+
+
+def test_a_writers_lock_that_cannot_be_taken_leaves_the_write_working(tmp_path):
+    """A results folder whose lock cannot be taken (here a link to elsewhere under its name) is written unlocked,
+    as before: the command works, nothing is created through the link, the leftover waits for a lockable day."""
+    from lungedge.io import WRITERS_LOCK
+    from lungedge.results import write_rows
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / WRITERS_LOCK).symlink_to(tmp_path / "not-there")
+    (out / ".eval-vm-20261129T182344Z.jsonl.abcdefgh.tmp").write_text("left\n")
+    mine = write_rows([{"run": 1}], out, "eval")
+    assert json.loads(mine.read_text()) == {"run": 1}
+    assert not (tmp_path / "not-there").exists() and (out / WRITERS_LOCK).is_symlink()
+    assert _temporaries(out) == [".eval-vm-20261129T182344Z.jsonl.abcdefgh.tmp"]

@@ -308,3 +308,73 @@ def test_int8_on_a_full_disk_names_the_file_and_leaves_nothing(tiny_onnx, tmp_pa
                           cwd=Path(__file__).resolve().parents[1], preexec_fn=small_file_limit(limit))
     assert proc.stdout.strip() == f"cannot write {target}: File too large", (proc.stdout, proc.stderr[-2000:])
     assert list(out_dir.iterdir()) == []  # no temporary copy left behind
+
+
+def _ranges_in_child(path, then: str):
+    """A child writing a ranges cache at ``path`` (write_ranges, through ONNX Runtime's writer) that, once the
+    temporary is complete, right before renaming it: ``kill`` -- is SIGKILLed; ``wait`` -- says "renaming" and
+    waits for a line on stdin."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from lungedge import quantize
+        replace = os.replace
+        def at_rename(tmp, path):
+            if os.path.basename(tmp).startswith(".calibcache_"):
+                if {then!r} == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                print("renaming", flush=True)
+                sys.stdin.readline()
+            replace(tmp, path)
+        os.replace = at_rename
+        quantize.write_ranges({str(path)!r}, {{"x": (-1.0, 2.0)}}, "minmax")
+        print("done", flush=True)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+
+
+def test_calibration_temporaries_a_killed_export_left_go_with_the_next_export(tmp_path):
+    """ONNX Runtime's writer of the ranges cache leaves ``.calibcache_XXXXXXXX.tmp`` when killed: the next export
+    using that calibration folder removes it, and nothing of the user's with a like name."""
+    import signal
+
+    folder = tmp_path / "calibration" / "k"
+    proc = _ranges_in_child(folder / "ranges.m-0123456789ab.json", "kill")
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    left = [p.name for p in folder.iterdir() if p.name.startswith(".calibcache_")]
+    assert len(left) == 1  # what kill -9 leaves
+    users = [".calibcache_mine.tmp", ".calibcache_abcdefgh.tmp.bak", "calibcache_abcdefgh.tmp", ".notes.abcdefgh.tmp"]
+    for name in users:
+        (folder / name).write_text("mine\n")
+    assert quantize.calibration_folder(tmp_path / "calibration", {"key": "k"}) == folder
+    assert sorted(p.name for p in folder.iterdir()) == sorted(users + ["manifest.json"])
+
+
+def test_calibration_temporaries_of_a_live_export_stay(tmp_path):
+    """Two exports of different models calibrate into one folder (the key is the calibration set's): the one
+    starting does not remove the other's temporary, and both ranges files are written."""
+    folder = tmp_path / "calibration" / "k"
+    proc = _ranges_in_child(folder / "ranges.a-0123456789ab.json", "wait")
+    try:
+        assert proc.stdout.readline().strip() == "renaming"
+        live = sorted(p.name for p in folder.iterdir() if p.name.startswith(".calibcache_"))
+        assert len(live) == 1
+        quantize.calibration_folder(tmp_path / "calibration", {"key": "k"})
+        quantize.write_ranges(folder / "ranges.b-0123456789ab.json", {"y": (0.0, 1.0)}, "minmax")
+        assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".calibcache_")) == live
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.communicate(timeout=120)[0].strip() == "done"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert quantize.read_ranges(folder / "ranges.a-0123456789ab.json") == {"x": (-1.0, 2.0)}
+    assert quantize.read_ranges(folder / "ranges.b-0123456789ab.json") == {"y": (0.0, 1.0)}
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "ranges.a-0123456789ab.json",
+                                                        "ranges.b-0123456789ab.json"]
