@@ -20,6 +20,24 @@ def smooth_image(rng: np.random.Generator, size: int = 64, colour: bool = False)
     return img.resize((size, size), Image.BICUBIC)
 
 
+def ct_like_image(rng: np.random.Generator, size: int = 64):
+    """A CT-like slice: the anatomy every slice shares (a wide body with two lungs, the spine below them and
+    the table under the body: not the same turned by 90 or 180 degrees) plus a random smooth detail of its own,
+    so that, as in IQ-OTH/NCCD, the shared anatomy is most of each image and unrelated slices are not
+    near-duplicates."""
+    from PIL import Image
+
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1
+    lungs = ((np.abs(xx - 0.5) - 0.2) / 0.13) ** 2 + ((yy - 0.47) / 0.2) ** 2 < 1
+    spine = ((xx - 0.5) / 0.07) ** 2 + ((yy - 0.72) / 0.06) ** 2 < 1
+    table = (yy > 0.86) & (yy < 0.9) & (np.abs(xx - 0.5) < 0.45)
+    coarse = rng.integers(0, 256, size=(6, 6), dtype=np.uint8)
+    detail = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float64) - 128
+    img = 20 + 110 * body - 80 * (lungs & body) + 100 * spine + 160 * table + 0.5 * detail * body
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
 def augmented_rotation(img, degrees: float):
     """Rotate, then crop the blank corners away and resize back, as LC25000's augmentation did."""
     import math

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import augmented_rotation, one_error, require_real, run_cli, smooth_image, write_dataset
+from conftest import augmented_rotation, ct_like_image, one_error, require_real, run_cli, smooth_image, write_dataset
 from lungedge.data import dedup
 from lungedge.data.layout import detect_layout
 
@@ -186,10 +186,39 @@ def test_rotated_and_flipped_copies_are_near_duplicates_and_strangers_are_not():
     assert pairs == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]  # the copies, and no stranger
 
 
+def test_turned_ct_slices_join_their_source_and_strangers_join_nothing():
+    """The mean CT slice is removed before correlating; a slice turned by 90/180/270 degrees or upside down is
+    compared centred by the mean turned the same way, so it joins its source's group (it did not: ~0.7), while
+    unrelated slices stay apart."""
+    rng = np.random.default_rng(4)
+    a = ct_like_image(rng)
+    turned = [a.transpose(t) for t in (Image.ROTATE_90, Image.ROTATE_180, Image.ROTATE_270, Image.FLIP_TOP_BOTTOM)]
+    strangers = [ct_like_image(rng) for _ in range(20)]
+    thumbs = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in [a, *turned, *strangers]])
+    pairs = dedup.duplicate_pairs(dedup.similar_pairs(dedup.features(thumbs), dedup.DEFAULT_THRESHOLD),
+                                  dedup.DEFAULT_THRESHOLD)
+    assert {(0, k) for k in range(1, 5)} <= set(pairs)  # each turned copy with its source
+    assert all(i < 5 and j < 5 for i, j in pairs)  # no stranger in any pair
+    assert dedup.components(len(thumbs), pairs)[:6] == [0, 0, 0, 0, 0, 1]
+
+
+def test_images_that_share_no_anatomy_are_compared_by_their_plain_rows_alone():
+    """Tissue tiles (LC25000) share no anatomy: their mean is flat, so no turn of it explains a tile better, and
+    turned-back rows would only add noise and time; the features are those of plain rows alone."""
+    rng = np.random.default_rng(5)
+    images = [smooth_image(rng, 96) for _ in range(12)]
+    images += [im.rotate(90) for im in images[:4]]
+    feats = dedup.features(np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in images]))
+    np.testing.assert_array_equal(feats[:, dedup.VARIANTS :], feats[:, [0, 0]])
+    assert [len(x) for x in dedup._turned_probes(feats)] == [0, 0]
+
+
 def _dense_similarity(feats):
-    """The N x N matrix the search built before it streamed: best correlation over variants, symmetric."""
+    """The N x N matrix of the definition, all at once: best correlation of an image's plain or turned-back rows
+    (copies of the plain one for an image that does not look turned) over every row of the other, symmetric."""
     n, k, d = feats.shape
-    sim = (feats[:, 0] @ feats.reshape(n * k, d).T).reshape(n, n, k).max(-1)
+    probes = feats[:, [0, *range(dedup.VARIANTS, k)]]
+    sim = (probes.reshape(-1, d) @ feats.reshape(n * k, d).T).reshape(n, -1, n, k).max(axis=(1, 3))
     sim = np.maximum(sim, sim.T)
     np.fill_diagonal(sim, -1.0)
     return sim
@@ -197,15 +226,16 @@ def _dense_similarity(feats):
 
 def test_streamed_pairs_are_the_dense_matrix_pairs_at_every_block_size(monkeypatch):
     rng = np.random.default_rng(5)
-    images = [smooth_image(rng, 96) for _ in range(12)]
-    images += [im.rotate(90) for im in images[:4]] + [augmented_rotation(im, 10) for im in images[4:7]]
+    images = [ct_like_image(rng, 96) for _ in range(8)] + [smooth_image(rng, 96) for _ in range(4)]
+    images += [im.rotate(90) for im in images[:4]] + [augmented_rotation(im, 10) for im in images[8:11]]
     thumbs = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in images])
     feats = dedup.features(thumbs)
     sim = _dense_similarity(feats)
+    assert {12, 13, 14, 15} <= set(dedup._turned_probes(feats)[0].tolist())  # their turned-back rows are searched
     for threshold in (0.5, dedup.LOOSE_THRESHOLD, dedup.DEFAULT_THRESHOLD):
         i, j = np.nonzero(np.triu(sim >= threshold, 1))
         dense = list(zip(i.tolist(), j.tolist()))
-        assert len(dense) >= 7  # the turned copies, at least
+        assert {(0, 12), (1, 13), (2, 14), (3, 15), (8, 16), (9, 17), (10, 18)} <= set(dense)  # the copies
         for block_bytes in (1, 5 * feats.shape[0] * feats.shape[1] * 4, dedup.BLOCK_BYTES):  # 1 row, 5 rows, all
             monkeypatch.setattr(dedup, "BLOCK_BYTES", block_bytes)
             found = dedup.similar_pairs(feats, threshold)
@@ -216,8 +246,11 @@ def test_streamed_pairs_are_the_dense_matrix_pairs_at_every_block_size(monkeypat
 
 
 def test_features_are_the_plain_formula_computed_in_place(monkeypatch):
-    thumbs = np.random.default_rng(6).integers(0, 256, size=(7, 64, 64), dtype=np.uint8)
-    thumbs[3] = 0  # a blank image among them
+    rng = np.random.default_rng(6)
+    thumbs = rng.integers(0, 256, size=(7, 64, 64), dtype=np.uint8)
+    for i in (0, 1, 2, 4, 5):  # CT-like slices, the last turned by 90 degrees; a blank image and noise
+        thumbs[i] = np.rot90(np.asarray(ct_like_image(rng)), 1 if i == 5 else 0)
+    thumbs[3] = 0
     v = np.stack([dedup.variants(t) for t in thumbs])
     x = (v - v.mean(axis=0, keepdims=True)).reshape(7, v.shape[1], -1)
     x = x - x.mean(-1, keepdims=True)
@@ -226,11 +259,28 @@ def test_features_are_the_plain_formula_computed_in_place(monkeypatch):
     monkeypatch.setattr(dedup, "CHUNK", 3)  # chunks of 3, 3, 1
     steps = []
     feats = dedup.features(thumbs, steps.append)
-    np.testing.assert_array_equal(feats, (x / norm).astype(np.float32))
+    np.testing.assert_array_equal(feats[:, : dedup.VARIANTS], (x / norm).astype(np.float32))
+    # the turned-back rows: the plain thumbnail less the mean one turned/flipped (variants 0..7), where one
+    # turn, flipped or not, leaves TURNED_GAIN less of it unexplained than the mean as it is; else row 0
+    centred = lambda y: y - y.mean(-1, keepdims=True)  # noqa: E731
+    less = np.stack([centred(v[:, 0].reshape(7, -1) - v[:, e].mean(0).reshape(-1)) for e in range(8)], 1)
+    energy = (less.astype(np.float64) ** 2).sum(-1)
+    gain = 1 - energy / np.maximum(energy[:, :1], 1e-30)
+    anatomy = centred(v[:, 0].mean(0).reshape(-1)).astype(np.float64)
+    assert anatomy @ anatomy >= dedup.ANATOMY * energy[:, 0].mean()  # the CT-like slices share one
+    for i in range(7):
+        turn = 1 + int(np.argmax(np.maximum(gain[i, 1:4], gain[i, 5:8])))
+        if max(gain[i, turn], gain[i, turn + 4]) < dedup.TURNED_GAIN:
+            np.testing.assert_array_equal(feats[i, dedup.VARIANTS :], feats[i, [0, 0]])
+            continue
+        for row, e in zip(feats[i, dedup.VARIANTS :], (turn, turn + 4)):
+            np.testing.assert_allclose(row, less[i, e] / np.linalg.norm(less[i, e]), atol=1e-6)
+    looks_turned = {i for i in range(7) if (feats[i, dedup.VARIANTS :] != feats[i, 0]).any()}
+    assert 5 in looks_turned and 3 not in looks_turned  # the turned slice does (noise may), a blank image never
     monkeypatch.setattr(dedup, "BLOCK_BYTES", 2 * feats.shape[1] * 7 * 4)  # blocks of 2 rows: 2, 2, 2, 1
     dedup.similar_pairs(feats, 0.9, steps.append)
     assert steps == [1] * 7 + [2, 2, 2, 1]  # the progress bar: one step per image, in each stage
-    assert dedup.features(thumbs[:0]).shape == (0, v.shape[1], dedup.SIDE * dedup.SIDE)
+    assert dedup.features(thumbs[:0]).shape == (0, v.shape[1] + dedup.TURNED, dedup.SIDE * dedup.SIDE)
 
 
 def test_components_chain_pairs():

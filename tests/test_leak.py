@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import augmented_rotation, smooth_image, write_dataset
+from conftest import augmented_rotation, ct_like_image, smooth_image, write_dataset
 from lungedge.data import dedup
 from lungedge.data.leak import cache_path, trained_on
 from lungedge.data.split import make_split, write_manifest
@@ -74,6 +74,41 @@ def test_the_splits_own_test_part_has_no_near_duplicate_in_training(split):
     assert (leak["near_duplicates"]["in_training"], leak["near_duplicates"]["in_validation"]) == (0, 0)
 
 
+TURNS = {"turned90": Image.ROTATE_90, "turned180": Image.ROTATE_180, "turned270": Image.ROTATE_270,
+         "upside-down": Image.FLIP_TOP_BOTTOM}
+
+
+def test_a_turned_ct_slice_is_a_near_duplicate_of_its_training_slice_and_turned_strangers_are_not(tmp_path):
+    """CT slices share most of their picture (the body, the lungs, the spine, the table): the mean slice removed
+    first must be turned with the slice, or a training slice turned by 90 degrees is missed (similarity ~0.7)."""
+    rng = np.random.default_rng(1)
+    for folder in ("benign", "malignant", "normal"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for i in range(8):
+            ct_like_image(rng).save(tmp_path / "data" / folder / f"slice{i}.png")
+    manifest = make_split(tmp_path / "data", show_progress=False)
+    root = Path(manifest["dataset"]["root"])
+    assert manifest["groups"] == 24  # no two slices are near-duplicates
+    source = _of(manifest, "train")[0]
+    out = tmp_path / "test"
+    out.mkdir()
+    with Image.open(root / source["path"]) as im:
+        for name, how in TURNS.items():
+            im.transpose(how).save(out / f"{name}.png")
+    for name, how in TURNS.items():  # unrelated slices, turned the same ways, and two upright ones
+        ct_like_image(rng).transpose(how).save(out / f"stranger-{name}.png")
+    for k in range(2):
+        ct_like_image(rng).save(out / f"stranger{k}.png")
+    for k, it in enumerate(_of(manifest, "test")):
+        shutil.copy(root / it["path"], out / f"test{k}.png")
+    leak = trained_on(manifest, sorted(out.iterdir()), show_progress=False)
+    near = leak["near_duplicates"]
+    assert (leak["in_training"], leak["in_validation"]) == (0, 0)
+    assert (near["in_training"], near["in_validation"]) == (len(TURNS), 0)  # the turned copies, nothing else
+    assert {Path(e["test_image"]).stem for e in near["examples"]} <= set(TURNS)
+    assert all(e["near"] == source["path"] and e["similarity"] > 0.99 for e in near["examples"])
+
+
 def test_missing_training_files_are_counted_and_checked_by_sha256_only(split, tmp_path):
     from lungedge.evaluate import leakage_line
 
@@ -119,17 +154,20 @@ def test_the_training_thumbnails_are_cached_beside_the_manifest(split, tmp_path)
 
 def test_similar_across_is_the_cross_part_of_the_dense_matrix_at_every_block_size(monkeypatch):
     rng = np.random.default_rng(7)
-    images = [smooth_image(rng, 96) for _ in range(10)]
-    images += [im.rotate(90) for im in images[:3]] + [augmented_rotation(im, -10) for im in images[3:5]]
+    images = [ct_like_image(rng, 96) for _ in range(10)] + [smooth_image(rng, 96) for _ in range(2)]
+    images[7] = images[7].rotate(90)  # a turned slice on each side: both sides' turned-back rows are compared
+    images += [im.rotate(90) for im in images[:3]] + [augmented_rotation(im, -10) for im in images[10:12]]
     thumbs = np.stack([np.asarray(im.resize((64, 64), Image.BILINEAR)) for im in images])
     feats = dedup.features(thumbs)
     n, k, d = feats.shape
-    sim = (feats[:, 0] @ feats.reshape(n * k, d).T).reshape(n, n, k).max(-1)
+    assert {7, 12, 13, 14} <= set(dedup._turned_probes(feats)[0].tolist())
+    probes = feats[:, [0, *range(dedup.VARIANTS, k)]]  # plain and turned-back rows, against every row
+    sim = (probes.reshape(-1, d) @ feats.reshape(n * k, d).T).reshape(n, -1, n, k).max(axis=(1, 3))
     sim = np.maximum(sim, sim.T)
-    a, b = [10, 11, 12, 13, 14, 8, 9], list(range(8))  # the copies (of 0..4) and two strangers, against 0..7
+    a, b = [12, 13, 14, 15, 16, 8, 9], [*range(8), 10, 11]  # the copies (of 0, 1, 2, 10, 11) and two strangers
     for threshold in (0.3, dedup.DEFAULT_THRESHOLD):
         expect = [(i, j) for i in range(len(a)) for j in range(len(b)) if sim[a[i], b[j]] >= threshold]
-        assert {(0, 0), (1, 1), (2, 2), (3, 3), (4, 4)} <= set(expect)
+        assert {(0, 0), (1, 1), (2, 2), (3, 8), (4, 9)} <= set(expect)
         for block_bytes in (1, 3 * len(b) * k * 4, dedup.BLOCK_BYTES):  # 1 row, 3 rows, all
             monkeypatch.setattr(dedup, "BLOCK_BYTES", block_bytes)
             i, j, v = dedup.similar_across(feats[a], feats[b], threshold)

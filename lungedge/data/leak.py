@@ -3,12 +3,13 @@ validation images of the split manifest it was trained with (``lungedge eval``'s
 
 * **Byte-identical**: the test file's SHA-256 against the ``sha256`` the manifest records for every image, so
   it needs no training file on disk.
-* **Near-duplicates** (the same CT slice re-encoded, resized or re-saved, the neighbouring slice of a scan,
-  a rotated/flipped LC25000 copy): the machinery ``data split`` groups with and ``data audit`` counts with
-  (:mod:`lungedge.data.dedup`: 64x64 grayscale thumbnails, 88 rotated/flipped variants, best correlation at
-  the manifest's grouping threshold), between the test images and those training/validation images whose
-  file is still on disk, readable and unchanged since the split (SHA-256 as recorded). The others cannot be
-  compared by their pixels: they are counted in ``not_checked`` and only their SHA-256 was checked.
+* **Near-duplicates** (the same CT slice re-encoded, resized or re-saved, turned by 90/180/270 degrees or
+  flipped, the neighbouring slice of a scan, a rotated/flipped LC25000 copy): the machinery ``data split``
+  groups with and ``data audit`` counts with (:mod:`lungedge.data.dedup`: 64x64 grayscale thumbnails, 88
+  rotated/flipped variants, an image that looks turned also centred by the mean turned the same way, best
+  correlation at the manifest's grouping threshold), between the test images and those training/validation
+  images whose file is still on disk, readable and unchanged since the split (SHA-256 as recorded). The others
+  cannot be compared by their pixels: they are counted in ``not_checked`` and only their SHA-256 was checked.
 
 Each test image is counted once, in the first of: byte-identical to a training image, to a validation image,
 near-duplicate of a training image, of a validation image.
@@ -139,7 +140,10 @@ def trained_on(manifest: dict, paths: list[Path], root: Path | None = None, thre
     the split's own test part, or the data set's folder, that union is the manifest's whole data set, the
     very mean ``data split`` and ``data audit`` used, so the three agree. A mean of the training images
     alone would not centre a test set from elsewhere (another scanner, the other data set), and would read
-    what its images share as similarity to every training image.
+    what its images share as similarity to every training image. A test image that looks turned (the mean
+    turned by 90/180/270 degrees fits it better, where the images share an anatomy: :func:`dedup.turned_back`)
+    is also compared centred by that turned mean, exactly as a training image's variant turned the same way
+    is centred.
 
     ``cache`` (:func:`cache_path`): the training images' rotated thumbnails (:func:`dedup.rotations`,
     4.4 KB per image, keyed by SHA-256) are kept there, so a second eval against the same split reads no
@@ -147,8 +151,10 @@ def trained_on(manifest: dict, paths: list[Path], root: Path | None = None, thre
     bytes the manifest recorded).
 
     Time: reading the test images and their 88 variants (a few ms each), the training images' the same
-    unless cached, and len(test) x len(training) comparisons a block at a time
-    (:func:`dedup.similar_across`); memory: 141 KB of features per image of the union plus one block.
+    unless cached, and len(test) x len(training) comparisons a block at a time, twice more for an image that
+    looks turned (:func:`dedup.similar_across`); memory: 144 KB of features per image of the union plus one
+    block. The cache need not change with the turned-back rows: they are computed from the cached rotations
+    (angle 0 is the plain thumbnail) at each eval, as the mean they depend on is the union's.
     """
     threshold = threshold or (manifest.get("params") or {}).get("threshold") or dedup.DEFAULT_THRESHOLD
     root = Path(root) if root else Path(manifest["dataset"]["root"])
@@ -206,7 +212,7 @@ def trained_on(manifest: dict, paths: list[Path], root: Path | None = None, thre
             "examples": examples,
             "how": (f"pixel similarity >= {threshold:g} as data split groups them (lungedge.data.dedup: 64x64 "
                     "grayscale thumbnails, best correlation over 88 rotations/flips, centred by the mean of "
-                    "the test and training/validation images); training/validation images not readable on "
-                    "disk were checked by SHA-256 only"),
+                    "the test and training/validation images, or by that mean turned for an image that looks "
+                    "turned); training/validation images not readable on disk were checked by SHA-256 only"),
         },
     }
