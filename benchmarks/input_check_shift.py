@@ -16,8 +16,8 @@ what such a user would, through the command line only:
 3. runs ``lungedge eval --json`` on each labelled variant (the share flagged "unlike the training
    images", whether the whole set is found unlike them (``set_shift``: its largest Wasserstein distance in
    training spreads, the descriptor, the threshold), accuracy and balanced accuracy, beside the unchanged
-   test images') and ``lungedge predict --json`` on each unlabelled set (the share flagged; predict has
-   no set check), and prints a Markdown table.
+   test images') and ``lungedge predict --json`` on each unlabelled set (the share flagged, and predict's
+   set check over the set), and prints a Markdown table.
 
 What matters are the rows where accuracy drops and (almost) nothing is flagged, by either check; and the
 unchanged test images, which neither must flag.
@@ -253,7 +253,7 @@ def eval_row(onnx: Path, work: Path, threads: int, *, split: Path | None = None,
 
 
 def set_cell(shift: dict | None) -> str:
-    """'**fires** 0.72 (grey_std)' / 'no 0.08 (grey_std)' from an eval row's ``set_shift``."""
+    """'**fires** 0.72 (grey_std)' / 'no 0.08 (grey_std)' from an eval row's or predict's ``set_shift``."""
     if not shift:
         return "no set check"
     if not shift["judged"]:
@@ -262,11 +262,12 @@ def set_cell(shift: dict | None) -> str:
     return f"{'**fires**' if shift['differs'] else 'no'} {shift['statistic']:.2f} ({top})"
 
 
-def flag_share(onnx: Path, files: list[Path], threads: int) -> tuple[int, int, str]:
+def flag_share(onnx: Path, files: list[Path], threads: int) -> tuple[int, int, str, str]:
+    """(images flagged, images, the first reason, predict's set check) of one predict call over ``files``."""
     out = json.loads(lungedge("predict", str(onnx), *map(str, files), "--json", threads=threads))
     preds = out["predictions"]
     hit = [p for p in preds if (p.get("input_check") or {}).get("unlike_training")]
-    return len(hit), len(preds), (hit[0]["input_check"]["reasons"][0] if hit else "")
+    return len(hit), len(preds), (hit[0]["input_check"]["reasons"][0] if hit else ""), set_cell(out.get("set_shift"))
 
 
 def main() -> None:
@@ -324,9 +325,9 @@ def main() -> None:
     other_set = load_test_set(data=args.data / other, limit=OTHER_IMAGES)
     kind = "LC25000 histopathology tiles" if other == LC else "IQ-OTH/NCCD CT slices"
     for name, files in {kind: list(other_set.paths), **unlabelled}.items():
-        n_flag, n, why = flag_share(onnx, files, t)
-        print(f"{name:<46} {n_flag:>5} / {n:<4} {n_flag / n:6.1%} {'':>48}  {why}", flush=True)
-        table.append((name, n_flag, n, "–", None, None))
+        n_flag, n, why, shift = flag_share(onnx, files, t)
+        print(f"{name:<46} {n_flag:>5} / {n:<4} {n_flag / n:6.1%} {shift:>28} {'':>19}  {why}", flush=True)
+        table.append((name, n_flag, n, shift, None, None))
 
     print(f"\n{onnx} ({args.dataset}): Markdown table\n")
     print("| images | flagged | set check: distance (descriptor) | accuracy | balanced accuracy |\n"

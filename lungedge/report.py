@@ -181,10 +181,46 @@ def interval_label(ev: dict | None) -> str:
 
 
 def test_set_label(ev: dict | None) -> str:
-    """Which images the row's figures are on (count and split), and a leak, if any, beside them."""
+    """Which images the row's figures are on (count and split), and beside them what eval found about those
+    images: a leak, test images or the whole set unlike the training images, images a viewer shows turned."""
     if not ev:
         return "–"
-    text = f"{ev.get('test_set', '?')} ({ev['metrics'].get('n', '?')} images)"
+    text = f"{ev.get('test_set', '?')} ({ev['metrics'].get('n', '?')} images)" + _leak_label(ev)
+    return "; ".join([text, *input_labels(ev)])
+
+
+def input_labels(ev: dict) -> list[str]:
+    """What the input check and the EXIF tags say about an eval row's test images, one short part each, where
+    there is something to say: the share unlike the training images (> 0), a WARNING naming the descriptors
+    where the set differs from them, a note where the set was not judged (an unwarned row would otherwise
+    read as checked and alike), the count a viewer shows turned (> 0). Rows written before eval recorded
+    these keys have none of them and get nothing (not "checked": nothing is known)."""
+    from .inputcheck import LABELS
+
+    out = []
+    share, count = ev.get("unlike_training"), ev.get("unlike_training_count")
+    if share:
+        n = ev["metrics"].get("n")
+        out.append((f"{count} of {n} test images ({share:.1%})" if count is not None and n
+                    else f"{share:.1%} of the test images") + " unlike the training images (input check)")
+    shift = ev.get("set_shift") or {}
+    if shift.get("differs"):
+        top = ", ".join(f"{LABELS.get(d, d)} by {shift['distance'][d]:.2f}" for d in shift["shifted"][:3])
+        more = f" and {len(shift['shifted']) - 3} more" if len(shift["shifted"]) > 3 else ""
+        out.append(f"WARNING: these images differ as a set from the training images ({top}{more}; Wasserstein "
+                   f"distance in training spreads, threshold {shift['threshold']:.2f}): another scanner, protocol "
+                   "or site?")
+    elif shift and not shift.get("judged"):
+        out.append(f"set check not judged: {str(shift.get('why', '')).split(' (')[0]}")
+    if ev.get("exif_orientation_count"):
+        out.append(f"{ev['exif_orientation_count']} image(s) carry an EXIF orientation: a viewer shows them "
+                   "turned, the model saw them as stored")
+    return out
+
+
+def _leak_label(ev: dict) -> str:
+    """The leak part of :func:`test_set_label`: '' where eval did not look (a row from before) or found none."""
+    text = ""
     leak = ev.get("leakage") or {}
     if not leak:
         return text

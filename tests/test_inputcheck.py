@@ -210,16 +210,22 @@ def _eval_json(onnx_file, args, tmp_path, capsys):
     return json.loads(out)[0], err
 
 
-def test_eval_says_when_a_set_differs_from_the_training_images(run, exported, tmp_path, capsys):
+def _same_and_narrow(tmp_path):
+    """36 images like the training images, and the same through a slightly narrower window (another "site")."""
     from PIL import Image
 
-    _, folder, _ = exported
-    onnx_file = folder / "smallcnn.fp32.onnx"
     same = write_dataset(tmp_path / "same", ["a", "b", "c"], per_class=12, size=32, seed=11)
-    narrow = tmp_path / "narrow"  # the same images through a slightly narrower window
+    narrow = tmp_path / "narrow"
     for f in same.rglob("*.png"):
         (narrow / f.parent.name).mkdir(parents=True, exist_ok=True)
         Image.fromarray(_narrower(np.asarray(Image.open(f)))).save(narrow / f.parent.name / f.name)
+    return same, narrow
+
+
+def test_eval_says_when_a_set_differs_from_the_training_images(run, exported, tmp_path, capsys):
+    _, folder, _ = exported
+    onnx_file = folder / "smallcnn.fp32.onnx"
+    same, narrow = _same_and_narrow(tmp_path)
     row, err = _eval_json(onnx_file, ["--data", same], tmp_path, capsys)
     shift = row["set_shift"]
     assert shift["judged"] and not shift["differs"] and shift["images"] == 36 and "as a set" not in err
@@ -250,6 +256,11 @@ def test_a_file_from_before_the_set_check_still_evaluates(run, exported, tmp_pat
     assert row["unlike_training"] == 0.0 and row["metrics"]["n"] == 24
     assert not row["set_shift"]["judged"] and "predates the set check" in row["set_shift"]["why"]
     assert "no set check: the model file predates the set check" in err
+    # predict on as many: the same note, and the field says why
+    code, out, err = run_cli(["predict", old, *sorted(same.rglob("*.png")), "--json"], capsys)
+    assert code == 0, err
+    assert "predates the set check" in json.loads(out)["set_shift"]["why"]
+    assert "no set check: the model file predates the set check" in err
 
 
 def test_predict_warns_on_a_colour_image_and_not_on_a_grey_one(run, exported, capsys):
@@ -275,6 +286,35 @@ def test_predict_warns_on_a_colour_image_and_not_on_a_grey_one(run, exported, ca
     assert "input_check" not in pred  # a checkpoint carries no check
     np.testing.assert_allclose(list(pred["probabilities"].values()),
                                list(got[str(colour)]["probabilities"].values()), atol=1e-4)
+
+
+def test_predict_on_a_folder_says_when_the_set_differs_and_not_for_a_few_images(run, exported, tmp_path, capsys):
+    """The set check eval runs, over all images one predict call classifies: a warning on stderr and
+    ``set_shift`` in --json where the set differs; nothing for a set like the training images beyond the field
+    (judged, not differing); neither field nor note below MIN_SET images."""
+    _, folder, _ = exported
+    onnx_file = folder / "smallcnn.fp32.onnx"
+    same, narrow = _same_and_narrow(tmp_path)
+    images = sorted(narrow.rglob("*.png"))
+    code, out, err = run_cli(["predict", onnx_file, *images, "--json"], capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    shift = got["set_shift"]
+    assert shift["judged"] and shift["differs"] and shift["images"] == 36 and "grey_p99" in shift["shifted"]
+    assert len(got["predictions"]) == 36 and sum(p["input_check"]["unlike_training"] for p in got["predictions"]) < 4
+    (line,) = [ln for ln in err.splitlines() if "differ as a set" in ln]
+    assert line.startswith("WARNING smallcnn fp32: these 36 images differ as a set from the training images: ")
+    assert "grey level at 99 % by" in line
+    code, out, err = run_cli(["predict", onnx_file, *images], capsys)  # without --json: the same line
+    assert code == 0 and "differ as a set" in err and "differ as a set" not in out
+    code, out, err = run_cli(["predict", onnx_file, *sorted(same.rglob("*.png")), "--json"], capsys)
+    assert code == 0, err
+    shift = json.loads(out)["set_shift"]
+    assert shift["judged"] and not shift["differs"] and "as a set" not in err and "set check" not in err
+    for few in (images[:1], images[:3]):  # the shifted images, but too few to judge: said nowhere
+        code, out, err = run_cli(["predict", onnx_file, *few, "--json"], capsys)
+        assert code == 0, err
+        assert "set_shift" not in json.loads(out) and "as a set" not in err and "set check" not in err
 
 
 def test_eval_reports_the_share_of_test_images_flagged(run, exported, tmp_path, capsys):

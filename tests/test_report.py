@@ -333,3 +333,46 @@ def test_a_report_stopped_while_it_takes_its_names_says_the_new_report_is_comple
     names = sorted(p.name for p in out.iterdir())
     assert not [n for n in names if n.startswith(".")], names
     assert (out / "report.md").read_text() != previous  # the new results' report, whole
+
+
+def _shift(differs: bool) -> dict:
+    """A ``set_shift`` as eval writes it (:meth:`lungedge.inputcheck.InputCheck.compare_set`)."""
+    distance = {"grey_p99": 0.61, "grey_p01": 0.45, "gradient": 0.05} if differs else {"grey_p99": 0.05}
+    return {"judged": True, "images": 36, "statistic": max(distance.values()), "threshold": 0.333,
+            "differs": differs, "shifted": [d for d in distance if distance[d] > 0.333] if differs else [],
+            "distance": distance, "median": {d: [100.0, 120.0] for d in distance}, "method": "Wasserstein-1"}
+
+
+def test_what_eval_knew_about_its_images_is_beside_the_row_and_an_older_row_still_renders(tmp_path, capsys):
+    """Test images unlike the training images, a set that differs from them as a whole and images a viewer shows
+    turned are said in the test set cell of report.md and report.html; a row from before eval recorded them
+    (no keys) renders as before, and one whose set looks like the training images gets no warning."""
+    prov = _prov("laptop", "Intel Xeon")
+    shifted = _eval("m", "onnxruntime", "fp32", 0.70, prov)
+    shifted.update(unlike_training=0.25, unlike_training_count=1, set_shift=_shift(True), exif_orientation_count=2)
+    alike = _eval("m", "onnxruntime", "fp16", 0.80, prov, sha="c" * 64)
+    alike.update(unlike_training=0.0, unlike_training_count=0, set_shift=_shift(False), exif_orientation_count=0)
+    small = _eval("m", "onnxruntime", "int8-cpu", 0.80, prov, sha="d" * 64)
+    small.update(unlike_training=0.0, unlike_training_count=0, exif_orientation_count=0,
+                 set_shift={"judged": False, "images": 4,
+                            "why": "4 images are too few to judge as a set (at least 20)"})
+    old = _eval("m", "torch", "fp32", 0.90, prov, sha="e" * 64)  # no keys
+    _write(tmp_path / "r" / "eval.jsonl", [shifted, alike, small, old])
+    out = tmp_path / "reports"
+    code, _, err = run_cli(["report", "--results", tmp_path / "r", "--out", out], capsys)
+    assert code == 0, err
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    lat = md.split("## Accuracy and latency")[1].split("\n## ")[0]
+    cell = {("torch" if r is old else r["variant"]): [ln for ln in lat.splitlines()
+                                                       if f"| m | {r['backend']} | cpu | {r['variant']} |" in ln][0]
+            for r in (shifted, alike, small, old)}
+    warning = ("WARNING: these images differ as a set from the training images (grey level at 99 % by 0.61, grey "
+               "level at 1 % by 0.45; Wasserstein distance in training spreads, threshold 0.33)")
+    assert warning in cell["fp32"] and "1 of 4 test images (25.0%) unlike the training images" in cell["fp32"]
+    assert "2 image(s) carry an EXIF orientation" in cell["fp32"]
+    assert warning in page and "1 of 4 test images (25.0%) unlike" in page and "2 image(s) carry an EXIF" in page
+    for v in ("fp16", "torch"):  # alike, and from before: the test set and its count only
+        assert "4 images (4 images) |" in cell[v] and "WARNING" not in cell[v] and "unlike" not in cell[v], cell[v]
+        assert "EXIF" not in cell[v] and "set check" not in cell[v]
+    assert "4 images (4 images); set check not judged: 4 images are too few to judge as a set |" in cell["int8-cpu"]
+    assert md.count("differ as a set") == page.count("differ as a set") == 1
