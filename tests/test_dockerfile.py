@@ -114,3 +114,35 @@ def test_torch_finds_the_cuda_libraries_jetpack_lacks():
     assert "/etc/ld.so.conf.d/" in text and "&& ldconfig" in text
     for lib in ("libcudss.so.0", "libcusparseLt.so.0"):
         assert f'ldconfig -p | grep -q "{lib}"' in text
+
+
+# names the Python 3.11+ standard library added, which the Jetson image's Python 3.10 lacks
+NEWER_THAN_310 = re.compile(r"\b(tomllib|datetime\.UTC|StrEnum|TaskGroup|ExceptionGroup|file_digest|contextlib\.chdir"
+                            r"|\.add_note\(|import [^\n]*\b(Self|LiteralString|Never|assert_never)\b)")
+
+
+def newer_than_310(root: Path) -> list[str]:
+    """Each module under ``root`` that Python 3.10 could not run: syntax it cannot parse, or a name from a
+    newer standard library (best effort: the grammar check is ast's ``feature_version``)."""
+    import ast
+
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        try:
+            ast.parse(text, filename=str(path), feature_version=(3, 10))
+        except SyntaxError as exc:
+            found.append(f"{path.relative_to(root)}:{exc.lineno}: {exc.msg}")
+        for m in NEWER_THAN_310.finditer(text):
+            found.append(f"{path.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)!r}")
+    return found
+
+
+def test_lungedge_runs_on_the_jetson_images_python_310(tmp_path):
+    # the image installs lungedge with --no-deps on JetPack 6's Python 3.10 (the workstation runs 3.11)
+    assert newer_than_310(ROOT / "lungedge") == []
+    (tmp_path / "a.py").write_text("try:\n    pass\nexcept* ValueError:\n    pass\n")
+    (tmp_path / "b.py").write_text("import tomllib\nfrom typing import Self\n")
+    found = newer_than_310(tmp_path)
+    assert [f.split(":")[0] for f in found] == ["a.py", "b.py", "b.py"], found
+    assert "tomllib" in found[1] and "Self" in found[2], found
