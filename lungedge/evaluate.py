@@ -133,8 +133,8 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT, log=l
 def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log) -> None:
     """The share of test images the artifact's input check finds unlike the training images, and whether
     they differ from them as a set (``row["set_shift"]``: :meth:`lungedge.inputcheck.InputCheck.compare_set`),
-    in the row; a line for each where they do."""
-    from .inputcheck import describe_in_chunks, set_line, summary_line
+    in the row; a line naming a few flagged images (the set's line: :func:`run_eval`, once per test set)."""
+    from .inputcheck import describe_in_chunks, summary_line
 
     values = describe_in_chunks([(x, runner.preprocessing)])
     flags = runner.input_check.flag_values(values)
@@ -144,8 +144,6 @@ def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log
     if n:
         log(f"{job.model} {row['variant']}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
     row["set_shift"] = runner.input_check.compare_set(values)
-    if (line := set_line(row["set_shift"], f"{job.model} {row['variant']}")):
-        log(line)
 
 
 def exif_line(model: str, ts: EvalImages) -> str | None:
@@ -246,6 +244,8 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
              max_sens_drop: float = MAX_SENS_DROP) -> list[dict]:
     """Evaluate every job; reduced precisions also get ``row["gate"]``: the paired comparison with FP32
     on the same images (:func:`lungedge.stats.release_gate`, limits as fractions)."""
+    from .inputcheck import set_line
+
     if not jobs:
         raise LungedgeError("nothing to evaluate")
     rows = []
@@ -253,6 +253,7 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
     fp32_preds: dict = {}
     leaks: dict = {}
     exif_said: set[int] = set()
+    said: set = set()
     # FP32 first, so that FP16/INT8 compare with what was just measured
     for job in sorted(jobs, key=lambda j: (j.precision != "fp32",)):
         ts = load_test_set(job.model, job.artifact, data, split, runs)
@@ -266,6 +267,10 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
             if (line := exif_line(job.model, ts)):
                 log(line)
         key = (job.model, ts.where)
+        # the set check's line once per model and test set: every backend and precision sees the same pixels
+        if (line := set_line(row.get("set_shift"), job.model)) and (key, line) not in said:
+            said.add((key, line))
+            log(line)
         if key not in leaks:  # test images the model saw in training: said, and kept with every row
             leaks[key] = leakage(ts, job.model, job.artifact, runs, data, split)
             if (line := leakage_line(job.model, leaks[key])):
