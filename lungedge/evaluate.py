@@ -133,7 +133,7 @@ def eval_job(job: Job, ts: EvalImages, threads=None, n_boot: int = N_BOOT, log=l
 def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log) -> None:
     """The share of test images the artifact's input check finds unlike the training images, and whether
     they differ from them as a set (``row["set_shift"]``: :meth:`lungedge.inputcheck.InputCheck.compare_set`),
-    in the row; a line naming a few flagged images (the set's line: :func:`run_eval`, once per test set)."""
+    in the row; a line naming a few flagged images (the set's line: :func:`run_eval`)."""
     from .inputcheck import describe_in_chunks, summary_line
 
     values = describe_in_chunks([(x, runner.preprocessing)])
@@ -142,7 +142,7 @@ def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log
     row["unlike_training"] = n / len(flags) if flags else 0.0
     row["unlike_training_count"] = n
     if n:
-        log(f"{job.model} {row['variant']}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
+        log(f"{job.model}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
     row["set_shift"] = runner.input_check.compare_set(values)
 
 
@@ -253,13 +253,19 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
     fp32_preds: dict = {}
     leaks: dict = {}
     exif_said: set[int] = set()
-    said: set = set()
+    said: set[str] = set()
+
+    def once(line: str) -> None:  # what the input check says of a test set: every backend and precision
+        if line not in said:  # of a model sees the same pixels, so once, not once per row
+            said.add(line)
+            log(line)
+
     # FP32 first, so that FP16/INT8 compare with what was just measured
     for job in sorted(jobs, key=lambda j: (j.precision != "fp32",)):
         ts = load_test_set(job.model, job.artifact, data, split, runs)
         ts = sets.setdefault(ts.where, ts)  # images are loaded once per test set and preprocessing
         noted = len(ts.skipped)
-        row, pred = eval_job(job, ts, threads, n_boot, log)
+        row, pred = eval_job(job, ts, threads, n_boot, once)
         for bad in ts.skipped[noted:]:  # as data split and predict do: listed, not the end of the run
             log(f"skipped {display_name(bad['path'])}: {bad['reason']}")
         if id(ts) not in exif_said:  # once per test set, as the images are read once
@@ -267,10 +273,8 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
             if (line := exif_line(job.model, ts)):
                 log(line)
         key = (job.model, ts.where)
-        # the set check's line once per model and test set: every backend and precision sees the same pixels
-        if (line := set_line(row.get("set_shift"), job.model)) and (key, line) not in said:
-            said.add((key, line))
-            log(line)
+        if (line := set_line(row.get("set_shift"), job.model)):
+            once(line)
         if key not in leaks:  # test images the model saw in training: said, and kept with every row
             leaks[key] = leakage(ts, job.model, job.artifact, runs, data, split)
             if (line := leakage_line(job.model, leaks[key])):
