@@ -16,8 +16,8 @@ what such a user would, through the command line only:
 3. runs ``lungedge eval --json`` on each labelled variant (the share flagged "unlike the training
    images", whether the whole set is found unlike them (``set_shift``: its largest Wasserstein distance in
    training spreads, the descriptor, the threshold), accuracy and balanced accuracy, beside the unchanged
-   test images') and ``lungedge predict --json`` on each unlabelled set (the share flagged, and predict's
-   set check over the set), and prints a Markdown table.
+   test images') and ``lungedge predict --json`` on each unlabelled set (the share flagged; predict has no
+   set check), and prints a Markdown table.
 
 What matters are the rows where accuracy drops and (almost) nothing is flagged, by either check; and the
 unchanged test images, which neither must flag.
@@ -263,11 +263,11 @@ def set_cell(shift: dict | None) -> str:
 
 
 def flag_share(onnx: Path, files: list[Path], threads: int) -> tuple[int, int, str, str]:
-    """(images flagged, images, the first reason, predict's set check) of one predict call over ``files``."""
+    """(images flagged, images, the first reason, '–': predict has no set check) of one predict call."""
     out = json.loads(lungedge("predict", str(onnx), *map(str, files), "--json", threads=threads))
     preds = out["predictions"]
     hit = [p for p in preds if (p.get("input_check") or {}).get("unlike_training")]
-    return len(hit), len(preds), (hit[0]["input_check"]["reasons"][0] if hit else ""), set_cell(out.get("set_shift"))
+    return len(hit), len(preds), (hit[0]["input_check"]["reasons"][0] if hit else ""), "–"
 
 
 def main() -> None:

@@ -143,7 +143,7 @@ def _input_check(runner, x: np.ndarray, ts: EvalImages, row: dict, job: Job, log
     row["unlike_training_count"] = n
     if n:
         log(f"{job.model}: " + summary_line(flags, [display_name(Path(p).name) for p in ts.paths]))
-    row["set_shift"] = runner.input_check.compare_set(values)
+    row["set_shift"] = runner.input_check.compare_set(values, ts.groups)
 
 
 def exif_line(model: str, ts: EvalImages) -> str | None:
@@ -264,6 +264,9 @@ def run_eval(jobs: list[Job], data=None, split=None, runs="runs", threads=None, 
     for job in sorted(jobs, key=lambda j: (j.precision != "fp32",)):
         ts = load_test_set(job.model, job.artifact, data, split, runs)
         ts = sets.setdefault(ts.where, ts)  # images are loaded once per test set and preprocessing
+        if ts.groups is None and (found := ts.group_by_pixels()) is not None:  # a folder's images: once
+            log(f"note: {ts.where}: {found} near-duplicate groups by their pixels (as data split groups them); "
+                "intervals resample groups, the set check counts them")
         noted = len(ts.skipped)
         row, pred = eval_job(job, ts, threads, n_boot, once)
         for bad in ts.skipped[noted:]:  # as data split and predict do: listed, not the end of the run

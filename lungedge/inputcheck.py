@@ -32,9 +32,12 @@ measures, per descriptor, the Wasserstein-1 distance between the set's descripto
 units of the training images' spread (their 5-95 % range, at least :data:`FLOOR`): "the set's values moved
 by 0.4 of the training spread on average". The rule is a threshold on that effect size, not a p-value:
 neighbouring CT slices of one scan are nearly copies, so a test of n images has far fewer than n
-independent ones and any p-value would call the model's own test part shifted. The threshold is the larger
-of :data:`SET_THRESHOLD` and :data:`SET_NOISE` / sqrt(n) (what chunks of neighbouring held-out slices reach
-by chance, README), and sets of fewer than :data:`MIN_SET` images are not judged.
+independent ones and any p-value would call the model's own test part shifted. For the same reason n
+counts near-duplicate *groups* (a scan's slices, copies of a tile: the split's groups, or those ``eval``
+finds in the test images' pixels) where they are known: the threshold is the larger of
+:data:`SET_THRESHOLD` and :data:`SET_NOISE` / sqrt(groups), and a set of fewer than :data:`MIN_SET` images
+or :data:`MIN_GROUPS` groups is not judged. A single scan differs from the training mix by itself
+(IQ-OTH/NCCD: 24 of its 30 scans of 10 or more slices, all training images, lie beyond 0.25; README).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ SPREAD = (5, 95)  # percentiles of the reference descriptors whose distance is a
 SET_THRESHOLD = 0.25  # a set differs where a descriptor moved by more than this share of its training spread
 SET_NOISE = 2.0  # ... or, for a small set, by more than SET_NOISE / sqrt(n) (README: chosen by measurement)
 MIN_SET = 20  # fewer evaluated images than this: the set is not judged
+MIN_GROUPS = 5  # ... nor a set of fewer near-duplicate groups (one scan's slices are one group)
 
 
 def stride(size: int) -> int:
@@ -214,21 +218,28 @@ class InputCheck:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LungedgeError(f"{where}: not a usable input check ({exc})") from None
 
-    def compare_set(self, values: np.ndarray) -> dict:
+    def compare_set(self, values: np.ndarray, groups=None) -> dict:
         """How far a whole set's descriptors (``values``, N x len(DESCRIPTORS)) lie from the reference images',
         as the ``set_shift`` of an eval row: per descriptor, the Wasserstein-1 distance between the two
         distributions (the mean absolute difference of their quantile functions, on the stored quantile
         levels) divided by the training spread; ``differs`` where the largest exceeds the threshold
-        (:data:`SET_THRESHOLD`, or :data:`SET_NOISE` / sqrt(n) for a small set). Not judged (``judged``
-        False, ``why``) for a file without the reference or a set under :data:`MIN_SET` images."""
+        (:data:`SET_THRESHOLD`, or :data:`SET_NOISE` / sqrt(g) for a set of few groups). ``groups``: each
+        image's near-duplicate group (None: every image its own), g their number. Not judged (``judged``
+        False, ``why``) for a file without the reference, a set under :data:`MIN_SET` images or
+        :data:`MIN_GROUPS` groups."""
         v = np.asarray(values, np.float64)
         n = len(v)
+        g = n if groups is None else len(set(groups))
         if self.reference is None:
             return {"judged": False, "images": n, "why": "the model file predates the set check (no "
                     "extra.input_check.set_reference; export it again to get one)"}
         if n < MIN_SET:
             return {"judged": False, "images": n, "why": f"{n} images are too few to judge as a set "
                     f"(at least {MIN_SET})"}
+        if g < MIN_GROUPS:
+            return {"judged": False, "images": n, "groups": g, "why": f"the {n} images are {g} near-duplicate "
+                    f"group(s) (one scan's slices are one): too few to judge as a set (at least {MIN_GROUPS}); a "
+                    "single scan differs from the training mix by itself"}
         v = v[:, self.columns]
         distance, medians = {}, {}
         for k, name in enumerate(self.names):
@@ -240,9 +251,9 @@ class InputCheck:
             distance[name] = round(float(w / self.spread[k]), 3)
             medians[name] = [round(float(np.median(col)), 3),
                              round(float(np.interp(50.0, self.levels, self.reference[k])), 3)]
-        threshold = round(max(SET_THRESHOLD, SET_NOISE / np.sqrt(n)), 3)
+        threshold = round(max(SET_THRESHOLD, SET_NOISE / np.sqrt(g)), 3)
         shifted = sorted((d for d in distance if distance[d] > threshold), key=lambda d: -distance[d])
-        return {"judged": True, "images": n, "statistic": max(distance.values(), default=0.0),
+        return {"judged": True, "images": n, "groups": g, "statistic": max(distance.values(), default=0.0),
                 "threshold": threshold, "differs": bool(shifted), "shifted": shifted, "distance": distance,
                 "median": medians, "method": "Wasserstein-1 / training 5-95 % range, per descriptor"}
 

@@ -8,7 +8,6 @@ import numpy as np
 
 from .batching import prefetched
 from .errors import LungedgeError
-from .inputcheck import MIN_SET, describe_in_chunks
 from .runners import open_runner
 
 
@@ -16,9 +15,9 @@ def predict(artifact, images, backend: str | None = None, device: str | None = N
             threads: int | None = None, batch: int = 16, explain_dir=None, method: str = "auto") -> dict:
     """{"artifact", "backend", "classes", "predictions": [{"image", "class", "probabilities"}]}; where the
     artifact carries an input check (:mod:`lungedge.inputcheck`), each prediction also has "input_check":
-    {"unlike_training", "reasons"} (the class and probabilities are the model's all the same), and where at
-    least :data:`lungedge.inputcheck.MIN_SET` images were classified, "set_shift": whether they differ as a set
-    from the training images (:func:`_set_shift`; absent below that). With
+    {"unlike_training", "reasons"} (the class and probabilities are the model's all the same). No set check
+    (``eval``'s ``set_shift``): the images of one call are most often one scan's slices, and a single scan
+    differs from the training mix as a set by itself (README, "Set check"). With
     ``explain_dir`` each prediction also gets "overlay": the image with its saliency map (Grad-CAM on torch,
     occlusion elsewhere; :mod:`lungedge.saliency`) written there; a Ctrl-C (or SIGTERM) leaves that folder
     as it was or with every overlay of this run, and notes which (:func:`explain_kept`)."""
@@ -54,7 +53,7 @@ def _predict(artifact, images: list[Path], backend, device, precision, threads, 
              method: str, sets: list) -> dict:
     """:func:`predict`; ``sets`` gets the overlays' :class:`lungedge.io.TogetherSet` once they are written."""
     with open_runner(artifact, backend, device, precision, threads) as runner:
-        preds, unreadable, readable, values = [], [], [], []
+        preds, unreadable, readable = [], [], []
         chunks = (images[i : i + batch] for i in range(0, len(images), batch))
         # a batch at a time (memory stays bounded), the next one decoded while this one runs
         for chunk, x, turns in prefetched(lambda c: _decoded(runner.preprocessing, c, unreadable), chunks):
@@ -62,10 +61,7 @@ def _predict(artifact, images: list[Path], backend, device, precision, threads, 
                 continue
             readable += chunk
             probs = runner.probabilities(x)
-            checks = [None] * len(x)
-            if runner.input_check is not None:  # descriptors once: for each image's check and the set's
-                values.append(describe_in_chunks([(x, runner.preprocessing)]))
-                checks = runner.input_check.flag_values(values[-1])
+            checks = runner.input_check.flag(x, runner.preprocessing) if runner.input_check else [None] * len(x)
             for path, p, check, turn in zip(chunk, probs, checks, turns):
                 k = int(np.argmax(p))
                 preds.append({"image": str(path), "class": runner.classes[k],
@@ -78,7 +74,6 @@ def _predict(artifact, images: list[Path], backend, device, precision, threads, 
             first = unreadable[0]
             raise LungedgeError(f"none of the {len(images)} images could be read (first: {first['image']}: "
                                 f"{first['reason']})")
-        shift = _set_shift(runner.input_check, values)
         if explain_dir is not None:
             from .io import FolderLock, written_together
             from .saliency import clean_overlay_temps, explain, write_overlays
@@ -98,17 +93,7 @@ def _predict(artifact, images: list[Path], backend, device, precision, threads, 
         return {"artifact": str(artifact), "model": runner.info.architecture, "backend": runner.backend,
                 "device": runner.device, "precision": runner.variant, "classes": runner.classes,
                 "temperature": runner.temperature,
-                "predictions": preds, "unreadable": unreadable, **({"set_shift": shift} if shift else {})}
-
-
-def _set_shift(check, values: list[np.ndarray]) -> dict | None:
-    """The set check (:meth:`lungedge.inputcheck.InputCheck.compare_set`) over every image classified in one call,
-    as eval's ``set_shift``; None (no field, no note) for an artifact without an input check or fewer than
-    :data:`lungedge.inputcheck.MIN_SET` images: one image, or a few, are no set, and a note on every
-    single-image call would teach users to skip the lines that matter."""
-    if check is None or sum(len(v) for v in values) < MIN_SET:
-        return None
-    return check.compare_set(np.concatenate(values))
+                "predictions": preds, "unreadable": unreadable}
 
 
 def _decoded(prep, chunk: list[Path], unreadable: list[dict]):

@@ -22,6 +22,9 @@ import numpy as np
 from .errors import LungedgeError
 
 
+MAX_PIXEL_GROUPING = 5000  # a folder of more test images is not grouped by its pixels (TestImages.group_by_pixels)
+
+
 @dataclass
 class TestImages:
     """Test image paths and their label names; inputs are loaded once per preprocessing."""
@@ -71,6 +74,30 @@ class TestImages:
                           turns=self.turns[:n] if self.turns is not None else None)
         head._cache = {k: v[:n] for k, v in self._cache.items()}
         return head
+
+    def group_by_pixels(self, threshold: float | None = None, show_progress: bool | None = None) -> int | None:
+        """Where no split gave groups (a folder's images): their near-duplicate groups found from the pixels,
+        as ``data split`` groups (:func:`lungedge.data.split.group_images`, byte-identical files joined too),
+        so that intervals resample groups and the set check counts them, not slices of one scan as
+        independent images. The number of groups; None (nothing done) with groups already known or over
+        :data:`MAX_PIXEL_GROUPING` images (the search is O(N^2)). An unreadable file is a group of its own
+        (it leaves the set when the images are loaded)."""
+        if self.groups is not None or len(self.paths) > MAX_PIXEL_GROUPING:
+            return None
+        from .data.defaults import DEFAULT_THRESHOLD
+        from .data.layout import ImageFile
+        from .data.scan import scan
+        from .data.split import group_images
+
+        records = scan(Path("."), [ImageFile(str(p), "") for p in self.paths], thumbs=True)
+        ok = [k for k, r in enumerate(records) if r.ok]
+        found = group_images([records[k] for k in ok], "near-duplicate", threshold or DEFAULT_THRESHOLD,
+                             show_progress) if ok else []
+        groups = [-1 - k for k in range(len(self.paths))]  # unreadable: one each, apart from the others
+        for k, g in zip(ok, found):
+            groups[k] = g
+        self.groups = groups
+        return len(set(found))
 
     def turned(self) -> list[tuple[Path, str]]:
         """(path, how viewers turn it) of each loaded image that carries a turning EXIF orientation."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch  # noqa: F401
 import torchvision  # noqa: F401
@@ -195,7 +196,15 @@ def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(expo
             f"or validation images of {trained_run('googlenet') / 'split.json'} or near-copies of them: "
             f"{seen['train']} byte-identical to training images and {seen['val']} to validation images, 0 "
             "near-duplicates") in err
-    assert "over images (no near-duplicate groups known" in row["intervals"]["method"]
+    # a folder has no split's groups: eval finds them in the pixels, as data split did for this folder
+    assert row["intervals"]["method"].startswith("percentile bootstrap over groups")
+    ours = {Path(p).resolve().relative_to(Path(trained_run.data).resolve()).as_posix(): g
+            for p, g in zip(row["images"], row["groups"])}
+    theirs = {it["path"]: it["group"] for it in split}
+    assert set(ours) == set(theirs)
+    partition = lambda m: sorted(sorted(p for p in m if m[p] == g) for g in set(m.values()))  # noqa: E731
+    assert partition(ours) == partition(theirs)
+    assert f"{len(set(ours.values()))} near-duplicate groups by their pixels" in err
     y, probs, k = np.array(row["labels"]), np.array(row["probabilities"]), len(row["classes"])
     assert (probs.argmax(1) == row["predictions"]).all()
     m = row["metrics"]
@@ -286,3 +295,25 @@ def test_eval_counts_the_test_images_an_exif_orientation_turns(exported, trained
                      "them unturned, as stored, as lungedge reads every image in training too"]
     rows, notes = test_set("upright", None)
     assert [r["exif_orientation_count"] for r in rows] == [0, 0] and notes == []
+
+
+def test_a_folders_test_images_are_grouped_by_their_pixels(tmp_path):
+    """eval --data: no split gives groups, so near-copies (a re-saved, resized slice) are found from the pixels
+    and share a group; different images and an unreadable file each have their own; known groups stay."""
+    from PIL import Image
+
+    from lungedge.testset import TestImages
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(4):
+        img = Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).resize((128, 128), Image.BILINEAR)
+        img.save(tmp_path / f"s{k}.png")
+        paths.append(tmp_path / f"s{k}.png")
+    Image.open(paths[0]).resize((100, 100)).save(tmp_path / "copy.jpg", quality=90)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    ts = TestImages([*paths, tmp_path / "copy.jpg", tmp_path / "bad.png"], ["a"] * 6, "six")
+    assert ts.group_by_pixels() == 4
+    g = ts.groups
+    assert g[4] == g[0] and len({g[0], g[1], g[2], g[3], g[5]}) == 5
+    assert ts.group_by_pixels() is None and ts.groups == g  # groups known: nothing done

@@ -206,7 +206,6 @@ def predict_cmd(
         for p in result["predictions"]:  # beside the JSON, on stderr
             _unlike_warning(p, lambda line: typer.echo(line, err=True))
         _exif_note(result)
-        _set_note(result)
         _some_unreadable(result)
         return
     t = result.get("temperature", 1.0)
@@ -220,18 +219,7 @@ def predict_cmd(
     for u in result.get("unreadable", []):
         typer.echo(f"{display_name(u['image'])}: unreadable ({u['reason']})")
     _exif_note(result)
-    _set_note(result)
     _some_unreadable(result)
-
-
-def _set_note(result: dict) -> None:
-    """The set check's line on stderr (:func:`lungedge.inputcheck.set_line`): a WARNING where the images classified
-    together differ as a set from the training images, a note where the model file predates the set check;
-    nothing where they are alike or too few to judge (predict then has no ``set_shift``)."""
-    from ..inputcheck import set_line
-
-    if (line := set_line(result.get("set_shift"), f"{result['model']} {result['precision']}")):
-        typer.echo(line, err=True)
 
 
 def _exif_note(result: dict) -> None:
