@@ -65,7 +65,7 @@ GRAY_NOTE = "colourfulness not available: a one-channel (GRAY) model sees no col
 SET_LEVELS = 41  # quantiles (0, 2.5, ..., 100 %) of each descriptor over the reference images, for the set check
 SPREAD = (5, 95)  # percentiles of the reference descriptors whose distance is a descriptor's "training spread"
 SET_THRESHOLD = 0.25  # a set differs where a descriptor moved by more than this share of its training spread
-SET_NOISE = 2.0  # ... or, for a small set, by more than SET_NOISE / sqrt(n) (README: chosen by measurement)
+SET_NOISE = 2.0  # ... or, for a set of few near-duplicate groups, by more than SET_NOISE / sqrt(groups) (README)
 MIN_SET = 20  # fewer evaluated images than this: the set is not judged
 MIN_GROUPS = 5  # ... nor a set of fewer near-duplicate groups (one scan's slices are one group)
 
