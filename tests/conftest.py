@@ -200,3 +200,28 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nerror: tests wrote into the checkout: {', '.join(str(p.relative_to(CHECKOUT)) for p in new[:5])}"
               + (f" and {len(new) - 5} more" if len(new) > 5 else ""))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def child_stopped_before(call: str, then: str, script: str, name_starts: str = ""):
+    """A child process running ``script`` (Python source) in which ``os.<call>`` (``link`` or ``replace``: how a
+    complete temporary takes its name), for a temporary whose file name starts with ``name_starts``, first:
+    ``kill`` -- SIGKILLs the child (kill -9, the OOM killer); ``wait`` -- prints "stopped" and waits for a line
+    on stdin before it goes on. The Popen, with stdin and stdout as text pipes."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        real = os.{call}
+        def stopped(tmp, path, *args, **kwargs):
+            if os.path.basename(tmp).startswith({name_starts!r}):
+                if {then!r} == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                print("stopped", flush=True)
+                sys.stdin.readline()
+            return real(tmp, path, *args, **kwargs)
+        os.{call} = stopped
+    """) + textwrap.dedent(script)
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])

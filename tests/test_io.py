@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_file_limit, unwritable_folder
+from conftest import child_stopped_before, small_file_limit, unwritable_folder
 
 from lungedge.errors import LungedgeError
 from lungedge.io import (FolderLock, LockedError, WriteError, atomic_write_text, clean_stale, clean_temp_files,
@@ -496,25 +496,14 @@ def test_ctrl_c_during_a_commit_leaves_one_whole_set_and_no_temporaries(tmp_path
 
 # -- folders several writers share: results/ ---------------------------------------------------------------
 
-def _write_rows_in_child(out: Path, at_link: str) -> subprocess.Popen:
+def _write_rows_in_child(out: Path, then: str) -> subprocess.Popen:
     """A child writing its rows into ``out`` (lungedge.results.write_rows, as eval and bench do) that, once its
     temporary is complete, right before naming it: ``kill`` -- is SIGKILLed (kill -9, the OOM killer);
-    ``wait`` -- says "linking" and waits for a line on stdin before it goes on."""
-    code = textwrap.dedent(f"""
-        import os, signal, sys
+    ``wait`` -- says "stopped" and waits for a line on stdin before it goes on."""
+    return child_stopped_before("link", then, f"""
         from lungedge.results import write_rows
-        link = os.link
-        def at_link(tmp, path):
-            if {at_link!r} == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            print("linking", flush=True)
-            sys.stdin.readline()
-            link(tmp, path)
-        os.link = at_link
         print(write_rows([{{"run": "child"}}], {str(out)!r}, "eval"), flush=True)
     """)
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT)
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -544,7 +533,7 @@ def test_a_live_writers_temporary_stays_and_both_writers_finish(tmp_path):
     out = tmp_path / "results"
     proc = _write_rows_in_child(out, "wait")
     try:
-        assert proc.stdout.readline().strip() == "linking"
+        assert proc.stdout.readline().strip() == "stopped"
         (out / ".bench-vm-20260101T000000Z.jsonl.abcd_123.tmp").write_text("a dead writer's, maybe\n")
         live = _temporaries(out)
         assert len(live) == 2

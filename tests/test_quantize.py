@@ -312,30 +312,15 @@ def test_int8_on_a_full_disk_names_the_file_and_leaves_nothing(tiny_onnx, tmp_pa
 
 def _ranges_in_child(path, then: str):
     """A child writing a ranges cache at ``path`` (write_ranges, through ONNX Runtime's writer) that, once the
-    temporary is complete, right before renaming it: ``kill`` -- is SIGKILLed; ``wait`` -- says "renaming" and
+    temporary is complete, right before renaming it: ``kill`` -- is SIGKILLed; ``wait`` -- says "stopped" and
     waits for a line on stdin."""
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
+    from conftest import child_stopped_before
 
-    code = textwrap.dedent(f"""
-        import os, signal, sys
+    return child_stopped_before("replace", then, f"""
         from lungedge import quantize
-        replace = os.replace
-        def at_rename(tmp, path):
-            if os.path.basename(tmp).startswith(".calibcache_"):
-                if {then!r} == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                print("renaming", flush=True)
-                sys.stdin.readline()
-            replace(tmp, path)
-        os.replace = at_rename
         quantize.write_ranges({str(path)!r}, {{"x": (-1.0, 2.0)}}, "minmax")
         print("done", flush=True)
-    """)
-    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    """, name_starts=".calibcache_")
 
 
 def test_calibration_temporaries_a_killed_export_left_go_with_the_next_export(tmp_path):
@@ -362,7 +347,7 @@ def test_calibration_temporaries_of_a_live_export_stay(tmp_path):
     folder = tmp_path / "calibration" / "k"
     proc = _ranges_in_child(folder / "ranges.a-0123456789ab.json", "wait")
     try:
-        assert proc.stdout.readline().strip() == "renaming"
+        assert proc.stdout.readline().strip() == "stopped"
         live = sorted(p.name for p in folder.iterdir() if p.name.startswith(".calibcache_"))
         assert len(live) == 1
         quantize.calibration_folder(tmp_path / "calibration", {"key": "k"})
