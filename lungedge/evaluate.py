@@ -183,7 +183,7 @@ def leakage(ts: EvalImages, model: str, artifact: Path, runs, data=None, split=N
         root = Path(data)  # eval's --data is this manifest's moved root
     return {"checked_against": str(manifest_path),
             **trained_on(manifest, list(ts.paths), root=root, cache=cache_path(manifest_path),
-                         show_progress=show_progress)}
+                         show_progress=show_progress, scanned=ts.scanned)}
 
 
 def _leak_counts(leak: dict) -> tuple[int, int, int, int]:

@@ -38,6 +38,7 @@ class TestImages:
     groups: list | None = None  # near-duplicate group id per image (from a split manifest), for group bootstraps
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"} of the images that could not be read
     turns: list | None = None  # per image, its EXIF orientation turn or None (preprocess.exif_turn), once loaded
+    scanned: dict = field(default_factory=dict, repr=False, compare=False)  # str(path) -> ScannedImage with thumb
 
     def inputs(self, prep) -> np.ndarray:
         """The images as ``prep``'s model input. An image that cannot be read (not an image, truncated, ...)
@@ -90,6 +91,7 @@ class TestImages:
         from .data.split import group_images
 
         records = scan(Path("."), [ImageFile(str(p), "") for p in self.paths], thumbs=True)
+        self.scanned = {str(p): r for p, r in zip(self.paths, records)}  # the leak check reads them, not the files
         ok = [k for k, r in enumerate(records) if r.ok]
         found = group_images([records[k] for k in ok], "near-duplicate", threshold or DEFAULT_THRESHOLD,
                              show_progress) if ok else []

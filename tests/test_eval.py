@@ -177,11 +177,23 @@ def test_eval_artifact_with_explicit_split(exported, trained_run, capsys):
     assert row["fp32_reference"].endswith("googlenet.fp32.onnx") and 0.0 <= row["differs_from_fp32"] <= 1.0
 
 
-def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(exported, trained_run, capsys):
+def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(exported, trained_run, capsys,
+                                                                           monkeypatch):
     """--data with the training folder: every image the model learnt from is counted and said; the row keeps
     each image's probabilities, from which scikit-learn gives the same AUROC, Brier score and precision."""
+    from collections import Counter
+
     from sklearn.metrics import brier_score_loss, precision_score, roc_auc_score
 
+    import lungedge.data.scan as scan_module
+
+    scan_file, read = scan_module.scan_file, Counter()
+
+    def counted(root, path, label, thumb=True):  # the real scan, counted: what eval decodes for thumbnails
+        read[Path(root, path).resolve()] += 1
+        return scan_file(root, path, label, thumb)
+
+    monkeypatch.setattr(scan_module, "scan_file", counted)
     code, stdout, err = run_cli(["eval", "googlenet", "--backend", "onnxruntime", "--precision", "fp32", "--data",
                                  trained_run.data, "--runs", exported["runs"], "--engines", exported["engines"],
                                  "--out", exported["tmp"] / "r3", "--json"], capsys)
@@ -205,6 +217,10 @@ def test_eval_on_images_the_model_trained_on_warns_and_keeps_what_it_scored(expo
     partition = lambda m: sorted(sorted(p for p in m if m[p] == g) for g in set(m.values()))  # noqa: E731
     assert partition(ours) == partition(theirs)
     assert f"{len(set(ours.values()))} near-duplicate groups by their pixels" in err
+    # the grouping and the leak check read the thumbnail of each test image the check decodes (those not
+    # byte-identical to a training image, whose thumbnails the check reads as the training images') once
+    unseen = [Path(trained_run.data, it["path"]).resolve() for it in split if it["split"] == "test"]
+    assert unseen and [read[p] for p in unseen] == [1] * len(unseen)
     y, probs, k = np.array(row["labels"]), np.array(row["probabilities"]), len(row["classes"])
     assert (probs.argmax(1) == row["predictions"]).all()
     m = row["metrics"]

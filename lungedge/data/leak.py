@@ -126,7 +126,7 @@ def _trained_rotations(items: list[dict], root: Path, cache: Path | None, show_p
 
 
 def trained_on(manifest: dict, paths: list[Path], root: Path | None = None, threshold: float | None = None,
-               cache: Path | None = None, show_progress: bool | None = None) -> dict:
+               cache: Path | None = None, show_progress: bool | None = None, scanned: dict | None = None) -> dict:
     """Count the images ``paths`` that are byte-identical to, or near-duplicates of, the training ("train")
     and validation ("val") images of ``manifest`` (read from ``root``, default the manifest's own root).
 
@@ -148,7 +148,9 @@ def trained_on(manifest: dict, paths: list[Path], root: Path | None = None, thre
     ``cache`` (:func:`cache_path`): the training images' rotated thumbnails (:func:`dedup.rotations`,
     4.4 KB per image, keyed by SHA-256) are kept there, so a second eval against the same split reads no
     training file; a cached image is compared even if its file is gone since (its pixels are those of the
-    bytes the manifest recorded).
+    bytes the manifest recorded). ``scanned`` (path -> :class:`lungedge.data.scan.ScannedImage` with its
+    thumbnail): test images already read, e.g. by :meth:`lungedge.testset.TestImages.group_by_pixels`, are not
+    decoded again.
 
     Time: reading the test images and their 88 variants (a few ms each), the training images' the same
     unless cached, and len(test) x len(training) comparisons a block at a time, twice more for an image that
@@ -166,9 +168,11 @@ def trained_on(manifest: dict, paths: list[Path], root: Path | None = None, thre
 
     identical = [part_of_hash.get(_sha256(p)) for p in paths]
     others = [k for k, part in enumerate(identical) if part is None]  # only these are decoded
-    with progress(len(others), "reading test images", show_progress) as advance:
-        scanned = scan(Path(), [ImageFile(str(paths[k]), "") for k in others], thumbs=True, progress=advance)
-    tests = dict(zip(others, scanned))
+    tests = {k: scanned[str(paths[k])] for k in others if str(paths[k]) in (scanned or {})}
+    todo = [k for k in others if k not in tests]
+    with progress(len(todo), "reading test images", show_progress) as advance:
+        tests.update(zip(todo, scan(Path(), [ImageFile(str(paths[k]), "") for k in todo], thumbs=True,
+                                    progress=advance)))
     query = [k for k in others if tests[k].ok]
 
     known, trained_rots, not_checked, from_cache = _trained_rotations(items, root, cache, show_progress)
